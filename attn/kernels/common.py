@@ -1,0 +1,243 @@
+"""Shared input handling for attention kernels.
+
+Everything here runs at trace time on static shapes: it canonicalises the
+arguments of :func:`attn.dot_product_attention` into one
+:class:`AttentionInputs` record and raises ``ValueError`` naming the offending
+shapes before any XLA computation is built.
+
+Layout is ``[batch, length, heads, head_dim]`` (BTNH) throughout:
+``query[B, T, N, H]``, ``key[B, S, K, H]``, ``value[B, S, K, Dv]`` with ``N`` a
+multiple of ``K`` (grouped-query attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Finite stand-in for -inf: large enough that exp(x - max) underflows to 0,
+# small enough that subtracting two of them never overflows float32.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+  """Canonical, validated arguments shared by every exact implementation.
+
+  Attributes:
+    query: ``[B, T, N, H]``.
+    key: ``[B, S, K, H]``.
+    value: ``[B, S, K, Dv]``.
+    bias: ``None`` or 4-D, broadcastable to ``[B, N, T, S]``.
+    mask: ``None`` or boolean 4-D, broadcastable to ``[B, N, T, S]``
+      (True = may attend).
+    scale: multiplier applied to ``q·k``.
+    is_causal: query ``t`` may attend key ``s`` only when ``s <= t``.
+    q_lengths / kv_lengths: ``None`` or int32 ``[B]`` valid lengths.
+    window: ``None`` or ``(left, right)``: query ``t`` attends keys
+      ``t - left <= s <= t + right``.
+    q_segment_ids / kv_segment_ids: ``None`` or int ``[B, T]`` / ``[B, S]``.
+    squeeze_batch: the caller passed 3-D ``[T, N, H]`` arrays.
+  """
+  query: Array
+  key: Array
+  value: Array
+  bias: Optional[Array]
+  mask: Optional[Array]
+  scale: float
+  is_causal: bool
+  q_lengths: Optional[Array]
+  kv_lengths: Optional[Array]
+  window: Optional[Tuple[int, int]]
+  q_segment_ids: Optional[Array]
+  kv_segment_ids: Optional[Array]
+  squeeze_batch: bool = False
+
+  @property
+  def shape(self):
+    """``(B, T, S, N, K, H, Dv)``."""
+    B, T, N, H = self.query.shape
+    S, K = self.key.shape[1], self.key.shape[2]
+    return B, T, S, N, K, H, self.value.shape[-1]
+
+  @property
+  def has_structure_mask(self) -> bool:
+    return (self.is_causal or self.window is not None
+            or self.q_lengths is not None or self.kv_lengths is not None
+            or self.q_segment_ids is not None)
+
+
+def _shape(x) -> Tuple[int, ...]:
+  return tuple(np.shape(x))
+
+
+def _check_broadcast_4d(name: str, x: Array, full: Tuple[int, ...]) -> Array:
+  if x.ndim > 4:
+    raise ValueError(
+        f"{name} must have rank <= 4 (broadcastable to [B, N, T, S]={full}),"
+        f" got shape {x.shape}")
+  x = jnp.reshape(x, (1,) * (4 - x.ndim) + x.shape)
+  for axis, (have, want) in enumerate(zip(x.shape, full)):
+    if have not in (1, want):
+      raise ValueError(
+          f"{name} of shape {x.shape} is not broadcastable to [B, N, T, S]="
+          f"{full} (axis {axis}: {have} vs {want})")
+  return x
+
+
+def normalize_window(local_window_size) -> Optional[Tuple[int, int]]:
+  """``int w`` -> ``(w, w)``; ``(left, right)`` stays; validates signs."""
+  if local_window_size is None:
+    return None
+  if isinstance(local_window_size, (int, np.integer)):
+    window = (int(local_window_size), int(local_window_size))
+  else:
+    try:
+      left, right = local_window_size
+    except (TypeError, ValueError):
+      raise ValueError(
+          "local_window_size must be an int or a (left, right) pair, got "
+          f"{local_window_size!r}") from None
+    window = (int(left), int(right))
+  if window[0] < 0 or window[1] < 0:
+    raise ValueError(f"local_window_size must be non-negative, got {window}")
+  return window
+
+
+def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
+                 is_causal=False, query_seq_lengths=None,
+                 key_value_seq_lengths=None, local_window_size=None,
+                 segment_ids=None) -> AttentionInputs:
+  """Validates and canonicalises attention arguments (trace time)."""
+  query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+  ranks = (query.ndim, key.ndim, value.ndim)
+  if len(set(ranks)) != 1 or ranks[0] not in (3, 4):
+    raise ValueError(
+        "query, key and value must all be rank 4 [batch, length, heads, "
+        "head_dim] (or all rank 3 without batch); got shapes "
+        f"query={query.shape}, key={key.shape}, value={value.shape}")
+  squeeze = ranks[0] == 3
+  if squeeze:
+    query, key, value = query[None], key[None], value[None]
+  B, T, N, H = query.shape
+  Bk, S, K, Hk = key.shape
+  Bv, Sv, Kv, Dv = value.shape
+  if Bk != B or Bv != B:
+    raise ValueError(f"batch sizes differ: query={query.shape}, "
+                     f"key={key.shape}, value={value.shape}")
+  if Sv != S:
+    raise ValueError(f"key and value lengths differ: key={key.shape}, "
+                     f"value={value.shape}")
+  if Kv != K:
+    raise ValueError(f"key and value head counts differ: key={key.shape}, "
+                     f"value={value.shape}")
+  if Hk != H:
+    raise ValueError(f"query and key head_dim differ: query={query.shape}, "
+                     f"key={key.shape}")
+  if K == 0 or N % K:
+    raise ValueError(
+        f"query heads ({N}) must be a multiple of key/value heads ({K}); "
+        f"query={query.shape}, key={key.shape}")
+  if not (query.dtype == key.dtype == value.dtype):
+    raise ValueError(f"query, key and value dtypes differ: {query.dtype}, "
+                     f"{key.dtype}, {value.dtype}")
+  if not jnp.issubdtype(query.dtype, jnp.floating):
+    raise ValueError(f"attention inputs must be floating point, got "
+                     f"{query.dtype}")
+  full = (B, N, T, S)
+  if bias is not None:
+    bias = _check_broadcast_4d("bias", jnp.asarray(bias), full)
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+      raise ValueError(f"mask must be boolean (True = may attend), got "
+                       f"dtype {mask.dtype}")
+    mask = _check_broadcast_4d("mask", mask, full)
+
+  def lengths(name, x, maximum):
+    if x is None:
+      return None
+    x = jnp.asarray(x)
+    if x.shape != (B,) or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer array of shape [B]=({B},),"
+                       f" got {x.dtype}{list(x.shape)}")
+    return x.astype(jnp.int32)
+
+  q_lengths = lengths("query_seq_lengths", query_seq_lengths, T)
+  kv_lengths = lengths("key_value_seq_lengths", key_value_seq_lengths, S)
+
+  q_seg = kv_seg = None
+  if segment_ids is not None:
+    if isinstance(segment_ids, (tuple, list)):
+      q_seg, kv_seg = (jnp.asarray(s) for s in segment_ids)
+    else:
+      q_seg = kv_seg = jnp.asarray(segment_ids)
+    if squeeze:
+      q_seg = q_seg[None] if q_seg.ndim == 1 else q_seg
+      kv_seg = kv_seg[None] if kv_seg.ndim == 1 else kv_seg
+    if q_seg.shape != (B, T) or kv_seg.shape != (B, S):
+      raise ValueError(
+          f"segment_ids must be [B, T]=({B}, {T}) (self-attention) or a pair "
+          f"([B, T], [B, S]=({B}, {S})); got {q_seg.shape} and {kv_seg.shape}")
+  if scale is None:
+    scale = 1.0 / float(np.sqrt(H))
+  return AttentionInputs(
+      query=query, key=key, value=value, bias=bias, mask=mask,
+      scale=float(scale) if not isinstance(scale, jax.Array) else scale,
+      is_causal=bool(is_causal), q_lengths=q_lengths, kv_lengths=kv_lengths,
+      window=normalize_window(local_window_size), q_segment_ids=q_seg,
+      kv_segment_ids=kv_seg, squeeze_batch=squeeze)
+
+
+def structure_mask(q_pos: Array, k_pos: Array, *, is_causal: bool,
+                   window: Optional[Tuple[int, int]],
+                   q_length: Optional[Array] = None,
+                   kv_length: Optional[Array] = None,
+                   q_segment: Optional[Array] = None,
+                   kv_segment: Optional[Array] = None) -> Optional[Array]:
+  """Boolean ``[len(q_pos), len(k_pos)]`` mask from positions (one example).
+
+  Works on any block of positions, so dense and blockwise kernels share it.
+  Returns ``None`` when nothing is masked.
+  """
+  parts = []
+  q = q_pos[:, None]
+  k = k_pos[None, :]
+  if is_causal:
+    parts.append(k <= q)
+  if window is not None:
+    left, right = window
+    parts.append((k >= q - left) & (k <= q + right))
+  if q_length is not None:
+    parts.append(q < q_length)
+  if kv_length is not None:
+    parts.append(k < kv_length)
+  if q_segment is not None:
+    parts.append(q_segment[:, None] == kv_segment[None, :])
+  if not parts:
+    return None
+  out = parts[0]
+  for p in parts[1:]:
+    out = out & p
+  return jnp.broadcast_to(out, (q_pos.shape[0], k_pos.shape[0]))
+
+
+def dropout_keep(rng: Array, rate: float, shape, broadcast_axes=()) -> Array:
+  """Boolean keep-mask for dropout on attention weights."""
+  shape = list(shape)
+  for a in broadcast_axes:
+    shape[a] = 1
+  return jax.random.bernoulli(rng, 1.0 - rate, tuple(shape))
+
+
+def check_dropout(dropout_rate: float, dropout_rng: Any) -> None:
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+  if dropout_rate > 0.0 and dropout_rng is None:
+    raise ValueError("dropout_rate > 0 needs a dropout_rng (a PRNG key)")
