@@ -12,7 +12,7 @@ drops into ``flax.linen.MultiHeadDotProductAttention(attention_fn=...)`` and
 ``flax.nnx.MultiHeadAttention(attention_fn=...)``: Flax's keyword arguments
 (``dropout_rng``, ``dropout_rate``, ``deterministic``, ``broadcast_dropout``,
 ``dtype``, ``precision``, ``module``) are understood, and when ``module`` is
-given the weights of kernels that can return them are sown to
+given (``sow_weights=True``) the weights are sown to
 ``intermediates/attention_weights``.
 
 Adding a variant: write ``kernel(query, key, value, bias=None, mask=None, *,
@@ -25,7 +25,7 @@ import ast
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 _CORE_ARGS = ("query", "key", "value", "bias", "mask")
 # Keyword arguments supplied per call (by modules or Flax), never options.
@@ -34,8 +34,7 @@ RUNTIME_KWARGS = frozenset({
     "segment_ids", "dropout_rate", "dropout_rng", "broadcast_dropout",
     "return_weights", "deterministic", "rng", "params", "local_window_size",
 })
-_FLAX_IGNORED = ("dtype", "precision", "force_fp32_for_softmax",
-                 "qk_attn_weights_einsum", "attn_weights_value_einsum")
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +77,20 @@ _ALIASES: Dict[str, str] = {}
 
 def register_attention(name: str, *, aliases: Tuple[str, ...] = (),
                        **entry_kwargs):
-  """Decorator registering ``fn`` under ``name`` (and ``aliases``)."""
+  """Decorator registering ``fn`` under ``name`` (and ``aliases``).
+
+  ``entry_kwargs`` are the remaining :class:`AttentionEntry` fields
+  (``exact``, ``causal``, ``padding``, ``cross``, ``complexity``,
+  ``description``, ``metadata``). Returns ``fn`` unchanged.
+
+  Raises:
+    ValueError: if ``name`` or an alias is already taken.
+  """
   def decorator(fn):
-    if name in _REGISTRY or name in _ALIASES:
-      raise ValueError(f"attention {name!r} is already registered")
+    taken = [n for n in (name,) + tuple(aliases)
+             if n in _REGISTRY or n in _ALIASES]
+    if taken:
+      raise ValueError(f"attention name(s) {taken} already registered")
     _REGISTRY[name] = AttentionEntry(name=name, fn=fn, **entry_kwargs)
     for alias in aliases:
       _ALIASES[alias] = name
@@ -142,25 +151,44 @@ def parse_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
 
 
 def _accepts(fn, name: str) -> bool:
+  """Whether ``fn`` takes keyword ``name`` (by name or through ``**kwargs``)."""
   params = inspect.signature(fn).parameters
   return name in params or any(
       p.kind == p.VAR_KEYWORD for p in params.values())
 
 
 def flax_compatible(kernel: Callable[..., Any], name: str = "attention"):
-  """Wraps a kernel so Flax's ``attention_fn`` keyword arguments work."""
+  """Wraps a kernel so Flax's ``attention_fn`` keyword arguments work.
+
+  The wrapper has the signature Flax inspects (``dropout_rng``,
+  ``dropout_rate``, ``broadcast_dropout``, ``deterministic``, ``module``,
+  ``dtype``, ``precision``, ...) and:
+
+  * applies dropout only when ``dropout_rate > 0`` and not ``deterministic``
+    (as ``flax.linen.dot_product_attention`` does), and raises ``ValueError``
+    if the kernel cannot do dropout;
+  * passes ``deterministic`` on only to kernels that name it;
+  * ignores ``dtype``/``precision``/``force_fp32_for_softmax``/custom einsums
+    (kernels compute in float32 and return the input dtype);
+  * drops other keyword arguments the kernel does not take when they are
+    ``None``/``False`` and raises ``ValueError`` otherwise;
+  * with ``module`` given (Flax's ``sow_weights=True``), calls the kernel
+    with ``return_weights=True`` and sows the ``[B, N, T, S]`` weights as
+    ``intermediates/attention_weights``; raises ``ValueError`` if the kernel
+    cannot return weights.
+  """
 
   def attention_fn(query, key, value, bias=None, mask=None, *,
                    dropout_rng=None, dropout_rate: float = 0.0,
-                   broadcast_dropout: bool = True, deterministic: bool = True,
+                   broadcast_dropout: bool = True, deterministic: bool = False,
                    module=None, dtype=None, precision=None,
                    force_fp32_for_softmax=None, qk_attn_weights_einsum=None,
                    attn_weights_value_einsum=None, **kwargs):
     del dtype, precision, force_fp32_for_softmax
     del qk_attn_weights_einsum, attn_weights_value_einsum
-    if deterministic:
-      dropout_rate = 0.0
-    if dropout_rate > 0.0:
+    if "deterministic" in inspect.signature(kernel).parameters:
+      kwargs["deterministic"] = deterministic
+    if dropout_rate > 0.0 and not deterministic:
       if not _accepts(kernel, "dropout_rate"):
         raise ValueError(f"attention {name!r} does not support dropout on "
                          "attention weights; set dropout_rate=0")
@@ -173,14 +201,15 @@ def flax_compatible(kernel: Callable[..., Any], name: str = "attention"):
           del kwargs[k]
         else:
           raise ValueError(f"attention {name!r} does not accept {k}=...")
-    want_weights = (module is not None and _accepts(kernel, "return_weights")
-                    and not kwargs.get("return_weights", False))
-    if want_weights:
-      out, weights = kernel(query, key, value, bias, mask,
-                            return_weights=True, **kwargs)
-      module.sow("intermediates", "attention_weights", weights)
-      return out
-    return kernel(query, key, value, bias, mask, **kwargs)
+    if module is None or kwargs.get("return_weights", False):
+      return kernel(query, key, value, bias, mask, **kwargs)
+    if not _accepts(kernel, "return_weights"):
+      raise ValueError(f"attention {name!r} cannot return its weights, so "
+                       "they cannot be sown (sow_weights=True/module=...)")
+    out, weights = kernel(query, key, value, bias, mask, return_weights=True,
+                          **kwargs)
+    module.sow("intermediates", "attention_weights", weights)
+    return out
 
   # No functools.wraps: Flax reads *this* signature to pick its kwargs.
   attention_fn.__name__ = f"attention_fn[{name}]"
@@ -191,6 +220,11 @@ def flax_compatible(kernel: Callable[..., Any], name: str = "attention"):
 
 def get_attention(spec) -> Callable[..., Any]:
   """Kernel for a name, spec string or callable (Flax ``attention_fn``).
+
+  A name or spec string gives the registered kernel with its options bound,
+  wrapped by :func:`flax_compatible`. A callable is returned unchanged (so
+  ``flax.linen.dot_product_attention`` or any hand-written function can be
+  passed wherever a spec is expected).
 
   Raises:
     ValueError: unknown name, unknown option, or a malformed spec; the

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn.kernels.common import check_broadcast_4d
 from attn.kernels.exact import masked_softmax
 
 Array = jax.Array
@@ -40,7 +41,7 @@ def dot(q_TH: Array, k_SH: Array) -> Array:
 def scaled_dot(q_TH: Array, k_SH: Array, scale: Optional[float] = None):
   """``q·k / sqrt(d)`` (or times ``scale``): keeps logits O(1) as d grows."""
   if scale is None:
-    scale = 1.0 / np.sqrt(q_TH.shape[-1])
+    scale = 1.0 / float(np.sqrt(q_TH.shape[-1]))
   return dot(q_TH, k_SH) * scale
 
 
@@ -141,13 +142,15 @@ def score_attention(score, query: Array, key: Array, value: Array,
     out = jnp.einsum("ts,sd->td", w_TS, v_SD.astype(F32))
     return out.astype(value.dtype), w_TS
 
-  if mask is None:
-    m = None
-    m_axes = (None, None)
-  else:
-    m = jnp.broadcast_to(jnp.asarray(mask, bool).reshape(
-        (1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask)), (B, N, T, S))
-    m_axes = (0, 0)
-  heads = jax.vmap(one_head, in_axes=(1, 1, 1, m_axes[1]), out_axes=(1, 0))
-  batch = jax.vmap(heads, in_axes=(0, 0, 0, m_axes[0]))
-  return batch(query, key, value, m)
+  m_axis = None
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+      raise ValueError(f"mask must be boolean (True = may attend), got dtype "
+                       f"{mask.dtype}")
+    full = (B, N, T, S)
+    mask = jnp.broadcast_to(check_broadcast_4d("mask", mask, full), full)
+    m_axis = 0
+  heads = jax.vmap(one_head, in_axes=(1, 1, 1, m_axis), out_axes=(1, 0))
+  batch = jax.vmap(heads, in_axes=(0, 0, 0, m_axis))
+  return batch(query, key, value, mask)

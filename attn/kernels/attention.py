@@ -53,7 +53,7 @@ def _cudnn(inputs: common.AttentionInputs, *, dropout_rate, return_weights,
 
 def _chunked(inputs: common.AttentionInputs, *, dropout_rate, return_weights,
              block_q=None, block_k=None, **_):
-  from attn.kernels.chunked import chunked_attention  # pylint: disable=g-import-not-at-top
+  """Blockwise online-softmax kernel; no dropout, no weights."""
   if dropout_rate > 0:
     raise ValueError("implementation='chunked' does not support dropout on "
                      "attention weights; use implementation='xla'")
@@ -61,11 +61,14 @@ def _chunked(inputs: common.AttentionInputs, *, dropout_rate, return_weights,
     raise ValueError("implementation='chunked' never materialises the "
                      "weights; use implementation='xla' with "
                      "return_weights=True")
+  # Lazy import: attn.kernels.chunked may itself import this module.
+  from attn.kernels.chunked import chunked_attention  # pylint: disable=g-import-not-at-top
   return chunked_attention(inputs, block_q=block_q, block_k=block_k)
 
 
 def _xla(inputs, *, dropout_rate, dropout_rng, broadcast_dropout,
          return_weights, **_):
+  """Materialised-scores kernel; supports every option."""
   return xla_attention(inputs, dropout_rate=dropout_rate,
                        dropout_rng=dropout_rng,
                        broadcast_dropout=broadcast_dropout,
@@ -156,17 +159,15 @@ def dot_product_attention(
   if implementation is None:
     order = auto_implementations(inputs, dropout_rate=dropout_rate,
                                  return_weights=return_weights)
-    explicit = False
   elif isinstance(implementation, str):
-    order, explicit = [implementation], True
+    order = [implementation]
   else:
-    order, explicit = list(implementation), True
-    if not order:
-      raise ValueError("implementation list is empty")
-  for name in order:
-    if name not in _DISPATCH:
-      raise ValueError(f"unknown implementation {name!r}; choose from "
-                       f"{IMPLEMENTATIONS}, None, or a list of them")
+    order = list(implementation)
+  unknown = [name for name in order if name not in _DISPATCH]
+  if not order or unknown:
+    raise ValueError(f"unknown implementation(s) {unknown or order!r}; choose "
+                     f"from {IMPLEMENTATIONS}, None, or a non-empty list of "
+                     "them")
   errors = []
   for name in order:
     try:
@@ -175,14 +176,12 @@ def dot_product_attention(
           broadcast_dropout=broadcast_dropout, return_weights=return_weights,
           block_q=block_q, block_k=block_k)
     except ValueError as e:
+      if len(order) == 1:
+        raise
       errors.append(f"{name}: {e}")
       continue
     if inputs.squeeze_batch:
-      if return_weights:
-        return result[0][0], result[1][0]
-      return result[0]
+      return (result[0][0], result[1][0]) if return_weights else result[0]
     return result
-  if explicit and len(order) == 1:
-    raise ValueError(errors[0].split(": ", 1)[1])
   raise ValueError("no attention implementation could run: "
                    + "; ".join(errors))

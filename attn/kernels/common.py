@@ -68,16 +68,14 @@ class AttentionInputs:
 
   @property
   def has_structure_mask(self) -> bool:
+    """True when causal/window/length/segment masking is requested."""
     return (self.is_causal or self.window is not None
             or self.q_lengths is not None or self.kv_lengths is not None
             or self.q_segment_ids is not None)
 
 
-def _shape(x) -> Tuple[int, ...]:
-  return tuple(np.shape(x))
-
-
-def _check_broadcast_4d(name: str, x: Array, full: Tuple[int, ...]) -> Array:
+def check_broadcast_4d(name: str, x: Array, full: Tuple[int, ...]) -> Array:
+  """Left-pads ``x`` to rank 4 and checks it broadcasts to ``full``."""
   if x.ndim > 4:
     raise ValueError(
         f"{name} must have rank <= 4 (broadcastable to [B, N, T, S]={full}),"
@@ -95,16 +93,15 @@ def normalize_window(local_window_size) -> Optional[Tuple[int, int]]:
   """``int w`` -> ``(w, w)``; ``(left, right)`` stays; validates signs."""
   if local_window_size is None:
     return None
-  if isinstance(local_window_size, (int, np.integer)):
-    window = (int(local_window_size), int(local_window_size))
-  else:
-    try:
-      left, right = local_window_size
-    except (TypeError, ValueError):
-      raise ValueError(
-          "local_window_size must be an int or a (left, right) pair, got "
-          f"{local_window_size!r}") from None
-    window = (int(left), int(right))
+  sizes = (local_window_size,) * 2 if np.ndim(local_window_size) == 0 else (
+      tuple(local_window_size))
+  if len(sizes) != 2 or not all(
+      isinstance(w, (int, np.integer)) and not isinstance(w, bool)
+      for w in sizes):
+    raise ValueError(
+        "local_window_size must be an int or a (left, right) pair of ints, "
+        f"got {local_window_size!r}")
+  window = (int(sizes[0]), int(sizes[1]))
   if window[0] < 0 or window[1] < 0:
     raise ValueError(f"local_window_size must be non-negative, got {window}")
   return window
@@ -114,7 +111,23 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
                  is_causal=False, query_seq_lengths=None,
                  key_value_seq_lengths=None, local_window_size=None,
                  segment_ids=None) -> AttentionInputs:
-  """Validates and canonicalises attention arguments (trace time)."""
+  """Validates and canonicalises attention arguments (trace time).
+
+  Takes the arguments of :func:`attn.dot_product_attention` (see there for
+  their meaning). Rank-3 ``[T, N, H]`` inputs get a batch axis of 1; ``bias``
+  and ``mask`` of rank < 4 get leading axes of size 1 (``[S]``, ``[T, S]``,
+  ``[N, T, S]`` ...), as in ``jax.nn.dot_product_attention``.
+
+  Returns:
+    An :class:`AttentionInputs` with 4-D arrays and defaults filled in.
+
+  Raises:
+    ValueError: naming the offending shapes/dtypes, for mismatched ranks,
+      batch sizes, lengths, head counts (``N % K != 0``) or head dims,
+      differing or non-floating dtypes, non-boolean masks, bias/mask not
+      broadcastable to ``[B, N, T, S]``, bad sequence lengths, segment ids or
+      window sizes.
+  """
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
   ranks = (query.ndim, key.ndim, value.ndim)
   if len(set(ranks)) != 1 or ranks[0] not in (3, 4):
@@ -152,15 +165,15 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
                      f"{query.dtype}")
   full = (B, N, T, S)
   if bias is not None:
-    bias = _check_broadcast_4d("bias", jnp.asarray(bias), full)
+    bias = check_broadcast_4d("bias", jnp.asarray(bias), full)
   if mask is not None:
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
       raise ValueError(f"mask must be boolean (True = may attend), got "
                        f"dtype {mask.dtype}")
-    mask = _check_broadcast_4d("mask", mask, full)
+    mask = check_broadcast_4d("mask", mask, full)
 
-  def lengths(name, x, maximum):
+  def lengths(name, x):
     if x is None:
       return None
     x = jnp.asarray(x)
@@ -169,8 +182,8 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
                        f" got {x.dtype}{list(x.shape)}")
     return x.astype(jnp.int32)
 
-  q_lengths = lengths("query_seq_lengths", query_seq_lengths, T)
-  kv_lengths = lengths("key_value_seq_lengths", key_value_seq_lengths, S)
+  q_lengths = lengths("query_seq_lengths", query_seq_lengths)
+  kv_lengths = lengths("key_value_seq_lengths", key_value_seq_lengths)
 
   q_seg = kv_seg = None
   if segment_ids is not None:
@@ -185,6 +198,10 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
       raise ValueError(
           f"segment_ids must be [B, T]=({B}, {T}) (self-attention) or a pair "
           f"([B, T], [B, S]=({B}, {S})); got {q_seg.shape} and {kv_seg.shape}")
+    if not (jnp.issubdtype(q_seg.dtype, jnp.integer)
+            and jnp.issubdtype(kv_seg.dtype, jnp.integer)):
+      raise ValueError(f"segment_ids must be integers, got {q_seg.dtype} and "
+                       f"{kv_seg.dtype}")
   if scale is None:
     scale = 1.0 / float(np.sqrt(H))
   return AttentionInputs(
@@ -229,7 +246,12 @@ def structure_mask(q_pos: Array, k_pos: Array, *, is_causal: bool,
 
 
 def dropout_keep(rng: Array, rate: float, shape, broadcast_axes=()) -> Array:
-  """Boolean keep-mask for dropout on attention weights."""
+  """Boolean keep-mask (True with probability ``1 - rate``) of ``shape``.
+
+  Axes in ``broadcast_axes`` get size 1 (the same mask is shared along them).
+  Draws exactly what ``flax.linen.dot_product_attention`` draws for the same
+  key and shape, so Flax modules see identical dropout patterns.
+  """
   shape = list(shape)
   for a in broadcast_axes:
     shape[a] = 1
@@ -237,6 +259,7 @@ def dropout_keep(rng: Array, rate: float, shape, broadcast_axes=()) -> Array:
 
 
 def check_dropout(dropout_rate: float, dropout_rng: Any) -> None:
+  """Raises ``ValueError`` unless ``0 <= rate < 1`` and a key is given."""
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
   if dropout_rate > 0.0 and dropout_rng is None:

@@ -1,1 +1,657 @@
-"""Placeholder: being written."""
+"""Ring attention: exact attention with the sequence sharded over a mesh axis.
+
+Liu, Zaharia & Abbeel (2023), "Ring Attention with Blockwise Transformers for
+Near-Infinite Context". With ``n`` devices on the ``seq`` mesh axis, device
+``i`` holds query block ``Q_i`` and key/value block ``K_i, V_i`` (``T/n`` and
+``S/n`` positions). For ``r = 0 .. n-1`` device ``i`` attends ``Q_i`` to the
+key/value block it currently holds, ``K_{(i-r) mod n}``, then passes that
+block to device ``i+1`` with ``jax.lax.ppermute``. Blocks are combined with
+the online softmax (running max ``m``, running sum ``l``, unnormalised
+output ``o``)::
+
+    s = scale · q kᵀ + bias            (masked entries -> MASK_VALUE)
+    m' = max(m, rowmax(s));  p = exp(s - m')  (0 where masked)
+    l' = exp(m - m') l + rowsum(p);  o' = exp(m - m') o + p v
+    out = o / l,  lse = m + log l
+
+Within a ring step the block pair is itself processed in ``block_q × block_k``
+chunks, so no device ever holds more than one chunk of scores: per-device
+memory is ``O((T + S) / n)``.
+
+The backward pass is a ``jax.custom_vjp`` (FlashAttention-2 style): it keeps
+only ``out`` and ``lse`` (``O(T)``), recomputes each chunk's probabilities
+``p = exp(s - lse)``, keeps ``dQ_i`` on its device and sends ``dK, dV``
+accumulators around the ring together with their key/value block; one extra
+``ppermute`` returns them to the owning device.
+
+Chunk pairs (and whole ring steps) that the causal/window structure or the
+ring's own padding masks completely are skipped with ``lax.cond`` -- their
+compute is not done. With ``is_causal=True`` that is about half the work, but
+the load is unbalanced (device ``n-1`` does ``n`` block pairs, device 0 one).
+
+The batch axis is sharded over ``data_axis`` and heads over ``model_axis``
+when the mesh has those axes and the sizes divide; otherwise they are
+replicated (correct, but computed redundantly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from attn.kernels import common
+from attn.kernels.common import MASK_VALUE
+from attn.registry import register_attention
+
+Array = jax.Array
+
+DEFAULT_BLOCK = 512
+
+
+# --------------------------------------------------------------------------
+# The math for ONE head and one chunk pair: q_TH against k_SH / v_SD.
+# --------------------------------------------------------------------------
+
+def _scores(q_TH, k_SH, bias_TS, mask_TS, scale):
+  """float32 ``scale · q kᵀ + bias`` with masked entries set to MASK_VALUE."""
+  s_TS = jnp.einsum("th,sh->ts", q_TH, k_SH,
+                    preferred_element_type=jnp.float32) * scale
+  if bias_TS is not None:
+    s_TS = s_TS + bias_TS.astype(jnp.float32)
+  if mask_TS is not None:
+    s_TS = jnp.where(mask_TS, s_TS, MASK_VALUE)
+  return s_TS
+
+
+def _chunk_forward(q_TH, k_SH, v_SD, bias_TS, mask_TS, o_TD, m_T, l_T, *,
+                   scale):
+  """One online-softmax update: ``(o, m, l)`` after seeing keys ``k_SH``."""
+  s_TS = _scores(q_TH, k_SH, bias_TS, mask_TS, scale)
+  m_new_T = jnp.maximum(m_T, jnp.max(s_TS, axis=-1))
+  p_TS = jnp.exp(s_TS - m_new_T[:, None])
+  if mask_TS is not None:
+    p_TS = jnp.where(mask_TS, p_TS, 0.0)
+  alpha_T = jnp.exp(m_T - m_new_T)
+  l_new_T = alpha_T * l_T + jnp.sum(p_TS, axis=-1)
+  pv_TD = jnp.einsum("ts,sd->td", p_TS.astype(v_SD.dtype), v_SD,
+                     preferred_element_type=jnp.float32)
+  return alpha_T[:, None] * o_TD + pv_TD, m_new_T, l_new_T
+
+
+def _chunk_backward(q_TH, k_SH, v_SD, bias_TS, mask_TS, do_TD, lse_T,
+                    delta_T, *, scale):
+  """Gradient contributions of one chunk pair, recomputed from ``lse``.
+
+  ``delta_T = rowsum(dout · out)``. Returns ``(dq_TH, dk_SH, dv_SD, ds_TS)``
+  in float32; ``ds_TS`` is the gradient with respect to the biased scores.
+  """
+  s_TS = _scores(q_TH, k_SH, bias_TS, mask_TS, scale)
+  p_TS = jnp.exp(s_TS - lse_T[:, None])
+  if mask_TS is not None:
+    p_TS = jnp.where(mask_TS, p_TS, 0.0)
+  dv_SD = jnp.einsum("ts,td->sd", p_TS.astype(do_TD.dtype), do_TD,
+                     preferred_element_type=jnp.float32)
+  dp_TS = jnp.einsum("td,sd->ts", do_TD, v_SD,
+                     preferred_element_type=jnp.float32)
+  ds_TS = p_TS * (dp_TS - delta_T[:, None])
+  dq_TH = jnp.einsum("ts,sh->th", ds_TS.astype(k_SH.dtype), k_SH,
+                     preferred_element_type=jnp.float32) * scale
+  dk_SH = jnp.einsum("ts,th->sh", ds_TS.astype(q_TH.dtype), q_TH,
+                     preferred_element_type=jnp.float32) * scale
+  return dq_TH, dk_SH, dv_SD, ds_TS
+
+
+def _over_heads(fn):
+  """Lifts a one-head chunk function to ``[b, K, G, ...]`` head-major arrays.
+
+  Argument order is ``(q, k, v, *per_query_head)``: ``q`` and the per-head
+  arrays are ``[b, K, G, ...]``; ``k``/``v`` are ``[b, K, ...]`` and shared by
+  the ``G`` query heads of a group (grouped-query attention).
+  """
+  def lift(q, k, v, *rest):
+    over_group = jax.vmap(fn, in_axes=(0, None, None) + (0,) * len(rest))
+    over_kv = jax.vmap(over_group)
+    return jax.vmap(over_kv)(q, k, v, *rest)
+  return lift
+
+
+# --------------------------------------------------------------------------
+# One ring step: the local query block against one key/value block, chunked.
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _RingConfig:
+  """Static description of one ring-attention call (hashable)."""
+  mesh: Any
+  seq_axis: str
+  batch_axis: Optional[str]
+  head_axis: Optional[str]
+  scale: float
+  is_causal: bool
+  window: Optional[Tuple[int, int]]
+  kv_valid: int          # keys at positions >= kv_valid are ring padding
+  kv_padded: bool
+  block_q: int
+  block_k: int
+
+  @property
+  def ring_size(self) -> int:
+    return self.mesh.shape[self.seq_axis]
+
+  @property
+  def has_skippable_structure(self) -> bool:
+    return self.is_causal or self.window is not None or self.kv_padded
+
+  def skip(self, q_first, q_last, k_first, k_last):
+    """True when no (query, key) pair in the position ranges may attend."""
+    out = jnp.asarray(False)
+    if self.is_causal:
+      out |= k_first > q_last
+    if self.window is not None:
+      left, right = self.window
+      out |= (k_first > q_last + right) | (k_last < q_first - left)
+    if self.kv_padded:
+      out |= k_first >= self.kv_valid
+    return out
+
+
+def _slice_ts(x, row, col, rows, cols):
+  """Rows/cols of a ``[b, n, t|1, s|1]`` array (size-1 axes broadcast)."""
+  if x.shape[2] > 1:
+    x = lax.dynamic_slice_in_dim(x, row, rows, axis=2)
+  if x.shape[3] > 1:
+    x = lax.dynamic_slice_in_dim(x, col, cols, axis=3)
+  return x
+
+
+def _add_ts(x, chunk, row, col):
+  """``x[..., row:, col:] += chunk`` on a ``[b, n, t|1, s|1]`` array."""
+  starts = (0, 0, row if x.shape[2] > 1 else 0, col if x.shape[3] > 1 else 0)
+  current = lax.dynamic_slice(x, starts, chunk.shape)
+  return lax.dynamic_update_slice(x, current + chunk, starts)
+
+
+def _sum_to(x, shape):
+  """Sums broadcast axes of ``x`` so it has ``shape`` (same rank)."""
+  axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if a != b)
+  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _chunk_mask(cfg, ex, q_pos, k_pos, q_start, kv_seg, k_start, k_col):
+  """Boolean ``[b, N, bq, bk]`` mask of one chunk pair, or ``None``.
+
+  Combines the user mask with the structure mask (causal, window, lengths,
+  segments, ring padding) built from global positions by
+  :func:`attn.kernels.common.structure_mask`.
+  """
+  bq, bk = q_pos.shape[0], k_pos.shape[0]
+  b, N = ex["q"].shape[0], ex["q"].shape[1] * ex["q"].shape[2]
+  parts = []
+  if "mask" in ex:
+    parts.append(_slice_ts(ex["mask"], q_start, k_col, bq, bk))
+  qlen, kvlen = ex.get("q_lengths"), ex.get("kv_lengths")
+  qseg = kvseg = None
+  if "q_segment_ids" in ex:
+    qseg = lax.dynamic_slice_in_dim(ex["q_segment_ids"], q_start, bq, axis=1)
+    kvseg = lax.dynamic_slice_in_dim(kv_seg, k_start, bk, axis=1)
+  if (cfg.is_causal or cfg.window is not None or qlen is not None
+      or kvlen is not None or qseg is not None):
+    smask = jax.vmap(
+        lambda ql, kl, qs, ks: common.structure_mask(
+            q_pos, k_pos, is_causal=cfg.is_causal, window=cfg.window,
+            q_length=ql, kv_length=kl, q_segment=qs, kv_segment=ks),
+        in_axes=(None if qlen is None else 0, None if kvlen is None else 0,
+                 None if qseg is None else 0, None if kvseg is None else 0),
+        axis_size=b)(qlen, kvlen, qseg, kvseg)
+    parts.append(smask[:, None])
+  if not parts:
+    return None
+  mask = functools.reduce(jnp.logical_and, parts)
+  return jnp.broadcast_to(mask, (b, N, bq, bk))
+
+
+def _heads_ts(x, K, G):
+  """``[b, N, bq, bk]`` -> ``[b, K, G, bq, bk]`` (``None`` passes through)."""
+  if x is None:
+    return None
+  b, N, t, s = x.shape
+  return jnp.broadcast_to(x, (b, N, t, s)).reshape(b, K, G, t, s)
+
+
+def _pair_loop(cfg, ex, q_offset, k_offset, n_q, n_k, body, carry):
+  """Runs ``body(carry, i, j, ...)`` over chunk pairs, skipping empty ones."""
+  bq, bk = cfg.block_q, cfg.block_k
+
+  def one(p, carry):
+    i, j = p // n_k, p % n_k
+    q_pos = q_offset + i * bq + jnp.arange(bq)
+    k_pos = k_offset + j * bk + jnp.arange(bk)
+    if not cfg.has_skippable_structure:
+      return body(carry, i * bq, j * bk, q_pos, k_pos)
+    skip = cfg.skip(q_pos[0], q_pos[-1], k_pos[0], k_pos[-1])
+    return lax.cond(skip, lambda c: c,
+                    lambda c: body(c, i * bq, j * bk, q_pos, k_pos), carry)
+
+  return lax.fori_loop(0, n_q * n_k, one, carry)
+
+
+def _step_forward(cfg, ex, acc, blk, q_offset, k_offset):
+  """Folds key/value block ``blk`` into the accumulators ``(o, m, l)``."""
+  q = ex["q"]                                     # [b, K, G, tq, H]
+  b, K, G, tq, _ = q.shape
+  bq, bk = cfg.block_q, cfg.block_k
+  n_q, n_k = tq // bq, blk["k"].shape[2] // bk
+  step = _over_heads(functools.partial(_chunk_forward, scale=cfg.scale))
+
+  def body(acc, q_start, k_start, q_pos, k_pos):
+    o, m, l = acc
+    mask = _chunk_mask(cfg, ex, q_pos, k_pos, q_start, blk.get("kv_seg"),
+                       k_start, k_offset + k_start)
+    bias = None
+    if "bias" in ex:
+      bias = _slice_ts(ex["bias"], q_start, k_offset + k_start, bq, bk)
+      bias = jnp.broadcast_to(bias, (b, K * G, bq, bk))
+    q_c = lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)
+    k_c = lax.dynamic_slice_in_dim(blk["k"], k_start, bk, axis=2)
+    v_c = lax.dynamic_slice_in_dim(blk["v"], k_start, bk, axis=2)
+    o_c = lax.dynamic_slice_in_dim(o, q_start, bq, axis=3)
+    m_c = lax.dynamic_slice_in_dim(m, q_start, bq, axis=3)
+    l_c = lax.dynamic_slice_in_dim(l, q_start, bq, axis=3)
+    o_c, m_c, l_c = step(q_c, k_c, v_c, _heads_ts(bias, K, G),
+                         _heads_ts(mask, K, G), o_c, m_c, l_c)
+    return (lax.dynamic_update_slice_in_dim(o, o_c, q_start, axis=3),
+            lax.dynamic_update_slice_in_dim(m, m_c, q_start, axis=3),
+            lax.dynamic_update_slice_in_dim(l, l_c, q_start, axis=3))
+
+  return _pair_loop(cfg, ex, q_offset, k_offset, n_q, n_k, body, acc)
+
+
+def _step_backward(cfg, ex, grads, blk, q_offset, k_offset):
+  """Adds one key/value block's gradient contributions.
+
+  ``grads = (dq, dbias)`` stay on this device; ``blk["dk"], blk["dv"]``
+  travel with the block. Returns ``(grads, blk)``.
+  """
+  q = ex["q"]
+  b, K, G, tq, _ = q.shape
+  bq, bk = cfg.block_q, cfg.block_k
+  n_q, n_k = tq // bq, blk["k"].shape[2] // bk
+  step = _over_heads(functools.partial(_chunk_backward, scale=cfg.scale))
+
+  def body(carry, q_start, k_start, q_pos, k_pos):
+    dq, dbias, dk, dv = carry
+    k_col = k_offset + k_start
+    mask = _chunk_mask(cfg, ex, q_pos, k_pos, q_start, blk.get("kv_seg"),
+                       k_start, k_col)
+    bias = None
+    if "bias" in ex:
+      bias = _slice_ts(ex["bias"], q_start, k_col, bq, bk)
+      bias = jnp.broadcast_to(bias, (b, K * G, bq, bk))
+    sl_q = functools.partial(lax.dynamic_slice_in_dim, start_index=q_start,
+                             slice_size=bq, axis=3)
+    sl_k = functools.partial(lax.dynamic_slice_in_dim, start_index=k_start,
+                             slice_size=bk, axis=2)
+    dq_c, dk_c, dv_c, ds_c = step(
+        sl_q(q), sl_k(blk["k"]), sl_k(blk["v"]), _heads_ts(bias, K, G),
+        _heads_ts(mask, K, G), sl_q(ex["do"]), sl_q(ex["lse"]),
+        sl_q(ex["delta"]))
+    dq = lax.dynamic_update_slice_in_dim(dq, sl_q(dq) + dq_c, q_start, axis=3)
+    # Sum over the G query heads that share each key/value head.
+    dk = lax.dynamic_update_slice_in_dim(dk, sl_k(dk) + dk_c.sum(axis=2),
+                                         k_start, axis=2)
+    dv = lax.dynamic_update_slice_in_dim(dv, sl_k(dv) + dv_c.sum(axis=2),
+                                         k_start, axis=2)
+    if dbias is not None:
+      ds_c = ds_c.reshape(b, K * G, bq, bk)
+      chunk_shape = _slice_ts(dbias, q_start, k_col, bq, bk).shape
+      dbias = _add_ts(dbias, _sum_to(ds_c, chunk_shape), q_start, k_col)
+    return dq, dbias, dk, dv
+
+  dq, dbias = grads
+  dq, dbias, dk, dv = _pair_loop(cfg, ex, q_offset, k_offset, n_q, n_k, body,
+                                 (dq, dbias, blk["dk"], blk["dv"]))
+  return (dq, dbias), dict(blk, dk=dk, dv=dv)
+
+
+# --------------------------------------------------------------------------
+# The ring: per-device bodies run under jax.shard_map.
+# --------------------------------------------------------------------------
+
+def _ring_loop(cfg, step, carry, blk, skip_step):
+  """Runs ``step(r, carry, blk) -> (carry, blk)`` for ``r = 0..n-1``.
+
+  Between steps every leaf of ``blk`` moves one device along the ring
+  (device ``i`` -> ``i+1``), so at step ``r`` device ``i`` holds the block of
+  device ``(i - r) mod n``. ``skip_step(r)`` marks steps with nothing to do.
+  """
+  n = cfg.ring_size
+  perm = [(i, (i + 1) % n) for i in range(n)]
+
+  def guarded(r, carry, blk):
+    if not cfg.has_skippable_structure:
+      return step(r, carry, blk)
+    return lax.cond(skip_step(r), lambda c, b: (c, b), functools.partial(
+        step, r), carry, blk)
+
+  def body(r, state):
+    carry, blk = guarded(r, *state)
+    return carry, jax.tree.map(
+        lambda x: lax.ppermute(x, cfg.seq_axis, perm), blk)
+
+  carry, blk = lax.fori_loop(0, n - 1, body, (carry, blk))
+  return guarded(n - 1, carry, blk)
+
+
+def _to_heads(x, K):
+  """``[b, t, N, D]`` -> ``[b, K, N//K, t, D]`` (head-major)."""
+  b, t, N, D = x.shape
+  return jnp.transpose(x.reshape(b, t, K, N // K, D), (0, 2, 3, 1, 4))
+
+
+def _from_heads(x):
+  """``[b, K, G, t, D]`` -> ``[b, t, K·G, D]``."""
+  b, K, G, t, D = x.shape
+  return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(b, t, K * G, D)
+
+
+def _kv_heads(x):
+  """``[b, s, K, D]`` -> ``[b, K, s, D]``."""
+  return jnp.transpose(x, (0, 2, 1, 3))
+
+
+def _offsets(cfg, ex, blk, r):
+  """Global position of this device's queries and of the held block."""
+  n = cfg.ring_size
+  idx = lax.axis_index(cfg.seq_axis)
+  tq, tk = ex["q"].shape[3], blk["k"].shape[2]
+  src = (idx - r) % n
+  return idx * tq, src * tk
+
+
+def _step_skippable(cfg, ex, blk, r):
+  q_offset, k_offset = _offsets(cfg, ex, blk, r)
+  tq, tk = ex["q"].shape[3], blk["k"].shape[2]
+  return cfg.skip(q_offset, q_offset + tq - 1, k_offset, k_offset + tk - 1)
+
+
+def _forward_body(cfg, arrays):
+  """Per-device forward: ``{q, k, v, ...}`` shards -> ``(out, lse)``."""
+  K = arrays["k"].shape[2]
+  ex = dict(arrays, q=_to_heads(arrays["q"], K))
+  blk = {"k": _kv_heads(arrays["k"]), "v": _kv_heads(arrays["v"])}
+  if "kv_segment_ids" in ex:
+    blk["kv_seg"] = ex["kv_segment_ids"]
+  b, _, G, tq, _ = ex["q"].shape
+  Dv = blk["v"].shape[-1]
+  acc = (jnp.zeros((b, K, G, tq, Dv), jnp.float32),
+         jnp.full((b, K, G, tq), MASK_VALUE, jnp.float32),
+         jnp.zeros((b, K, G, tq), jnp.float32))
+
+  def step(r, acc, blk):
+    return _step_forward(cfg, ex, acc, blk, *_offsets(cfg, ex, blk, r)), blk
+
+  (o, m, l), _ = _ring_loop(cfg, step, acc, blk,
+                            lambda r: _step_skippable(cfg, ex, blk, r))
+  out = o / jnp.where(l == 0.0, 1.0, l)[..., None]
+  lse = jnp.where(l > 0.0, m + jnp.log(jnp.where(l > 0.0, l, 1.0)), 0.0)
+  return _from_heads(out).astype(arrays["q"].dtype), lse
+
+
+def _backward_body(cfg, arrays):
+  """Per-device backward: shards + ``out, lse, do`` -> gradients."""
+  K = arrays["k"].shape[2]
+  q = arrays["q"]
+  ex = dict(arrays, q=_to_heads(q, K), do=_to_heads(arrays["do"], K))
+  delta = jnp.sum(arrays["do"].astype(jnp.float32)
+                  * arrays["out"].astype(jnp.float32), axis=-1)  # [b, t, N]
+  b, tq, N = delta.shape
+  ex["delta"] = jnp.transpose(delta, (0, 2, 1)).reshape(b, K, N // K, tq)
+  k, v = _kv_heads(arrays["k"]), _kv_heads(arrays["v"])
+  blk = {"k": k, "v": v, "dk": jnp.zeros(k.shape, jnp.float32),
+         "dv": jnp.zeros(v.shape, jnp.float32)}
+  if "kv_segment_ids" in ex:
+    blk["kv_seg"] = ex["kv_segment_ids"]
+  bias = ex.get("bias")
+  grads = (jnp.zeros(ex["q"].shape, jnp.float32),
+           None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+
+  def step(r, grads, blk):
+    return _step_backward(cfg, ex, grads, blk, *_offsets(cfg, ex, blk, r))
+
+  (dq, dbias), blk = _ring_loop(cfg, step, grads, blk,
+                                lambda r: _step_skippable(cfg, ex, blk, r))
+  n = cfg.ring_size
+  perm = [(i, (i + 1) % n) for i in range(n)]
+  # One more hop brings each dK/dV accumulator home to its block's owner.
+  dk, dv = (lax.ppermute(blk[name], cfg.seq_axis, perm)
+            for name in ("dk", "dv"))
+  out = {"q": _from_heads(dq).astype(q.dtype),
+         "k": _kv_heads(dk).astype(arrays["k"].dtype),
+         "v": _kv_heads(dv).astype(arrays["v"].dtype)}
+  if bias is not None:
+    out["bias"] = _reduce_bias_grad(cfg, dbias, bias.shape).astype(bias.dtype)
+  return out
+
+
+def _reduce_bias_grad(cfg, dbias, shape):
+  """psum of the bias gradient over mesh axes the bias is broadcast along."""
+  axes = []
+  if shape[0] == 1 and cfg.batch_axis is not None:
+    axes.append(cfg.batch_axis)
+  if shape[1] == 1 and cfg.head_axis is not None:
+    axes.append(cfg.head_axis)
+  if shape[2] == 1:
+    axes.append(cfg.seq_axis)
+  return lax.psum(dbias, tuple(axes)) if axes else dbias
+
+
+def _specs(cfg, arrays) -> Dict[str, P]:
+  """PartitionSpec of every (global, padded) array passed to shard_map."""
+  bax, sax, hax = cfg.batch_axis, cfg.seq_axis, cfg.head_axis
+  btnh = P(bax, sax, hax, None)
+  specs = {}
+  for name, x in arrays.items():
+    if name in ("q", "k", "v", "out", "do"):
+      specs[name] = btnh
+    elif name in ("bias", "mask"):
+      specs[name] = P(bax if x.shape[0] > 1 else None,
+                      hax if x.shape[1] > 1 else None,
+                      sax if x.shape[2] > 1 else None, None)
+    elif name in ("q_lengths", "kv_lengths"):
+      specs[name] = P(bax)
+    elif name in ("q_segment_ids", "kv_segment_ids"):
+      specs[name] = P(bax, sax)
+    elif name == "lse":
+      specs[name] = P(bax, hax, None, sax)
+    else:
+      raise AssertionError(name)
+  return specs
+
+
+def _shard_map(cfg, fn, arrays, out_specs):
+  return jax.shard_map(
+      functools.partial(fn, cfg), mesh=cfg.mesh,
+      in_specs=(_specs(cfg, arrays),), out_specs=out_specs,
+      check_vma=False)(arrays)
+
+
+def _forward(cfg, arrays):
+  specs = _specs(cfg, arrays)
+  return _shard_map(cfg, _forward_body, arrays, (specs["q"], P(
+      cfg.batch_axis, cfg.head_axis, None, cfg.seq_axis)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(cfg, arrays):
+  """Ring attention on padded global arrays; ``arrays`` is a dict."""
+  return _forward(cfg, arrays)[0]
+
+
+def _ring_fwd(cfg, arrays):
+  out, lse = _forward(cfg, arrays)
+  return out, (arrays, out, lse)
+
+
+def _ring_bwd(cfg, residuals, do):
+  arrays, out, lse = residuals
+  full = dict(arrays, out=out, lse=lse, do=do)
+  specs = _specs(cfg, full)
+  diff = [name for name in ("q", "k", "v", "bias") if name in arrays]
+  grads = _shard_map(cfg, _backward_body, full,
+                     {name: specs[name] for name in diff})
+  return ({name: grads.get(name) for name in arrays},)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# --------------------------------------------------------------------------
+# Public entry point.
+# --------------------------------------------------------------------------
+
+def _resolve_mesh(mesh, seq_axis: str):
+  """The explicit mesh, or the ambient one from ``jax.set_mesh``."""
+  source = "mesh="
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    source = "the ambient mesh (jax.set_mesh)"
+  if mesh is None or mesh.empty or seq_axis not in mesh.axis_names:
+    names = () if mesh is None or mesh.empty else tuple(mesh.axis_names)
+    raise ValueError(
+        f"ring attention needs a device mesh with a {seq_axis!r} axis; "
+        f"{source} has axes {names}. Pass mesh=..., or run the model inside "
+        "`with jax.set_mesh(attn.parallel.make_mesh(seq=...)):`")
+  return mesh
+
+
+def _mesh_axis(mesh, name: Optional[str], *sizes: int) -> Optional[str]:
+  """``name`` if it is a mesh axis of size > 1 dividing every size."""
+  if name is None or name not in mesh.axis_names:
+    return None
+  n = mesh.shape[name]
+  if n == 1 or any(s % n for s in sizes):
+    return None
+  return name
+
+
+def _block(block: Optional[int], length: int, n: int, name: str) -> int:
+  if block is None:
+    block = DEFAULT_BLOCK
+  if not isinstance(block, int) or block <= 0:
+    raise ValueError(f"{name} must be a positive int, got {block!r}")
+  return min(block, -(-length // n))
+
+
+def _pad_axis(x, axis: int, size: int, value=0):
+  if x is None or x.shape[axis] in (1, size):
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def ring_attention(query: Array, key: Array, value: Array,
+                   bias: Optional[Array] = None, mask: Optional[Array] = None,
+                   *, mesh=None, seq_axis: str = "seq",
+                   data_axis: Optional[str] = "data",
+                   model_axis: Optional[str] = "model",
+                   scale: Optional[float] = None,
+                   block_q: Optional[int] = None,
+                   block_k: Optional[int] = None,
+                   is_causal: bool = False,
+                   query_seq_lengths: Optional[Array] = None,
+                   key_value_seq_lengths: Optional[Array] = None,
+                   local_window_size=None, segment_ids=None) -> Array:
+  """Exact softmax attention with the sequence sharded over ``seq_axis``.
+
+  Same result (forward and gradients, to float tolerance) as
+  :func:`attn.dot_product_attention`, computed with key/value blocks passed
+  around the ring of devices on the ``seq_axis`` of ``mesh`` (see the module
+  docstring). Works inside or outside ``jax.jit``; inputs may have any
+  sharding (they are resharded to the ring layout).
+
+  Args:
+    query: ``[B, T, N, H]`` (or ``[T, N, H]``).
+    key: ``[B, S, K, H]``, ``N % K == 0``.
+    value: ``[B, S, K, Dv]``.
+    bias: added to the scores, broadcastable to ``[B, N, T, S]``;
+      differentiable. Each device keeps its query rows and all ``S`` columns.
+    mask: boolean, True = may attend, broadcastable to ``[B, N, T, S]``.
+    mesh: a ``jax.sharding.Mesh``; ``None`` uses the mesh set with
+      ``jax.set_mesh`` (``attn.parallel.make_mesh`` builds one).
+    seq_axis: mesh axis the sequence is sharded over (the ring).
+    data_axis / model_axis: mesh axes for batch / heads, used when present
+      and they divide ``B`` / both head counts; otherwise replicated.
+    scale: Python float, defaults to ``1/sqrt(H)``.
+    block_q / block_k: chunk sizes inside each ring step (default 512,
+      clipped to the per-device length).
+    is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size,
+    segment_ids: as in :func:`attn.dot_product_attention`.
+
+  Returns:
+    ``[B, T, N, Dv]`` in the input dtype (``[T, N, Dv]`` for 3-D inputs).
+    Queries with nothing to attend to give zeros and zero gradients.
+
+  Lengths need not divide the ring size: ``T`` and ``S`` are padded to a
+  multiple of ``n · block`` and padded keys are masked.
+
+  Raises:
+    ValueError: no mesh with ``seq_axis``; bad shapes; non-static scale.
+  """
+  inputs = common.canonicalize(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size, segment_ids=segment_ids)
+  mesh = _resolve_mesh(mesh, seq_axis)
+  try:
+    scale = float(inputs.scale)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise ValueError("ring attention needs a static Python float scale, got "
+                     f"{inputs.scale!r}") from None
+  B, T, S, N, K, _, _ = inputs.shape
+  n = mesh.shape[seq_axis]
+  bq = _block(block_q, T, n, "block_q")
+  bk = _block(block_k, S, n, "block_k")
+  t_pad = math.ceil(T / (n * bq)) * n * bq
+  s_pad = math.ceil(S / (n * bk)) * n * bk
+  kv_lengths = inputs.kv_lengths
+  if s_pad != S:  # mask the ring's padding keys
+    kv_lengths = (jnp.full((B,), S, jnp.int32) if kv_lengths is None
+                  else jnp.minimum(kv_lengths, S))
+  arrays = {
+      "q": _pad_axis(inputs.query, 1, t_pad),
+      "k": _pad_axis(inputs.key, 1, s_pad),
+      "v": _pad_axis(inputs.value, 1, s_pad),
+      "bias": _pad_axis(_pad_axis(inputs.bias, 2, t_pad), 3, s_pad),
+      "mask": _pad_axis(_pad_axis(inputs.mask, 2, t_pad), 3, s_pad),
+      "q_lengths": inputs.q_lengths,
+      "kv_lengths": kv_lengths,
+      "q_segment_ids": _pad_axis(inputs.q_segment_ids, 1, t_pad),
+      "kv_segment_ids": _pad_axis(inputs.kv_segment_ids, 1, s_pad),
+  }
+  arrays = {name: x for name, x in arrays.items() if x is not None}
+  cfg = _RingConfig(
+      mesh=mesh, seq_axis=seq_axis,
+      batch_axis=_mesh_axis(mesh, data_axis, B),
+      head_axis=_mesh_axis(mesh, model_axis, N, K),
+      scale=scale, is_causal=inputs.is_causal, window=inputs.window,
+      kv_valid=S, kv_padded=s_pad != S, block_q=bq, block_k=bk)
+  out = _ring(cfg, arrays)[:, :T]
+  return out[0] if inputs.squeeze_batch else out
+
+
+register_attention(
+    "ring", exact=True, causal=True, padding=True, cross=True,
+    complexity="time O(T·S/n), memory O((T+S)/n) per device "
+    "(n = size of the mesh 'seq' axis)",
+    description="exact attention with the sequence sharded over the mesh "
+    "'seq' axis; key/value blocks circulate with ppermute, online softmax, "
+    "recomputing custom VJP (Liu et al. 2023)")(ring_attention)

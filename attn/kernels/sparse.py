@@ -1,1 +1,383 @@
-"""Placeholder: being written."""
+"""Fixed sparse attention patterns (Child et al. 2019, "Sparse Transformers").
+
+Query ``i`` attends the union of two index sets, with block/stride ``l``:
+
+* ``pattern="strided"``: a local window ``|i - j| <= l`` and every ``l``-th
+  position ``(i - j) mod l == 0``.
+* ``pattern="fixed"``: its own block ``floor(j/l) == floor(i/l)`` and the
+  last ``num_summary`` positions of every block (``j mod l >= l - c``).
+
+With ``is_causal=True`` both sets are cut to ``j <= i`` (the paper's
+setting). The kernel works block by block and never builds a dense
+``[T, S]`` mask: the local part is ``[T, 3l]`` (``[T, l]`` for fixed) and the
+strided/summary part ``[T, T/l]`` (``[T, c·T/l]``), so time and memory are
+``O(T·(l + T/l))`` per head — ``O(T√T)`` with ``l ≈ √T``, and dominated by
+the linear local term while ``T < l²``.
+
+This module also holds the input handling shared by the group-B kernels
+(reformer, sinkhorn, synthesizer, topk/hard, local_p): :func:`prepare`
+validates inputs, repeats key/value heads for grouped-query attention, and
+either builds the dense mask (for kernels that materialise scores anyway) or
+reduces masks to a per-key padding mask (for sub-quadratic kernels, which
+raise ``ValueError`` for anything they cannot honour exactly);
+:func:`map_heads` lifts one-head math with ``jax.vmap``; :func:`finish`
+restores the ``[B, T, N, Dv]`` layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn.kernels import common
+from attn.kernels.exact import combine_masks, masked_softmax
+from attn.registry import register_attention
+
+Array = jax.Array
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadInputs:
+  """Validated inputs laid out head-major for :func:`map_heads`.
+
+  Attributes:
+    q: ``[B, N, T, H]``.
+    k: ``[B, N, S, H]`` (key/value heads repeated to ``N`` for GQA).
+    v: ``[B, N, S, Dv]``.
+    bias: ``None`` or float32 ``[B, N, T, S]`` (``dense=True`` only).
+    mask: ``None`` or bool ``[B, N, T, S]``: user mask AND causal, lengths,
+      window and segment masks (``dense=True`` only).
+    key_valid: ``None`` or bool ``[B, N, S]``: keys that may be attended
+      (``dense=False`` only; from ``key_value_seq_lengths`` and key-padding
+      masks).
+    query_valid: ``None`` or bool ``[B, T]`` from ``query_seq_lengths``.
+    scale: multiplier of ``q·k``.
+    is_causal: query ``t`` may attend key ``s`` only when ``s <= t``.
+    dtype: output dtype (the input dtype).
+    squeeze_batch: inputs were 3-D ``[T, N, H]``.
+  """
+  q: Array
+  k: Array
+  v: Array
+  bias: Optional[Array]
+  mask: Optional[Array]
+  key_valid: Optional[Array]
+  query_valid: Optional[Array]
+  scale: float
+  is_causal: bool
+  dtype: jnp.dtype
+  squeeze_batch: bool
+
+  @property
+  def shape(self):
+    """``(B, T, S, N, H, Dv)``."""
+    B, N, T, H = self.q.shape
+    return B, T, self.k.shape[2], N, H, self.v.shape[-1]
+
+
+def _structure_mask_BTS(inputs: common.AttentionInputs) -> Optional[Array]:
+  """Causal/window/length/segment mask ``[B, T, S]`` (``None`` if none)."""
+  if not inputs.has_structure_mask:
+    return None
+  B, T, S, *_ = inputs.shape
+
+  def one(_, q_len, kv_len, q_seg, kv_seg):
+    return common.structure_mask(
+        jnp.arange(T), jnp.arange(S), is_causal=inputs.is_causal,
+        window=inputs.window, q_length=q_len, kv_length=kv_len,
+        q_segment=q_seg, kv_segment=kv_seg)
+
+  return jax.vmap(one)(jnp.arange(B), inputs.q_lengths, inputs.kv_lengths,
+                       inputs.q_segment_ids, inputs.kv_segment_ids)
+
+
+def _key_valid_BNS(name: str, inputs: common.AttentionInputs
+                   ) -> Optional[Array]:
+  """Per-key padding mask from ``key_value_seq_lengths`` and a mask whose
+  query axis has size 1; ``ValueError`` for any other mask."""
+  B, T, S, N, *_ = inputs.shape
+  parts = []
+  if inputs.mask is not None:
+    if inputs.mask.shape[2] != 1:
+      raise ValueError(
+          f"{name} cannot honour a dense mask of shape {inputs.mask.shape} "
+          "(it never builds the [T, S] score matrix); pass a key-padding "
+          "mask of shape [B, 1, 1, S], key_value_seq_lengths, and "
+          "is_causal=True for causal masking")
+    parts.append(inputs.mask[:, :, 0, :])
+  if inputs.kv_lengths is not None:
+    parts.append((jnp.arange(S)[None, :]
+                  < inputs.kv_lengths[:, None])[:, None, :])
+  valid = combine_masks(*parts)
+  return None if valid is None else jnp.broadcast_to(valid, (B, N, S))
+
+
+def prepare(name: str, query, key, value, bias=None, mask=None, *,
+            dense: bool, scale=None, is_causal: bool = False,
+            query_seq_lengths=None, key_value_seq_lengths=None,
+            segment_ids=None, local_window_size=None) -> HeadInputs:
+  """Validates attention arguments for the kernel called ``name``.
+
+  Args:
+    name: kernel name, used in error messages.
+    query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+      key_value_seq_lengths, segment_ids, local_window_size: as in
+      :func:`attn.dot_product_attention`.
+    dense: the kernel materialises ``[T, S]`` scores, so any bias, mask,
+      window and segment ids are honoured. Otherwise only key padding
+      (``key_value_seq_lengths`` or a mask broadcastable to ``[B, N, 1, S]``),
+      query lengths and ``is_causal`` are, and the rest raise ``ValueError``.
+
+  Returns:
+    :class:`HeadInputs`.
+  """
+  inputs = common.canonicalize(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size, segment_ids=segment_ids)
+  B, T, S, N, K, H, Dv = inputs.shape
+  bias_BNTS = mask_BNTS = key_valid = None
+  if dense:
+    smask = _structure_mask_BTS(inputs)
+    mask_BNTS = combine_masks(inputs.mask,
+                              None if smask is None else smask[:, None])
+    if mask_BNTS is not None:
+      mask_BNTS = jnp.broadcast_to(mask_BNTS, (B, N, T, S))
+    if inputs.bias is not None:
+      bias_BNTS = jnp.broadcast_to(inputs.bias.astype(F32), (B, N, T, S))
+  else:
+    unsupported = [what for what, given in (
+        ("an additive bias (it needs the dense [T, S] scores)",
+         inputs.bias is not None),
+        ("local_window_size", inputs.window is not None),
+        ("segment_ids", inputs.q_segment_ids is not None)) if given]
+    if unsupported:
+      raise ValueError(f"attention {name!r} does not support "
+                       + ", ".join(unsupported))
+    key_valid = _key_valid_BNS(name, inputs)
+  query_valid = None
+  if inputs.q_lengths is not None:
+    query_valid = jnp.arange(T)[None, :] < inputs.q_lengths[:, None]
+  group = N // K
+
+  def heads_first(x):
+    return jnp.transpose(jnp.repeat(x, group, axis=2) if group > 1 else x,
+                         (0, 2, 1, 3))
+
+  return HeadInputs(
+      q=heads_first(inputs.query), k=heads_first(inputs.key),
+      v=heads_first(inputs.value), bias=bias_BNTS, mask=mask_BNTS,
+      key_valid=key_valid, query_valid=query_valid, scale=inputs.scale,
+      is_causal=inputs.is_causal, dtype=inputs.query.dtype,
+      squeeze_batch=inputs.squeeze_batch)
+
+
+def map_heads(fn: Callable[..., Array], *args) -> Array:
+  """``jax.vmap`` of a one-head function over ``[B, N]`` leading axes.
+
+  Every argument is an array with leading ``[B, N]`` axes or ``None``.
+  """
+  return jax.vmap(jax.vmap(fn))(*args)
+
+
+def finish(inp: HeadInputs, out_BNTD: Array) -> Array:
+  """``[B, N, T, Dv]`` -> ``[B, T, N, Dv]`` in the input dtype; queries past
+  ``query_seq_lengths`` output zeros."""
+  out = jnp.transpose(out_BNTD, (0, 2, 1, 3))
+  if inp.query_valid is not None:
+    out = jnp.where(inp.query_valid[:, :, None, None], out, 0)
+  out = out.astype(inp.dtype)
+  return out[0] if inp.squeeze_batch else out
+
+
+def key_valid_or_all(inp: HeadInputs) -> Array:
+  """``inp.key_valid``, or all-True ``[B, N, S]``."""
+  B, _, S, N, *_ = inp.shape
+  if inp.key_valid is None:
+    return jnp.ones((B, N, S), bool)
+  return inp.key_valid
+
+
+def pad_axis0(x: Array, length: int, value=0) -> Array:
+  """Pads (or keeps) axis 0 of ``x`` to ``length`` with ``value``."""
+  extra = length - x.shape[0]
+  if extra == 0:
+    return x
+  return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1),
+                 constant_values=value)
+
+
+def _shift_blocks(x_C: Array, d: int, fill=0) -> Array:
+  """``y[c] = x[c + d]`` along axis 0, ``fill`` where ``c + d`` is outside."""
+  C = x_C.shape[0]
+  if d == 0:
+    return x_C
+  pad = [(max(-d, 0), max(d, 0))] + [(0, 0)] * (x_C.ndim - 1)
+  padded = jnp.pad(x_C, pad, constant_values=fill)
+  start = max(d, 0)
+  return padded[start:start + C]
+
+
+def _strided_head(q_LH, k_LH, v_LD, valid_L, *, stride: int, scale,
+                  is_causal: bool) -> Array:
+  """One head of the strided pattern on length-``L`` (multiple of l) inputs.
+
+  Local part: key blocks ``c-1, c, c+1`` cut to ``|i - j| <= l``. Strided
+  part: same residue ``r = i mod l`` in blocks ``d`` with ``|c - d| >= 2``
+  (closer ones are already local). One softmax over both parts.
+  """
+  L, H = q_LH.shape
+  l = stride
+  C = L // l
+  q_CLH = q_LH.reshape(C, l, H)
+  k_CLH = k_LH.reshape(C, l, H)
+  v_CLD = v_LD.reshape(C, l, -1)
+  valid_CL = valid_L.reshape(C, l)
+  pos_CL = jnp.arange(L).reshape(C, l)
+
+  offsets = (-1, 0) if is_causal else (-1, 0, 1)
+  k_CWH = jnp.concatenate([_shift_blocks(k_CLH, d) for d in offsets], 1)
+  v_CWD = jnp.concatenate([_shift_blocks(v_CLD, d) for d in offsets], 1)
+  ok_CW = jnp.concatenate([_shift_blocks(valid_CL, d, False)
+                           for d in offsets], 1)
+  pos_CW = jnp.concatenate([pos_CL + d * l for d in offsets], 1)
+  diff_CLW = pos_CL[:, :, None] - pos_CW[:, None, :]
+  local_mask = ok_CW[:, None, :] & (jnp.abs(diff_CLW) <= l)
+  if is_causal:
+    local_mask &= diff_CLW >= 0
+  local_scores = jnp.einsum("cqh,cwh->cqw", q_CLH, k_CWH,
+                            preferred_element_type=F32)
+
+  # strided part, by residue: query (c, r) sees keys (d, r).
+  stride_scores = jnp.einsum("crh,drh->crd", q_CLH, k_CLH,
+                             preferred_element_type=F32)
+  c_minus_d = jnp.arange(C)[:, None] - jnp.arange(C)[None, :]
+  far_CD = (c_minus_d >= 2) if is_causal else (jnp.abs(c_minus_d) >= 2)
+  stride_mask = far_CD[:, None, :] & valid_CL.T[None, :, :]
+
+  W = k_CWH.shape[1]
+  weights = masked_softmax(
+      jnp.concatenate([local_scores, stride_scores], -1) * scale,
+      jnp.concatenate([local_mask, stride_mask], -1))
+  w_local, w_stride = weights[..., :W], weights[..., W:]
+  out_CLD = (jnp.einsum("cqw,cwd->cqd", w_local.astype(v_LD.dtype), v_CWD,
+                        preferred_element_type=F32)
+             + jnp.einsum("crd,drv->crv", w_stride.astype(v_LD.dtype), v_CLD,
+                          preferred_element_type=F32))
+  return out_CLD.reshape(L, -1)
+
+
+def _fixed_head(q_LH, k_LH, v_LD, valid_L, *, stride: int, num_summary: int,
+                scale, is_causal: bool) -> Array:
+  """One head of the fixed pattern: own block + summary keys of the others."""
+  L, H = q_LH.shape
+  l, c = stride, num_summary
+  C = L // l
+  q_CLH = q_LH.reshape(C, l, H)
+  k_CLH = k_LH.reshape(C, l, H)
+  v_CLD = v_LD.reshape(C, l, -1)
+  valid_CL = valid_L.reshape(C, l)
+
+  own_scores = jnp.einsum("cqh,ckh->cqk", q_CLH, k_CLH,
+                          preferred_element_type=F32)
+  own_mask = jnp.broadcast_to(valid_CL[:, None, :], (C, l, l))
+  if is_causal:
+    own_mask &= jnp.tril(jnp.ones((l, l), bool))[None]
+
+  # summary keys: the last c positions of every block, M = C·c of them.
+  k_MH = k_CLH[:, l - c:].reshape(C * c, H)
+  v_MD = v_CLD[:, l - c:].reshape(C * c, -1)
+  block_M = jnp.repeat(jnp.arange(C), c)
+  summ_scores = jnp.einsum("cqh,mh->cqm", q_CLH, k_MH,
+                           preferred_element_type=F32)
+  other_CM = (block_M[None, :] < jnp.arange(C)[:, None] if is_causal
+              else block_M[None, :] != jnp.arange(C)[:, None])
+  summ_mask = jnp.broadcast_to(
+      (other_CM & valid_CL[:, l - c:].reshape(C * c)[None, :])[:, None, :],
+      (C, l, C * c))
+
+  weights = masked_softmax(
+      jnp.concatenate([own_scores, summ_scores], -1) * scale,
+      jnp.concatenate([own_mask, summ_mask], -1))
+  w_own, w_summ = weights[..., :l], weights[..., l:]
+  out_CLD = (jnp.einsum("cqk,ckd->cqd", w_own.astype(v_LD.dtype), v_CLD,
+                        preferred_element_type=F32)
+             + jnp.einsum("cqm,md->cqd", w_summ.astype(v_LD.dtype), v_MD,
+                          preferred_element_type=F32))
+  return out_CLD.reshape(L, -1)
+
+
+PATTERNS = ("strided", "fixed")
+
+
+@register_attention(
+    "sparse", exact=False, causal=True, padding=True, cross=True,
+    complexity="time and memory O(T·(l + T/l)) per head (O(T·(l + c·T/l)) "
+    "fixed); O(T√T) with l ≈ √T",
+    description="Sparse Transformer strided/fixed attention patterns (Child "
+    "et al. 2019), blockwise")
+def sparse_attention(query, key, value, bias=None, mask=None, *,
+                     pattern: str = "strided", stride: int = 128,
+                     num_summary: int = 1, scale=None, is_causal=False,
+                     query_seq_lengths=None, key_value_seq_lengths=None,
+                     segment_ids=None, local_window_size=None):
+  """Softmax attention restricted to a fixed sparse pattern.
+
+  Args:
+    query: ``[B, T, N, H]``.
+    key: ``[B, S, K, H]``, ``N % K == 0`` (key/value heads are repeated).
+    value: ``[B, S, K, Dv]``.
+    bias: not supported (``ValueError``).
+    mask: ``None`` or a key-padding mask broadcastable to ``[B, N, 1, S]``;
+      a dense ``[.., T, S]`` mask raises ``ValueError``.
+    pattern: ``"strided"`` (window ``|i-j| <= l`` ∪ ``(i-j) mod l == 0``) or
+      ``"fixed"`` (own block ∪ last ``num_summary`` positions of each block).
+    stride: ``l``, the block size / stride.
+    num_summary: ``c``, summary positions per block (fixed pattern only).
+    scale: multiplier of ``q·k``, default ``1/sqrt(H)``.
+    is_causal: also require ``j <= i``.
+    query_seq_lengths / key_value_seq_lengths: int ``[B]`` valid lengths.
+    segment_ids / local_window_size: not supported (``ValueError``).
+
+  Returns:
+    ``[B, T, N, Dv]``, equal to exact attention under the pattern's mask.
+    Cross-attention (``T != S``) uses the same pattern on aligned positions.
+    Time and memory ``O(T·(l + T/l))`` per head (``O(T·(l + c·T/l))`` for
+    fixed), never a dense ``[T, S]`` matrix.
+  """
+  if pattern not in PATTERNS:
+    raise ValueError(f"sparse: unknown pattern {pattern!r}; choose from "
+                     f"{PATTERNS}")
+  if int(stride) < 1:
+    raise ValueError(f"sparse: stride must be >= 1, got {stride}")
+  if pattern == "fixed" and not 1 <= int(num_summary) <= int(stride):
+    raise ValueError(f"sparse: num_summary must be in [1, stride={stride}], "
+                     f"got {num_summary}")
+  inp = prepare("sparse", query, key, value, bias, mask, dense=False,
+                scale=scale, is_causal=is_causal,
+                query_seq_lengths=query_seq_lengths,
+                key_value_seq_lengths=key_value_seq_lengths,
+                segment_ids=segment_ids, local_window_size=local_window_size)
+  B, T, S, N, H, Dv = inp.shape
+  L = int(np.ceil(max(T, S) / stride)) * int(stride)
+
+  def one_head(q_TH, k_SH, v_SD, valid_S):
+    args = (pad_axis0(q_TH, L), pad_axis0(k_SH, L), pad_axis0(v_SD, L),
+            pad_axis0(valid_S, L, False))
+    if pattern == "strided":
+      out = _strided_head(*args, stride=int(stride), scale=inp.scale,
+                          is_causal=inp.is_causal)
+    else:
+      out = _fixed_head(*args, stride=int(stride),
+                        num_summary=int(num_summary), scale=inp.scale,
+                        is_causal=inp.is_causal)
+    return out[:T]
+
+  return finish(inp, map_heads(one_head, inp.q, inp.k, inp.v,
+                               key_valid_or_all(inp)))

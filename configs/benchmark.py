@@ -1,0 +1,62 @@
+"""Config for ``python -m experiments.benchmark`` (the kernel benchmark).
+
+Use it as is (the defaults are the README's CPU sweep), with a preset
+(``--config=configs/benchmark.py:quick``), or override single fields
+(``--config.seq_lens=(1024,4096) --config.repeats=3``). The plain flags of
+``experiments.benchmark`` (``--seq_lens=1024,4096``, ``--quick``, ...)
+override whatever the config says.
+"""
+
+import ml_collections
+
+# The ``quick`` preset: a CI smoke test over every registered variant that
+# finishes in seconds on a laptop CPU. ``--quick`` applies these on top of
+# the loaded config.
+QUICK = {
+    "seq_lens": (64, 128),
+    "batch_size": 1,
+    "num_heads": 2,
+    "num_kv_heads": 0,
+    "head_dims": (16,),
+    "causal": (False,),
+    "modes": ("fwd",),
+    "warmup": 1,
+    "repeats": 2,
+    "roofline_max_n": 256,
+    "output_dir": "runs/benchmark_quick",
+}
+
+
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+  """Benchmark settings; ``preset`` is ``""`` (full CPU sweep) or ``quick``."""
+  c = ml_collections.ConfigDict()
+  # Comma-separated spec strings ("softmax,performer(num_features=128)"),
+  # baseline names (jax_nn, jax_nn_cudnn, flax_linen) or "all" (every
+  # registered variant plus the baselines).
+  c.variants = "all"
+  # Always run, first, in every cell group; ratios are against jax_nn.
+  c.baselines = "jax_nn,jax_nn_cudnn,flax_linen"
+  c.seq_lens = (1024, 2048, 4096, 8192, 16384)  # T = S (self-attention)
+  c.batch_size = 1
+  c.num_heads = 8                 # query heads N
+  c.num_kv_heads = 0              # key/value heads K (GQA); 0 = num_heads
+  c.head_dims = (64,)             # H (= Dv); one sweep per value
+  c.dtypes = ("fp32",)            # fp32 | bf16 | fp16
+  c.causal = (False, True)        # one sweep per value
+  c.modes = ("fwd",)              # fwd | fwd_bwd (grad w.r.t. q, k, v)
+  c.warmup = 1                    # untimed calls before timing (>= 1)
+  c.repeats = 5                   # timed calls; median/min/max reported
+  # Cells whose XLA-estimated footprint (temp + arguments + outputs) exceeds
+  # this are compiled but not run: recorded as "skipped: too large".
+  c.max_memory_gib = 8.0
+  c.check_error = True            # max error vs a float32 exact reference
+  c.roofline_max_n = 4096         # largest square matmul for the roofline
+  c.seed = 0                      # inputs, parameters and kernel rng
+  c.output_dir = "runs/benchmark"
+  c.progress = True               # tqdm progress bar over cells
+  if preset == "quick":
+    c.update(QUICK)
+  elif preset:
+    raise ValueError(f"unknown benchmark preset {preset!r}; presets: "
+                     "'' (default), 'quick'")
+  return c

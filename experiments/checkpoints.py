@@ -1,0 +1,130 @@
+"""Orbax checkpointing for training runs: latest-N plus best-by-metric.
+
+Layout under ``workdir/checkpoints/``::
+
+    latest/<step>/   the newest ``keep`` checkpoints (resume from here)
+    best/<step>/     the single checkpoint with the best eval metric
+
+Every save is synchronous (a killed run never leaves a half-written "latest"
+that it would resume from: Orbax writes to a temporary directory and renames
+it on completion). A checkpoint that exists but cannot be read raises
+:class:`CheckpointError` naming it; nothing is silently restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but is corrupt or incompatible with this run."""
+
+
+def _manager(directory: str, max_to_keep: int, best_metric: Optional[str],
+             best_mode: str) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      best_fn=(lambda m: m[best_metric]) if best_metric else None,
+      best_mode=best_mode,
+      create=True,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,
+  )
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+class Checkpointer:
+  """Saves/restores a train-state pytree: latest ``keep`` and the best one.
+
+  Args:
+    workdir: run directory; checkpoints go to ``workdir/checkpoints``.
+    keep: how many of the latest checkpoints to keep.
+    best_metric: eval-metric name that ranks checkpoints.
+    best_mode: ``"max"`` or ``"min"``.
+  """
+
+  def __init__(self, workdir: str, *, keep: int, best_metric: str,
+               best_mode: str = "max"):
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    self.root = os.path.join(workdir, "checkpoints")
+    self.best_metric = best_metric
+    self._latest = _manager(os.path.join(self.root, "latest"), keep, None,
+                            "max")
+    self._best = _manager(os.path.join(self.root, "best"), 1, best_metric,
+                          best_mode)
+
+  def latest_step(self) -> Optional[int]:
+    return self._latest.latest_step()
+
+  def best_step(self) -> Optional[int]:
+    return self._best.best_step()
+
+  def save(self, step: int, state: Any, metrics: Optional[dict] = None):
+    """Saves ``state`` as the latest; also as best if ``metrics`` beat it."""
+    self._latest.save(step, args=ocp.args.StandardSave(state), force=True)
+    if metrics is not None and self.best_metric in metrics:
+      scalar = {k: float(v) for k, v in metrics.items()}
+      self._best.save(step, args=ocp.args.StandardSave(state),
+                      metrics=scalar, force=True)
+    self._latest.wait_until_finished()
+    self._best.wait_until_finished()
+
+  def _restore(self, manager, step: int, target: Any, kind: str):
+    path = os.path.join(str(manager.directory), str(step))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f"cannot restore the {kind} checkpoint at {path}: "
+          f"{type(e).__name__}: {str(e)[:300]}. It is corrupt or was written "
+          "by a different model/config. Move it away, or rerun with "
+          "--config.fresh_start=True to set the checkpoints aside (they are "
+          "renamed, not deleted) and train from scratch.") from e
+    _check_compatible(target, restored, path)
+    return restored
+
+  def restore_latest(self, target: Any):
+    """``(step, state)`` of the latest checkpoint, or ``(None, target)``."""
+    step = self.latest_step()
+    if step is None:
+      return None, target
+    return step, self._restore(self._latest, step, target, "latest")
+
+  def restore_best(self, target: Any):
+    """``(step, state)`` of the best checkpoint, or ``(None, None)``."""
+    step = self.best_step()
+    if step is None:
+      return None, None
+    return step, self._restore(self._best, step, target, "best")
+
+  def close(self):
+    self._latest.close()
+    self._best.close()
+
+
+def _check_compatible(target, restored, path):
+  want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), target)
+  got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), restored)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise CheckpointError(
+        f"checkpoint at {path} does not match this model (different shapes, "
+        "dtypes or structure). Use another --workdir, or rerun with "
+        "--config.fresh_start=True to set it aside.")
+
+
+def set_aside(workdir: str) -> Optional[str]:
+  """Renames ``workdir/checkpoints`` to a timestamped name; returns it."""
+  root = os.path.join(workdir, "checkpoints")
+  if not os.path.exists(root):
+    return None
+  dest = f"{root}.set_aside.{time.strftime('%Y%m%d-%H%M%S')}"
+  shutil.move(root, dest)
+  return dest

@@ -1,0 +1,95 @@
+"""Where metrics go: ``workdir/metrics.jsonl``, TensorBoard, and the console.
+
+Console output is a tqdm progress bar (steps/s, current loss) when stderr is
+a terminal, periodic log lines otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Mapping
+
+from absl import logging
+
+
+def _scalar(v):
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return v
+
+
+class MetricWriter:
+  """Appends ``{"step", "split", **metrics}`` records to metrics.jsonl and TB."""
+
+  def __init__(self, workdir: str, enable_tensorboard: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if enable_tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, split: str, metrics: Mapping[str, float]):
+    record = {"step": int(step), "split": split}
+    record.update({k: _scalar(v) for k, v in metrics.items()})
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in record.items():
+        if k not in ("step", "split") and isinstance(v, float):
+          self._tb.add_scalar(f"{split}/{k}", v, int(step))
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """All records of ``workdir/metrics.jsonl`` (empty list if none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, after_step: int) -> None:
+  """Drops records past ``after_step`` (a resumed run rewrites them)."""
+  records = read_metrics(workdir)
+  kept = [r for r in records if r["step"] <= after_step]
+  if len(kept) != len(records):
+    with open(os.path.join(workdir, "metrics.jsonl"), "w",
+              encoding="utf-8") as f:
+      for r in kept:
+        f.write(json.dumps(r) + "\n")
+
+
+class Progress:
+  """A progress bar on a terminal; log lines every ``log_every`` otherwise."""
+
+  def __init__(self, start: int, total: int, log_every: int):
+    self.total, self.log_every = total, max(1, log_every)
+    self._bar = None
+    self._t0, self._s0 = time.time(), start
+    if sys.stderr.isatty():
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total, initial=start, unit="step",
+                       dynamic_ncols=True)
+
+  def update(self, step: int, loss: float):
+    """``step`` is the number of completed steps."""
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(loss=f"{loss:.4f}")
+    elif step % self.log_every == 0 or step == self.total:
+      rate = (step - self._s0) / max(time.time() - self._t0, 1e-9)
+      logging.info("step %d/%d  loss %.4f  %.2f steps/s", step, self.total,
+                   loss, rate)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
