@@ -39,7 +39,7 @@ def main(argv):
       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   workdir = FLAGS.workdir or os.path.join("runs", train.config_name(
       FLAGS["config"].config_filename))
-  logging.set_verbosity(logging.INFO)
+  logging.set_verbosity(logging.WARNING)
   try:
     train.train_and_evaluate(FLAGS.config, workdir)
   except (train.ConfigError, train.CheckpointError,

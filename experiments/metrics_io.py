@@ -12,7 +12,24 @@ import sys
 import time
 from typing import Mapping
 
-from absl import logging
+import logging
+
+
+def get_logger() -> logging.Logger:
+  """The experiments' own INFO logger (stderr), independent of absl's level.
+
+  absl is kept at WARNING so that library chatter (e.g. Orbax's INFO lines)
+  does not drown the run's own messages.
+  """
+  log = logging.getLogger("attn.experiments")
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s",
+                                           "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+  return log
 
 
 def _scalar(v):
@@ -87,7 +104,7 @@ class Progress:
       self._bar.set_postfix(loss=f"{loss:.4f}")
     elif step % self.log_every == 0 or step == self.total:
       rate = (step - self._s0) / max(time.time() - self._t0, 1e-9)
-      logging.info("step %d/%d  loss %.4f  %.2f steps/s", step, self.total,
+      get_logger().info("step %d/%d  loss %.4f  %.2f steps/s", step, self.total,
                    loss, rate)
 
   def close(self):

@@ -14,7 +14,6 @@ import functools
 import os
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,6 +26,8 @@ from experiments import metrics_io
 from experiments import problems
 from experiments.checkpoints import Checkpointer, CheckpointError, set_aside
 from experiments.config_validation import ConfigError
+
+logging = metrics_io.get_logger()
 
 __all__ = ["train_and_evaluate", "ConfigError", "CheckpointError",
            "NonFiniteLossError", "config_name"]
@@ -152,7 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                                  config.log_every_steps)
   history = []
   try:
-    with parallel.use_mesh(mesh):
+    with jax.set_mesh(mesh):
       for step in range(start, config.num_train_steps):
         batch = jax.device_put(task.batch("train", step, config.batch_size),
                                data_sharding)

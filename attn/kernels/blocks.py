@@ -216,7 +216,8 @@ def sparse_rows_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
                          is_causal: bool, window: Window,
                          kv_valid: Optional[Array] = None,
                          q_segment: Optional[Array] = None,
-                         kv_segment: Optional[Array] = None) -> Array:
+                         kv_segment: Optional[Array] = None,
+                         window_columns: Optional[int] = None) -> Array:
   """Exact softmax attention restricted to a static block pattern, one head.
 
   Queries are cut into blocks of ``block``; query block ``i`` attends to the
@@ -232,6 +233,9 @@ def sparse_rows_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
     scale: multiplier of ``q·k``.
     is_causal, window: position-based restrictions, as in
       :func:`attn.kernels.common.structure_mask`.
+    window_columns: the window restricts only the first ``window_columns``
+      context columns (default: all); later columns (e.g. global keys) obey
+      every other restriction.
     kv_valid: bool ``[S]`` or ``None``.
     q_segment / kv_segment: int ``[T]`` / ``[S]`` or ``None``.
 
@@ -248,17 +252,25 @@ def sparse_rows_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
   q_seg = None if q_seg is None else q_seg.reshape(n_q, block)
   kv_seg = _gather_rows(kv_segment, ctx_pos)
 
+  k_pos = jnp.asarray(ctx_pos)
+
   def block_mask(qp_b, kp_C, qs_b, ks_C):
     return common.structure_mask(qp_b, kp_C, is_causal=is_causal,
-                                 window=window, q_segment=qs_b,
+                                 window=None, q_segment=qs_b,
                                  kv_segment=ks_C)
 
-  mask_QbC = jax.vmap(block_mask)(q_pos, jnp.asarray(ctx_pos), q_seg, kv_seg)
-  present_QC = jnp.asarray(ctx_pos >= 0)
+  mask_QbC = jax.vmap(block_mask)(q_pos, k_pos, q_seg, kv_seg)
+  present_QC = k_pos >= 0
   if kv_valid is not None:
     present_QC = present_QC & _gather_rows(kv_valid, ctx_pos, False)
-  present_Q1C = present_QC[:, None, :]
-  mask_QbC = present_Q1C if mask_QbC is None else mask_QbC & present_Q1C
+  present_QbC = present_QC[:, None, :]
+  if window is not None:
+    offset_QbC = k_pos[:, None, :] - q_pos[:, :, None]
+    in_window = (offset_QbC >= -window[0]) & (offset_QbC <= window[1])
+    if window_columns is not None:
+      in_window = in_window | (jnp.arange(C) >= window_columns)
+    present_QbC = present_QbC & in_window
+  mask_QbC = present_QbC if mask_QbC is None else mask_QbC & present_QbC
   scores_QbC = jnp.einsum("qbh,qch->qbc", q_QbH, k_QCH,
                           preferred_element_type=F32) * scale
   probs_QbC = masked_softmax(scores_QbC, mask_QbC)

@@ -28,17 +28,19 @@ backward's on the key block index), so causal attention costs about half the
 FLOPs of full attention.
 
 The math is written for ONE head (``*_one_head`` functions, einsum with
-shapes in names) and lifted over ``[batch, kv_heads, group]`` with
-``jax.vmap`` inside each block step, so every block matmul is one batched
-dot over all heads. Arrays are kept in a blocked layout
-``[num_blocks, B, K, G, block, H]`` so a block is a contiguous slice.
+shapes in names) and lifted with ``jax.vmap`` over the ``B·K`` (batch × key/
+value head) axis inside each block step, so every block matmul is one
+batched dot over all heads. The ``G = N / K`` query heads that share a
+key/value head (GQA) are stacked as ``G·block_q`` rows of that head. Arrays
+live in a blocked layout (``q[nq, B·K, G·block_q, H]``,
+``k[nk, B·K, block_k, H]``) so that a block is a contiguous slice and no
+axis of size 1 reaches XLA (such axes made it copy whole score blocks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Optional, Tuple
 
 import jax
@@ -60,14 +62,14 @@ class _Config:
   """Static (hashable) description of one blocked attention call.
 
   Attributes:
-    scale: multiplier of ``q·k``.
+    heads: ``(B, K, G)``: batch, key/value heads, query heads per kv head.
     left / right: query ``t`` may only see keys ``t - left <= s <= t + right``
       (``None`` = unbounded); from ``local_window_size`` and ``is_causal``.
     is_causal / window: passed to :func:`common.structure_mask`.
     block_q / block_k: block sizes.
     num_keys: real key length ``S`` when keys were padded, else ``None``.
   """
-  scale: float
+  heads: Tuple[int, int, int]
   left: Optional[int]
   right: Optional[int]
   is_causal: bool
@@ -146,84 +148,73 @@ def visited_blocks(T: int, S: int, *, block_q: Optional[int] = None,
 
 
 # ----------------------------------------------------------------------------
-# One head, one block.
+# One head, one block. Rows R = the G·block_q query rows of one key/value
+# head; C = the block_k key columns.
 
 
-def _scores_one_head(q_QH: Array, k_KH: Array, bias_QK: Optional[Array],
-                     mask_QK: Optional[Array], scale: float) -> Array:
-  """float32 ``scale · q kᵀ + bias`` with masked entries at ``-inf``."""
-  s_QK = jnp.einsum("qh,kh->qk", q_QH, k_KH,
-                    preferred_element_type=jnp.float32) * scale
-  if bias_QK is not None:
-    s_QK = s_QK + bias_QK.astype(jnp.float32)
-  if mask_QK is not None:
-    s_QK = jnp.where(mask_QK, s_QK, -jnp.inf)
-  return s_QK
+def _scores_one_head(q_RH: Array, k_CH: Array, bias_RC: Optional[Array],
+                     mask_RC: Optional[Array]) -> Array:
+  """float32 ``q kᵀ + bias`` with masked entries at ``-inf``.
+
+  ``q`` arrives pre-multiplied by ``scale`` (see :func:`chunked_attention`),
+  which saves a full pass over every score block.
+  """
+  s_RC = jnp.einsum("rh,ch->rc", q_RH, k_CH,
+                    preferred_element_type=jnp.float32)
+  if bias_RC is not None:
+    s_RC = s_RC + bias_RC.astype(jnp.float32)
+  if mask_RC is not None:
+    s_RC = jnp.where(mask_RC, s_RC, -jnp.inf)
+  return s_RC
 
 
-def _forward_step_one_head(m_Q, l_Q, acc_QD, q_QH, k_KH, v_KD, bias_QK,
-                           mask_QK, *, scale):
+def _forward_step_one_head(m_R, l_R, acc_RD, q_RH, k_CH, v_CD, bias_RC,
+                           mask_RC):
   """One online-softmax update of ``(m, l, acc)`` with key block ``k, v``."""
-  s_QK = _scores_one_head(q_QH, k_KH, bias_QK, mask_QK, scale)
-  m_new_Q = jnp.maximum(m_Q, jnp.max(s_QK, axis=-1))
+  s_RC = _scores_one_head(q_RH, k_CH, bias_RC, mask_RC)
+  m_new_R = jnp.maximum(m_R, jnp.max(s_RC, axis=-1))
   # Rows with nothing visible yet keep m = -inf; shift them by 0 instead so
   # that exp(-inf - shift) = 0 rather than NaN.
-  shift_Q = jnp.where(m_new_Q == -jnp.inf, 0.0, m_new_Q)
-  p_QK = jnp.exp(s_QK - shift_Q[:, None])
-  alpha_Q = jnp.exp(m_Q - shift_Q)
-  l_Q = alpha_Q * l_Q + jnp.sum(p_QK, axis=-1)
-  pv_QD = jnp.einsum("qk,kd->qd", p_QK.astype(v_KD.dtype), v_KD,
+  shift_R = jnp.where(m_new_R == -jnp.inf, 0.0, m_new_R)
+  p_RC = jnp.exp(s_RC - shift_R[:, None])
+  alpha_R = jnp.exp(m_R - shift_R)
+  l_R = alpha_R * l_R + jnp.sum(p_RC, axis=-1)
+  pv_RD = jnp.einsum("rc,cd->rd", p_RC.astype(v_CD.dtype), v_CD,
                      preferred_element_type=jnp.float32)
-  return m_new_Q, l_Q, alpha_Q[:, None] * acc_QD + pv_QD
+  return m_new_R, l_R, alpha_R[:, None] * acc_RD + pv_RD
 
 
-def _backward_step_one_head(q_QH, k_KH, v_KD, do_QD, lse_Q, delta_Q, bias_QK,
-                            mask_QK, *, scale):
-  """Gradient contributions of one score block.
+def _backward_step_one_head(q_RH, k_CH, v_CD, do_RD, lse_R, delta_R, bias_RC,
+                            mask_RC):
+  """Gradient contributions of one score block (scaled ``q``).
 
-  Returns ``(dq[Q, H], dk[K, H], dv[K, Dv], ds[Q, K])`` in float32.
+  Returns ``(dq[R, H], dk[C, H], dv[C, Dv], ds[R, C])`` in float32.
   """
-  s_QK = _scores_one_head(q_QH, k_KH, bias_QK, mask_QK, scale)
-  p_QK = jnp.exp(s_QK - lse_Q[:, None])          # lse = +inf: dead row -> 0
-  dv_KD = jnp.einsum("qk,qd->kd", p_QK.astype(do_QD.dtype), do_QD,
+  s_RC = _scores_one_head(q_RH, k_CH, bias_RC, mask_RC)
+  p_RC = jnp.exp(s_RC - lse_R[:, None])          # lse = +inf: dead row -> 0
+  dv_CD = jnp.einsum("rc,rd->cd", p_RC.astype(do_RD.dtype), do_RD,
                      preferred_element_type=jnp.float32)
-  dp_QK = jnp.einsum("qd,kd->qk", do_QD, v_KD,
+  dp_RC = jnp.einsum("rd,cd->rc", do_RD, v_CD,
                      preferred_element_type=jnp.float32)
-  ds_QK = p_QK * (dp_QK - delta_Q[:, None])
-  dq_QH = jnp.einsum("qk,kh->qh", ds_QK.astype(k_KH.dtype), k_KH,
-                     preferred_element_type=jnp.float32) * scale
-  dk_KH = jnp.einsum("qk,qh->kh", ds_QK.astype(q_QH.dtype), q_QH,
-                     preferred_element_type=jnp.float32) * scale
-  return dq_QH, dk_KH, dv_KD, ds_QK
+  ds_RC = p_RC * (dp_RC - delta_R[:, None])
+  dq_RH = jnp.einsum("rc,ch->rh", ds_RC.astype(k_CH.dtype), k_CH,
+                     preferred_element_type=jnp.float32)
+  dk_CH = jnp.einsum("rc,rh->ch", ds_RC.astype(q_RH.dtype), q_RH,
+                     preferred_element_type=jnp.float32)
+  return dq_RH, dk_CH, dv_CD, ds_RC
 
 
-def _over_heads(fn, *args):
-  """Applies one-head ``fn`` over leading ``[B, K, G]`` axes with vmap.
+def _over_kv_heads(fn, *args):
+  """Lifts a one-head ``fn`` over the leading ``B·K`` axis of every argument.
 
-  Each argument is ``(array_or_None, (has_B, has_K, has_G))``: arrays carry
-  only the leading axes they have (broadcast axes are absent and mapped with
-  ``in_axes=None``, so they are never materialised). Every output gets all
-  three axes.
+  A plain ``jax.vmap``: each block matmul becomes one dot batched over all
+  heads, with the ``G`` query heads of a key/value head as extra rows.
   """
-  arrays = [a for a, _ in args]
-  for level in (2, 1, 0):             # group innermost, batch outermost
-    fn = jax.vmap(fn, in_axes=tuple(
-        0 if (a is not None and flags[level]) else None
-        for a, flags in args))
-  return fn(*arrays)
-
-
-def _squeeze_heads(x: Optional[Array], full: Tuple[int, int, int]):
-  """5-D ``[B|1, K|1, G|1, ...]`` -> ``(x without broadcast axes, flags)``."""
-  if x is None:
-    return None, (False, False, False)
-  flags = tuple(x.shape[a] == full[a] for a in range(3))
-  drop = tuple(a for a in range(3) if not flags[a])
-  return jnp.squeeze(x, axis=drop), flags
+  return jax.vmap(fn)(*args)
 
 
 # ----------------------------------------------------------------------------
-# Blocks of bias / mask.
+# Blocks of bias / mask, kept as 5-D [B|1, K|1, G|1, Tp|1, Sp|1] arrays.
 
 
 def _block_of(x: Array, i, j, block_q: int, block_k: int) -> Array:
@@ -235,11 +226,30 @@ def _block_of(x: Array, i, j, block_q: int, block_k: int) -> Array:
   return x
 
 
-def _add_block(acc: Array, update_BKGQK: Array, i, j, block_q: int,
-               block_k: int) -> Array:
-  """``acc[block (i, j)] += update`` summed down to ``acc``'s broadcast axes."""
-  axes = tuple(a for a in range(5) if acc.shape[a] == 1)
-  update = jnp.sum(update_BKGQK, axis=axes, keepdims=True)
+def _as_rows(x: Optional[Array], B: int, K: int, G: int, block_q: int):
+  """``[B|1, K|1, G|1, bq|1, bk|1]`` -> ``[B·K, G·bq|1, bk|1]`` (or None).
+
+  Broadcast axes are expanded with ``broadcast_to``, which XLA fuses into
+  the elementwise consumer instead of materialising.
+  """
+  if x is None:
+    return None
+  _, _, g, t, c = x.shape
+  rows = (1, 1) if g == 1 and t == 1 else (G, block_q)
+  x = jnp.broadcast_to(x, (B, K) + rows + (c,))
+  return x.reshape(B * K, rows[0] * rows[1], c)
+
+
+def _add_block(acc: Array, ds_RC: Array, i, j, heads: Tuple[int, int, int],
+               block_q: int, block_k: int) -> Array:
+  """``acc[block (i, j)] += ds``, summed down to ``acc``'s broadcast axes.
+
+  ``acc`` is 5-D ``[B|1, K|1, G|1, Tp|1, Sp|1]``; ``ds`` is
+  ``[B·K, G·block_q, block_k]`` and ``heads = (B, K, G)``.
+  """
+  ds = ds_RC.reshape(heads + (block_q, block_k))
+  update = jnp.sum(ds, axis=tuple(a for a in range(5) if acc.shape[a] == 1),
+                   keepdims=True)
   start = [0, 0, 0, 0, 0]
   if acc.shape[3] != 1:
     start[3] = i * block_q
@@ -249,8 +259,13 @@ def _add_block(acc: Array, update_BKGQK: Array, i, j, block_q: int,
   return jax.lax.dynamic_update_slice(acc, current + update, start)
 
 
-def _mask_block(cfg: _Config, i, j, mask, q_len, kv_len, q_seg, kv_seg):
-  """Boolean ``[B|1, K|1, G|1, block_q|1, block_k|1]`` mask, or ``None``."""
+def _block_mask(cfg: _Config, i, j, masks) -> Optional[Array]:
+  """Boolean ``[B|1, K|1, G|1, block_q|1, block_k|1]`` mask, or ``None``.
+
+  ``masks = (mask, q_len, kv_len, q_seg, kv_seg)``; the structure part comes
+  from :func:`common.structure_mask` on the block's positions.
+  """
+  mask, q_len, kv_len, q_seg, kv_seg = masks
   q_pos = i * cfg.block_q + jnp.arange(cfg.block_q)
   k_pos = j * cfg.block_k + jnp.arange(cfg.block_k)
   static_kv_len = cfg.num_keys if kv_len is None else None
@@ -279,69 +294,100 @@ def _mask_block(cfg: _Config, i, j, mask, q_len, kv_len, q_seg, kv_seg):
   return mask if smask is None else jnp.logical_and(mask, smask)
 
 
-# ----------------------------------------------------------------------------
-# Blocked forward / backward with a custom VJP.
+def _block_unmasked(cfg: _Config, i, j):
+  """Scalar bool: no causal/window/padding structure touches block (i, j).
 
-
-def _forward(cfg: _Config, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg):
-  """``(out[nq, B, K, G, bq, Dv], lse[nq, B, K, G, bq])`` from blocked inputs.
-
-  ``q[nq, B, K, G, bq, H]``, ``k[nk, B, K, bk, H]``, ``v[nk, B, K, bk, Dv]``.
+  ``None`` when there is no such structure at all.
   """
-  nq, B, K, G, bq, _ = q.shape
+  bq, bk = cfg.block_q, cfg.block_k
+  conds = []
+  if cfg.right is not None:     # last key <= first query + right
+    conds.append((j + 1) * bk - 1 <= i * bq + cfg.right)
+  if cfg.left is not None:      # first key >= last query - left
+    conds.append(j * bk >= (i + 1) * bq - 1 - cfg.left)
+  if cfg.num_keys is not None:  # no padded key in the block
+    conds.append((j + 1) * bk <= cfg.num_keys)
+  if not conds:
+    return None
+  return functools.reduce(jnp.logical_and, conds)
+
+
+def _masked_or_not(cfg: _Config, i, j, masks, step):
+  """``step(mask_block_or_None)``, skipping the mask where it is all True.
+
+  Data-dependent masks (user mask, lengths, segments) are always applied;
+  pure structure (causal, window, padding) only on the blocks it touches,
+  chosen with ``lax.cond`` so interior blocks skip the masking pass.
+  """
+  if any(x is not None for x in masks):
+    return step(_block_mask(cfg, i, j, masks))
+  unmasked = _block_unmasked(cfg, i, j)
+  if unmasked is None:
+    return step(None)
+  return jax.lax.cond(unmasked, lambda: step(None),
+                      lambda: step(_block_mask(cfg, i, j, masks)))
+
+
+# ----------------------------------------------------------------------------
+# Blocked forward / backward with a custom VJP. Shapes:
+#   q[nq, B·K, G·bq, H] (scaled), k[nk, B·K, bk, H], v[nk, B·K, bk, Dv],
+#   bias[B|1, K|1, G|1, Tp|1, Sp|1] or None,
+#   masks = (mask like bias (bool), q_len[B], kv_len[B], q_seg[B, Tp],
+#            kv_seg[B, Sp]), each possibly None.
+# cfg.heads = (B, K, G) recovers the head axes.
+
+
+def _forward(cfg: _Config, q, k, v, bias, masks):
+  """``(out[nq, B·K, G·bq, Dv], lse[nq, B·K, G·bq])``."""
+  nq, BK, R, _ = q.shape
   nk, Dv = k.shape[0], v.shape[-1]
-  full = (B, K, G)
-  step = functools.partial(_forward_step_one_head, scale=cfg.scale)
+  B, K, G = cfg.heads
+  bq, bk = cfg.block_q, cfg.block_k
 
   def one_q_block(i, q_i):
-    lo, hi = kv_block_range(i, block_q=bq, block_k=cfg.block_k,
-                            num_k_blocks=nk, left=cfg.left, right=cfg.right)
+    lo, hi = kv_block_range(i, block_q=bq, block_k=bk, num_k_blocks=nk,
+                            left=cfg.left, right=cfg.right)
 
     def body(j, carry):
-      m, l, acc = carry
-      b_ij, b_flags = _squeeze_heads(
-          None if bias is None else _block_of(bias, i, j, bq, cfg.block_k),
-          full)
-      m_ij, m_flags = _squeeze_heads(
-          _mask_block(cfg, i, j, mask, q_len, kv_len, q_seg, kv_seg), full)
-      kv_flags = (True, True, False)
-      return _over_heads(
-          step, (m, (True,) * 3), (l, (True,) * 3), (acc, (True,) * 3),
-          (q_i, (True,) * 3), (k[j], kv_flags), (v[j], kv_flags),
-          (b_ij, b_flags), (m_ij, m_flags))
+      bias_ij = None if bias is None else _as_rows(
+          _block_of(bias, i, j, bq, bk), B, K, G, bq)
 
-    init = (jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
-            jnp.zeros((B, K, G, bq), jnp.float32),
-            jnp.zeros((B, K, G, bq, Dv), jnp.float32))
+      def step(mask_ij):
+        return _over_kv_heads(_forward_step_one_head, *carry, q_i, k[j], v[j],
+                              bias_ij, _as_rows(mask_ij, B, K, G, bq))
+
+      return _masked_or_not(cfg, i, j, masks, step)
+
+    init = (jnp.full((BK, R), -jnp.inf, jnp.float32),
+            jnp.zeros((BK, R), jnp.float32),
+            jnp.zeros((BK, R, Dv), jnp.float32))
     m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
     dead = l == 0.0
-    out = acc / jnp.where(dead, 1.0, l)[..., None]
-    lse = jnp.where(dead, jnp.inf, m + jnp.log(jnp.where(dead, 1.0, l)))
+    l = jnp.where(dead, 1.0, l)
+    out = acc / l[..., None]
+    lse = jnp.where(dead, jnp.inf, m + jnp.log(l))
     return out.astype(q.dtype), lse
 
   return jax.lax.map(lambda x: one_q_block(*x), (jnp.arange(nq), q))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked_attention(cfg, q, k, v, bias, mask, q_len, kv_len, q_seg,
-                       kv_seg):
-  """Blocked exact attention; see :func:`_forward` for the layout."""
-  return _forward(cfg, q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg)[0]
+def _blocked_attention(cfg, q, k, v, bias, masks):
+  """Blocked exact attention ``out[nq, B·K, G·bq, Dv]``; layout above."""
+  return _forward(cfg, q, k, v, bias, masks)[0]
 
 
-def _blocked_attention_fwd(cfg, *args):
-  out, lse = _forward(cfg, *args)
-  return out, (args, out, lse)
+def _blocked_attention_fwd(cfg, q, k, v, bias, masks):
+  out, lse = _forward(cfg, q, k, v, bias, masks)
+  return out, (q, k, v, bias, masks, out, lse)
 
 
 def _blocked_attention_bwd(cfg, residuals, do):
-  (q, k, v, bias, mask, q_len, kv_len, q_seg, kv_seg), out, lse = residuals
-  nq, B, K, G, bq, _ = q.shape
-  nk, bk = k.shape[0], cfg.block_k
-  full = (B, K, G)
+  q, k, v, bias, masks, out, lse = residuals
+  nq, nk = q.shape[0], k.shape[0]
+  B, K, G = cfg.heads
+  bq, bk = cfg.block_q, cfg.block_k
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  step = functools.partial(_backward_step_one_head, scale=cfg.scale)
-  all_heads, kv_flags = (True,) * 3, (True, True, False)
 
   def one_k_block(carry, j):
     k_j, v_j = k[j], v[j]
@@ -350,18 +396,19 @@ def _blocked_attention_bwd(cfg, residuals, do):
 
     def body(i, state):
       dq, dbias, dk_j, dv_j = state
-      b_ij, b_flags = _squeeze_heads(
-          None if bias is None else _block_of(bias, i, j, bq, bk), full)
-      m_ij, m_flags = _squeeze_heads(
-          _mask_block(cfg, i, j, mask, q_len, kv_len, q_seg, kv_seg), full)
-      dq_i, dk_h, dv_h, ds = _over_heads(
-          step, (q[i], all_heads), (k_j, kv_flags), (v_j, kv_flags),
-          (do[i], all_heads), (lse[i], all_heads), (delta[i], all_heads),
-          (b_ij, b_flags), (m_ij, m_flags))
+      bias_ij = None if bias is None else _as_rows(
+          _block_of(bias, i, j, bq, bk), B, K, G, bq)
+
+      def step(mask_ij):
+        return _over_kv_heads(_backward_step_one_head, q[i], k_j, v_j, do[i],
+                              lse[i], delta[i], bias_ij,
+                              _as_rows(mask_ij, B, K, G, bq))
+
+      dq_i, dk_ij, dv_ij, ds = _masked_or_not(cfg, i, j, masks, step)
       dq = dq.at[i].add(dq_i)
       if dbias is not None:
-        dbias = _add_block(dbias, ds, i, j, bq, bk)
-      return dq, dbias, dk_j + dk_h.sum(axis=2), dv_j + dv_h.sum(axis=2)
+        dbias = _add_block(dbias, ds, i, j, cfg.heads, bq, bk)
+      return dq, dbias, dk_j + dk_ij, dv_j + dv_ij
 
     dq, dbias = carry
     dk_j = jnp.zeros(k_j.shape, jnp.float32)
@@ -373,9 +420,9 @@ def _blocked_attention_bwd(cfg, residuals, do):
   init = (jnp.zeros(q.shape, jnp.float32),
           None if bias is None else jnp.zeros(bias.shape, jnp.float32))
   (dq, dbias), (dk, dv) = jax.lax.scan(one_k_block, init, jnp.arange(nk))
+  no_grad = jax.tree.map(lambda _: None, masks)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          None if bias is None else dbias.astype(bias.dtype),
-          None, None, None, None, None)
+          None if bias is None else dbias.astype(bias.dtype), no_grad)
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
@@ -385,15 +432,29 @@ _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 # Public entry point.
 
 
-def _to_blocks(x: Array, size: int, count: int) -> Array:
-  """``[B, L, K, ...]`` -> zero-padded ``[count, B, K, ..., size, last]``."""
-  B, L = x.shape[:2]
-  pad = [(0, 0)] * x.ndim
-  pad[1] = (0, size * count - L)
-  x = jnp.pad(x, pad).reshape((B, count, size) + x.shape[2:])
-  # [B, n, size, K, (G,) D] -> [n, B, K, (G,) size, D]
-  rest = tuple(range(3, x.ndim - 1))
-  return x.transpose((1, 0) + rest + (2, x.ndim - 1))
+def _kv_blocks(x: Array, size: int, count: int) -> Array:
+  """``[B, S, K, D]`` -> zero-padded ``[count, B·K, size, D]``."""
+  B, S, K, D = x.shape
+  x = jnp.pad(x, ((0, 0), (0, size * count - S), (0, 0), (0, 0)))
+  x = x.reshape(B, count, size, K, D).transpose(1, 0, 3, 2, 4)
+  return x.reshape(count, B * K, size, D)
+
+
+def _q_blocks(x: Array, size: int, count: int, K: int) -> Array:
+  """``[B, T, N, D]`` -> zero-padded ``[count, B·K, G·size, D]``."""
+  B, T, N, D = x.shape
+  G = N // K
+  x = jnp.pad(x, ((0, 0), (0, size * count - T), (0, 0), (0, 0)))
+  x = x.reshape(B, count, size, K, G, D).transpose(1, 0, 3, 4, 2, 5)
+  return x.reshape(count, B * K, G * size, D)
+
+
+def _from_q_blocks(x: Array, B: int, K: int, G: int, T: int) -> Array:
+  """Inverse of :func:`_q_blocks` (drops the padding)."""
+  count, _, rows, D = x.shape
+  size = rows // G
+  x = x.reshape(count, B, K, G, size, D).transpose(1, 0, 4, 2, 3, 5)
+  return x.reshape(B, count * size, K * G, D)[:, :T]
 
 
 def _broadcast_5d(x: Optional[Array], K: int, G: int, Tp: int, Sp: int,
@@ -426,7 +487,7 @@ def chunked_attention(inputs: AttentionInputs, *,
 
   Returns:
     ``out[B, T, N, Dv]`` in the input dtype; query rows that can see no key
-    are zeros with zero gradients. Differentiable (reverse mode) w.r.t.
+    are zeros with zero gradients. Differentiable in reverse mode w.r.t.
     query, key, value, bias and a traced ``scale``.
 
   Raises:
@@ -437,28 +498,26 @@ def chunked_attention(inputs: AttentionInputs, *,
   bq, nq = block_size(T, block_q, DEFAULT_BLOCK_Q, "block_q")
   bk, nk = block_size(S, block_k, DEFAULT_BLOCK_K, "block_k")
   Tp, Sp = bq * nq, bk * nk
-  query, scale = inputs.query, inputs.scale
-  if not isinstance(scale, float):        # traced scale: let autodiff see it
-    query = query * jnp.asarray(scale).astype(query.dtype)
-    scale = 1.0
+  # Scale q once (as Flax does) instead of every score block; a traced scale
+  # stays differentiable because this happens outside the custom VJP.
+  query = (inputs.query.astype(jnp.float32)
+           * jnp.asarray(inputs.scale, jnp.float32)).astype(inputs.query.dtype)
   left, right = reach(inputs.is_causal, inputs.window)
-  cfg = _Config(scale=scale, left=left, right=right,
+  cfg = _Config(heads=(B, K, G), left=left, right=right,
                 is_causal=inputs.is_causal, window=inputs.window,
                 block_q=bq, block_k=bk, num_keys=S if Sp > S else None)
   kv_len = inputs.kv_lengths
   if kv_len is not None and Sp > S:
     kv_len = jnp.minimum(kv_len, S)
-  pad_seg = lambda x, L: None if x is None else jnp.pad(  # noqa: E731
-      x, ((0, 0), (0, L - x.shape[1])))
+
+  def pad_segments(x, length):
+    return None if x is None else jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
+
+  masks = (_broadcast_5d(inputs.mask, K, G, Tp, Sp, False), inputs.q_lengths,
+           kv_len, pad_segments(inputs.q_segment_ids, Tp),
+           pad_segments(inputs.kv_segment_ids, Sp))
   out = _blocked_attention(
-      cfg,
-      _to_blocks(query.reshape(B, T, K, G, H), bq, nq),
-      _to_blocks(inputs.key, bk, nk),
-      _to_blocks(inputs.value, bk, nk),
-      _broadcast_5d(inputs.bias, K, G, Tp, Sp, 0),
-      _broadcast_5d(inputs.mask, K, G, Tp, Sp, False),
-      inputs.q_lengths, kv_len,
-      pad_seg(inputs.q_segment_ids, Tp), pad_seg(inputs.kv_segment_ids, Sp))
-  # [nq, B, K, G, bq, Dv] -> [B, T, N, Dv]
-  out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, Tp, N, Dv)
-  return out[:, :T]
+      cfg, _q_blocks(query, bq, nq, K), _kv_blocks(inputs.key, bk, nk),
+      _kv_blocks(inputs.value, bk, nk),
+      _broadcast_5d(inputs.bias, K, G, Tp, Sp, 0), masks)
+  return _from_q_blocks(out, B, K, G, T)

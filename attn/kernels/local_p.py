@@ -1,1 +1,129 @@
-"""Placeholder: being written."""
+"""Luong et al. (2015) local-predictive ("local-p") attention.
+
+Each query predicts where to look: ``p_t = S_eff · sigmoid(v_pᵀ tanh(W_pᵀ
+q_t))`` (``S_eff`` the number of valid keys, ``W_p [H, A]``, ``v_p [A]``
+shared by the heads). It attends only the keys ``s`` with
+``p_t - D <= s <= p_t + D`` and the softmax weights over that window are
+multiplied by a Gaussian centred on ``p_t``:
+
+``a_t(s) = softmax_{window}(scale · q_t·k_s) · exp(-(s - p_t)² / (2σ²))``,
+``σ = D / 2``, ``out_t = Σ_s a_t(s) v_s``.
+
+As in the paper the weights are not renormalised after the Gaussian (they
+sum to at most 1), and ``p_t`` is learned through the Gaussian term. Only
+the ``2D + 1`` window keys are gathered per query: time ``O(T·D·H)``, memory
+``O(T·D·H)``, independent of ``S``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from attn.kernels.exact import masked_softmax
+from attn.kernels.sparse import finish, key_valid_or_all, map_heads, prepare
+from attn.registry import register_attention
+
+Array = jax.Array
+F32 = jnp.float32
+
+
+def local_p_param_shapes(query_shape, key_shape, *, hidden: int = 64,
+                         **unused_options):
+  """``w_p [H, hidden]`` and ``v_p [hidden]`` for ``query [B, T, N, H]``."""
+  del key_shape, unused_options
+  H = query_shape[-1]
+  init = jax.nn.initializers
+  return {"w_p": ((H, hidden), init.lecun_normal()),
+          "v_p": ((hidden,), init.normal(float(hidden) ** -0.5))}
+
+
+def predicted_centres(q_TH: Array, w_p: Array, v_p: Array,
+                      length: Array) -> Array:
+  """``p_t = length · sigmoid(v_pᵀ tanh(W_pᵀ q_t))``, float32 ``[T]``."""
+  hidden_TA = jnp.tanh(jnp.einsum("th,ha->ta", q_TH, w_p.astype(q_TH.dtype),
+                                  preferred_element_type=F32))
+  return length * jax.nn.sigmoid(hidden_TA @ v_p.astype(F32))
+
+
+def _local_p_head(q_TH, k_SH, v_SD, valid_S, *, w_p, v_p, window: int, scale,
+                  is_causal: bool) -> Array:
+  """One head of local-p attention over ``2·window + 1`` gathered keys."""
+  T, S = q_TH.shape[0], k_SH.shape[0]
+  p_T = predicted_centres(q_TH, w_p, v_p, jnp.sum(valid_S).astype(F32))
+  start_T = jnp.ceil(jax.lax.stop_gradient(p_T) - window).astype(jnp.int32)
+  pos_TW = start_T[:, None] + jnp.arange(2 * window + 1)[None, :]
+  inside_TW = ((pos_TW >= 0) & (pos_TW < S)
+               & (pos_TW <= jax.lax.stop_gradient(p_T)[:, None] + window))
+  idx_TW = jnp.clip(pos_TW, 0, S - 1)
+  ok_TW = inside_TW & valid_S[idx_TW]
+  if is_causal:
+    ok_TW &= pos_TW <= jnp.arange(T)[:, None]
+  scores_TW = jnp.einsum("th,twh->tw", q_TH, k_SH[idx_TW],
+                         preferred_element_type=F32) * scale
+  sigma = window / 2.0
+  gauss_TW = jnp.exp(-jnp.square(pos_TW.astype(F32) - p_T[:, None])
+                     / (2.0 * sigma * sigma))
+  weights_TW = masked_softmax(scores_TW, ok_TW) * gauss_TW
+  return jnp.einsum("tw,twd->td", weights_TW.astype(v_SD.dtype), v_SD[idx_TW],
+                    preferred_element_type=F32)
+
+
+@register_attention(
+    "local_p", aliases=("luong_local_p",), exact=False, causal=True,
+    padding=True, cross=True,
+    complexity="time O(T·D·H), memory O(T·D·H) (window D, independent of S)",
+    description="Luong local-predictive attention: a window of ±D keys "
+    "around a predicted position, times a Gaussian",
+    metadata={"param_shapes": local_p_param_shapes})
+def local_p_attention(query, key, value, bias=None, mask=None, *,
+                      window: int = 10, hidden: int = 64, scale=None,
+                      is_causal=False, query_seq_lengths=None,
+                      key_value_seq_lengths=None, segment_ids=None,
+                      local_window_size=None, params=None):
+  """Local-p attention (Luong et al. 2015) with a predicted window centre.
+
+  Args:
+    query: ``[B, T, N, H]``; key ``[B, S, K, H]``; value ``[B, S, K, Dv]``
+      with ``N % K == 0`` (kv heads are repeated).
+    bias: not supported (``ValueError``).
+    mask: ``None`` or a key-padding mask broadcastable to ``[B, N, 1, S]``;
+      dense masks raise ``ValueError``.
+    window: ``D >= 1``; keys ``p_t - D <= s <= p_t + D``; ``σ = D/2``.
+    hidden: width ``A`` of the position predictor (sets parameter shapes).
+    scale: multiplier of ``q·k``, default ``1/sqrt(H)``.
+    is_causal: additionally require ``s <= t``.
+    query_seq_lengths / key_value_seq_lengths: int ``[B]``; ``S_eff`` in
+      ``p_t = S_eff · sigmoid(...)`` is the number of valid keys.
+    segment_ids / local_window_size: not supported (``ValueError``).
+    params: ``{"w_p": [H, A], "v_p": [A]}`` (:func:`local_p_param_shapes`).
+
+  Returns:
+    ``[B, T, N, Dv]``. Time and memory ``O(T·D·H)`` per head.
+  """
+  if int(window) < 1:
+    raise ValueError(f"local_p: window must be >= 1, got {window}")
+  del hidden  # sets the parameter shapes only
+  if params is None or "w_p" not in params or "v_p" not in params:
+    raise ValueError(
+        "local_p needs params {'w_p': [H, A], 'v_p': [A]}, got "
+        f"{None if params is None else sorted(params)}; create them from "
+        "attn.registry.attention_param_shapes")
+  inp = prepare("local_p", query, key, value, bias, mask, dense=False,
+                scale=scale, is_causal=is_causal,
+                query_seq_lengths=query_seq_lengths,
+                key_value_seq_lengths=key_value_seq_lengths,
+                segment_ids=segment_ids, local_window_size=local_window_size)
+  H = inp.shape[4]
+  w_p, v_p = params["w_p"], params["v_p"]
+  if w_p.ndim != 2 or w_p.shape[0] != H or v_p.shape != w_p.shape[1:]:
+    raise ValueError(f"local_p: params must be w_p [H={H}, A] and v_p [A], "
+                     f"got {w_p.shape} and {v_p.shape}")
+
+  def one_head(q_TH, k_SH, v_SD, valid_S):
+    return _local_p_head(q_TH, k_SH, v_SD, valid_S, w_p=w_p, v_p=v_p,
+                         window=int(window), scale=inp.scale,
+                         is_causal=inp.is_causal)
+
+  return finish(inp, map_heads(one_head, inp.q, inp.k, inp.v,
+                               key_valid_or_all(inp)))

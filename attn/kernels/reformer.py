@@ -1,1 +1,211 @@
-"""Placeholder: being written."""
+"""Reformer LSH attention (Kitaev et al. 2020).
+
+Per hash round ``r``, a random rotation ``R_r [H, n_buckets/2]`` buckets a
+vector by ``argmax([xR_r, -xR_r])`` (angular LSH). Queries and keys are
+sorted by ``(bucket, position)``, cut into ``n_chunks`` equal chunks, and
+query chunk ``i`` attends key chunks ``i`` and ``i - 1`` (cyclically) in
+that order. Each round gives an output and its log-normaliser ``lse_r``; the
+rounds are combined as ``Σ_r softmax_r(lse_r) · out_r`` (no de-duplication of
+keys seen in several rounds).
+
+* ``shared_qk=False`` (default): queries and keys are hashed with the same
+  rotations and sorted separately; one chunk (``chunk_size >= max(T, S)``)
+  is exact softmax attention.
+* ``shared_qk=True``: the paper's shared-QK attention: keys are the unit-
+  normalised queries (the ``key`` argument's values are not read), one sort
+  serves both, and a token attends to itself only when nothing else is
+  available.
+
+Causal masking uses the original positions, so a token never attends to a
+later one, even inside a chunk. Time ``O(n_hashes·(T·c·H + T log T))`` and
+memory ``O(n_hashes·T·c)`` for chunk size ``c``; no ``[T, S]`` matrix.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn.kernels.common import MASK_VALUE
+from attn.kernels.exact import masked_softmax
+from attn.kernels.sparse import (finish, key_valid_or_all, map_heads,
+                                 pad_axis0, prepare)
+from attn.registry import register_attention
+
+Array = jax.Array
+F32 = jnp.float32
+# Logit given to a token's own key under shared-QK attention: finite, so it
+# is used only when nothing else in the candidate set is allowed.
+SELF_LOGIT = -1e5
+# Default n_buckets is n_chunks (rounded up to even) up to this many; hashing
+# costs O(T·n_buckets·H), so an uncapped default would grow as T².
+MAX_AUTO_BUCKETS = 64
+
+
+def lsh_buckets(x_TH: Array, rotations_HRB: Array) -> Array:
+  """Angular LSH: ``argmax([x R_r, -x R_r])`` per round -> int32 ``[R, T]``.
+
+  ``rotations_HRB``: ``[H, n_hashes, n_buckets/2]``.
+  """
+  proj_RTB = jnp.einsum("th,hrb->rtb", x_TH, rotations_HRB.astype(x_TH.dtype),
+                        preferred_element_type=F32)
+  # argmax over [proj, -proj] without materialising the concatenation.
+  positive = jnp.max(proj_RTB, -1) >= -jnp.min(proj_RTB, -1)
+  return jnp.where(positive, jnp.argmax(proj_RTB, -1),
+                   proj_RTB.shape[-1] + jnp.argmin(proj_RTB, -1)
+                   ).astype(jnp.int32)
+
+
+def _sort_order(buckets_RT: Array, length: int, n_buckets: int) -> Array:
+  """Permutation sorting by (bucket, position); padding (``>= length``) last."""
+  L = buckets_RT.shape[-1]
+  pos = jnp.arange(L)
+  buckets_RT = jnp.where(pos < length, buckets_RT, n_buckets)
+  return jnp.argsort(buckets_RT * L + pos, axis=-1)
+
+
+def _look_back(x_C: Array) -> Array:
+  """``[C, c, ...]`` -> ``[C, 2c, ...]``: each chunk followed by the previous
+  one (cyclically)."""
+  return jnp.concatenate([x_C, jnp.roll(x_C, 1, axis=0)], axis=1)
+
+
+def _attend_round(q_TH, k_SH, v_SD, valid_S, q_order, k_order, *, n_chunks,
+                  scale, is_causal, exclude_self):
+  """One hash round on padded inputs; returns unsorted ``(out [T, Dv],
+  lse [T], any [T])``."""
+  Tp, H = q_TH.shape
+  Sp = k_SH.shape[0]
+  cq, ck = Tp // n_chunks, Sp // n_chunks
+  q_CQH = q_TH[q_order].reshape(n_chunks, cq, H)
+  qpos_CQ = q_order.reshape(n_chunks, cq)
+  k_CKH = k_SH[k_order].reshape(n_chunks, ck, H)
+  v_CKD = v_SD[k_order].reshape(n_chunks, ck, -1)
+  kpos_CK = k_order.reshape(n_chunks, ck)
+  ok_CK = valid_S[k_order].reshape(n_chunks, ck)
+  if n_chunks > 1:
+    k_CKH, v_CKD, kpos_CK, ok_CK = map(_look_back,
+                                       (k_CKH, v_CKD, kpos_CK, ok_CK))
+  scores = jnp.einsum("cqh,ckh->cqk", q_CQH, k_CKH,
+                      preferred_element_type=F32) * scale
+  mask = jnp.broadcast_to(ok_CK[:, None, :], scores.shape)
+  if is_causal:
+    mask &= kpos_CK[:, None, :] <= qpos_CQ[:, :, None]
+  if exclude_self:
+    scores = jnp.where(kpos_CK[:, None, :] == qpos_CQ[:, :, None], SELF_LOGIT,
+                       scores)
+  scores = jnp.where(mask, scores, MASK_VALUE)
+  row_max = jax.lax.stop_gradient(jnp.max(scores, -1, keepdims=True))
+  unnorm = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
+  denom = jnp.sum(unnorm, -1, keepdims=True)
+  has_any = denom > 0
+  out_CQD = jnp.einsum("cqk,ckd->cqd", unnorm / jnp.where(has_any, denom, 1.0),
+                       v_CKD.astype(F32))
+  lse = row_max + jnp.log(jnp.where(has_any, denom, 1.0))
+  inverse = jnp.argsort(q_order)
+  return (out_CQD.reshape(Tp, -1)[inverse], lse.reshape(Tp)[inverse],
+          has_any.reshape(Tp)[inverse])
+
+
+def _reformer_head(q_TH, k_SH, v_SD, valid_S, rotations, *, n_chunks: int,
+                   n_buckets: int, shared_qk: bool, scale, is_causal: bool):
+  """One head: hash, sort, chunked attention per round, combine rounds."""
+  T, S = q_TH.shape[0], k_SH.shape[0]
+  Tp = n_chunks * int(np.ceil(T / n_chunks))
+  Sp = n_chunks * int(np.ceil(S / n_chunks))
+  q = pad_axis0(q_TH, Tp)
+  if shared_qk:
+    qf = q_TH.astype(F32)
+    k_SH = (qf * jax.lax.rsqrt(jnp.sum(qf * qf, -1, keepdims=True) + 1e-6)
+            ).astype(q_TH.dtype)
+  k = pad_axis0(k_SH, Sp)
+  v = pad_axis0(v_SD, Sp)
+  valid = pad_axis0(valid_S, Sp, False)
+  q_order = _sort_order(lsh_buckets(q, rotations), T, n_buckets)
+  k_order = (q_order if shared_qk
+             else _sort_order(lsh_buckets(k, rotations), S, n_buckets))
+
+  def one_round(qo, ko):
+    return _attend_round(q, k, v, valid, qo, ko, n_chunks=n_chunks,
+                         scale=scale, is_causal=is_causal,
+                         exclude_self=shared_qk)
+
+  out_RTD, lse_RT, any_RT = jax.vmap(one_round)(q_order, k_order)
+  round_w_TR = masked_softmax(lse_RT.T, any_RT.T)
+  return jnp.einsum("tr,rtd->td", round_w_TR, out_RTD)[:T]
+
+
+@register_attention(
+    "reformer", aliases=("lsh",), exact=False, causal=True, padding=True,
+    cross=True,
+    complexity="time O(n_hashes·(T·c·H + T·log T)), memory O(n_hashes·T·c) "
+    "(chunk size c)",
+    description="Reformer LSH attention: hash-sort into chunks, attend own "
+    "and previous chunk, combine hash rounds")
+def reformer_attention(query, key, value, bias=None, mask=None, *,
+                       n_hashes: int = 2, n_buckets=None,
+                       chunk_size: int = 64, shared_qk: bool = False,
+                       seed: int = 0, scale=None, is_causal=False,
+                       query_seq_lengths=None, key_value_seq_lengths=None,
+                       segment_ids=None, local_window_size=None, rng=None):
+  """LSH attention: softmax attention within hash-bucket-sorted chunks.
+
+  Args:
+    query: ``[B, T, N, H]``; key ``[B, S, K, H]``; value ``[B, S, K, Dv]``
+      with ``N % K == 0`` (kv heads are repeated).
+    bias: not supported (``ValueError``).
+    mask: ``None`` or a key-padding mask broadcastable to ``[B, N, 1, S]``;
+      dense masks raise ``ValueError``.
+    n_hashes: hash rounds; more rounds, better approximation, linear cost.
+    n_buckets: even number of buckets; default ``n_chunks`` rounded up to
+      even (a bucket fills about one chunk), at most ``MAX_AUTO_BUCKETS``
+      (hashing costs ``O(T·n_buckets·H)``).
+    chunk_size: ``c``; ``n_chunks = ceil(max(T, S) / c)`` and the queries
+      and keys are each padded to ``n_chunks`` equal chunks.
+    shared_qk: keys are the unit-normalised queries (``key`` values unused,
+      ``S`` must equal ``T``); a token attends to itself only when nothing
+      else is available.
+    seed: seeds the rotations when ``rng`` is None.
+    scale: multiplier of ``q·k``, default ``1/sqrt(H)``.
+    is_causal: key position ``<=`` query position, on original positions.
+    query_seq_lengths / key_value_seq_lengths: int ``[B]`` valid lengths.
+    segment_ids / local_window_size: not supported (``ValueError``).
+    rng: PRNG key for the random rotations ``[H, n_hashes, n_buckets/2]``
+      (shared by batch and heads); deterministic for a fixed key/seed.
+
+  Returns:
+    ``[B, T, N, Dv]``. Time ``O(n_hashes·(T·c·H + T log T))``, memory
+    ``O(n_hashes·T·c)`` per head.
+  """
+  if int(n_hashes) < 1:
+    raise ValueError(f"reformer: n_hashes must be >= 1, got {n_hashes}")
+  if int(chunk_size) < 1:
+    raise ValueError(f"reformer: chunk_size must be >= 1, got {chunk_size}")
+  inp = prepare("reformer", query, key, value, bias, mask, dense=False,
+                scale=scale, is_causal=is_causal,
+                query_seq_lengths=query_seq_lengths,
+                key_value_seq_lengths=key_value_seq_lengths,
+                segment_ids=segment_ids, local_window_size=local_window_size)
+  B, T, S, N, H, Dv = inp.shape
+  if shared_qk and S != T:
+    raise ValueError(f"reformer(shared_qk=True) derives keys from queries and "
+                     f"needs self-attention lengths, got T={T}, S={S}")
+  n_chunks = max(1, int(np.ceil(max(T, S) / int(chunk_size))))
+  if n_buckets is None:
+    n_buckets = min(2 * int(np.ceil(n_chunks / 2)), MAX_AUTO_BUCKETS)
+  if int(n_buckets) < 2 or int(n_buckets) % 2:
+    raise ValueError(f"reformer: n_buckets must be even and >= 2, got "
+                     f"{n_buckets}")
+  key_ = jax.random.PRNGKey(seed) if rng is None else rng
+  rotations = jax.random.normal(key_, (H, int(n_hashes), int(n_buckets) // 2),
+                                F32)
+
+  def one_head(q_TH, k_SH, v_SD, valid_S):
+    return _reformer_head(q_TH, k_SH, v_SD, valid_S, rotations,
+                          n_chunks=n_chunks, n_buckets=int(n_buckets),
+                          shared_qk=bool(shared_qk), scale=inp.scale,
+                          is_causal=inp.is_causal)
+
+  return finish(inp, map_heads(one_head, inp.q, inp.k, inp.v,
+                               key_valid_or_all(inp)))

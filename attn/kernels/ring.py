@@ -24,9 +24,9 @@ only ``out`` and ``lse`` (``O(T)``), recomputes each chunk's probabilities
 accumulators around the ring together with their key/value block; one extra
 ``ppermute`` returns them to the owning device.
 
-Chunk pairs (and whole ring steps) that the causal/window structure or the
-ring's own padding masks completely are skipped with ``lax.cond`` -- their
-compute is not done. With ``is_causal=True`` that is about half the work, but
+Chunk pairs that the causal/window structure or the ring's own padding
+masks completely are skipped with ``lax.cond`` -- their compute is not done
+(the loop still visits them, which costs a few scalar ops). With ``is_causal=True`` that is about half the work, but
 the load is unbalanced (device ``n-1`` does ``n`` block pairs, device 0 one).
 
 The batch axis is sharded over ``data_axis`` and heads over ``model_axis``
@@ -44,7 +44,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from attn.kernels import common
 from attn.kernels.common import MASK_VALUE
@@ -108,17 +108,24 @@ def _chunk_backward(q_TH, k_SH, v_SD, bias_TS, mask_TS, do_TD, lse_T,
   return dq_TH, dk_SH, dv_SD, ds_TS
 
 
-def _over_heads(fn):
-  """Lifts a one-head chunk function to ``[b, K, G, ...]`` head-major arrays.
+def _over_heads(fn, out_axes):
+  """Lifts a one-head chunk function over batch, kv heads and groups.
 
-  Argument order is ``(q, k, v, *per_query_head)``: ``q`` and the per-head
-  arrays are ``[b, K, G, ...]``; ``k``/``v`` are ``[b, K, ...]`` and shared by
-  the ``G`` query heads of a group (grouped-query attention).
+  Arguments are ``(q, k, v, bias, mask, *per_query)`` in the sequence-major
+  layout of the ring: ``q[b, t, K, G, H]``, ``k[b, s, K, H]``,
+  ``v[b, s, K, Dv]``, ``bias/mask[b, K, G, t, s]`` (or ``None``) and
+  per-query arrays ``[b, t, K, G, ...]``. ``k``/``v`` are shared by the ``G``
+  query heads of a group (grouped-query attention). ``out_axes`` gives, per
+  output, its axis at the group and kv-head levels (batch is always 0).
+  Mapping non-leading axes avoids transposing the large per-device arrays.
   """
-  def lift(q, k, v, *rest):
-    over_group = jax.vmap(fn, in_axes=(0, None, None) + (0,) * len(rest))
-    over_kv = jax.vmap(over_group)
-    return jax.vmap(over_kv)(q, k, v, *rest)
+  def lift(q, k, v, bias, mask, *rest):
+    per_query = (1,) * len(rest)
+    over_group = jax.vmap(fn, in_axes=(1, None, None, 0, 0) + per_query,
+                          out_axes=out_axes)
+    over_kv = jax.vmap(over_group, in_axes=(1, 1, 1, 0, 0) + per_query,
+                       out_axes=out_axes)
+    return jax.vmap(over_kv)(q, k, v, bias, mask, *rest)
   return lift
 
 
@@ -171,11 +178,10 @@ def _slice_ts(x, row, col, rows, cols):
   return x
 
 
-def _add_ts(x, chunk, row, col):
-  """``x[..., row:, col:] += chunk`` on a ``[b, n, t|1, s|1]`` array."""
+def _put_ts(x, chunk, row, col):
+  """Writes ``chunk`` (from :func:`_slice_ts`) back into ``x``."""
   starts = (0, 0, row if x.shape[2] > 1 else 0, col if x.shape[3] > 1 else 0)
-  current = lax.dynamic_slice(x, starts, chunk.shape)
-  return lax.dynamic_update_slice(x, current + chunk, starts)
+  return lax.dynamic_update_slice(x, chunk, starts)
 
 
 def _sum_to(x, shape):
@@ -192,7 +198,7 @@ def _chunk_mask(cfg, ex, q_pos, k_pos, q_start, kv_seg, k_start, k_col):
   :func:`attn.kernels.common.structure_mask`.
   """
   bq, bk = q_pos.shape[0], k_pos.shape[0]
-  b, N = ex["q"].shape[0], ex["q"].shape[1] * ex["q"].shape[2]
+  b, N = ex["q"].shape[0], ex["q"].shape[2]
   parts = []
   if "mask" in ex:
     parts.append(_slice_ts(ex["mask"], q_start, k_col, bq, bk))
@@ -225,199 +231,216 @@ def _heads_ts(x, K, G):
   return jnp.broadcast_to(x, (b, N, t, s)).reshape(b, K, G, t, s)
 
 
-def _pair_loop(cfg, ex, q_offset, k_offset, n_q, n_k, body, carry):
-  """Runs ``body(carry, i, j, ...)`` over chunk pairs, skipping empty ones."""
+def _pair_loop(cfg, q_offset, k_offset, n_q, n_k, body, carry):
+  """``body(carry, q_start, k_start, q_pos, k_pos, skip)`` over chunk pairs.
+
+  ``skip`` is a scalar bool (True: the chunk pair is entirely masked by
+  causal/window structure or ring padding) or ``None`` without such
+  structure; ``body`` guards its compute with :func:`_unless`.
+  """
   bq, bk = cfg.block_q, cfg.block_k
 
   def one(p, carry):
     i, j = p // n_k, p % n_k
     q_pos = q_offset + i * bq + jnp.arange(bq)
     k_pos = k_offset + j * bk + jnp.arange(bk)
-    if not cfg.has_skippable_structure:
-      return body(carry, i * bq, j * bk, q_pos, k_pos)
-    skip = cfg.skip(q_pos[0], q_pos[-1], k_pos[0], k_pos[-1])
-    return lax.cond(skip, lambda c: c,
-                    lambda c: body(c, i * bq, j * bk, q_pos, k_pos), carry)
+    skip = None
+    if cfg.has_skippable_structure:
+      skip = cfg.skip(q_pos[0], q_pos[-1], k_pos[0], k_pos[-1])
+    return body(carry, i * bq, j * bk, q_pos, k_pos, skip)
 
   return lax.fori_loop(0, n_q * n_k, one, carry)
 
 
-def _step_forward(cfg, ex, acc, blk, q_offset, k_offset):
-  """Folds key/value block ``blk`` into the accumulators ``(o, m, l)``."""
-  q = ex["q"]                                     # [b, K, G, tq, H]
-  b, K, G, tq, _ = q.shape
+def _unless(skip, skipped, compute):
+  """``compute()``, or ``skipped()`` without computing when ``skip`` is True.
+
+  The ``lax.cond`` sits on chunk-sized values only, so skipping never copies
+  the per-device accumulators.
+  """
+  if skip is None:
+    return compute()
+  return lax.cond(skip, skipped, compute)
+
+
+def _chunk_inputs(cfg, ex, blk, q_start, k_start, q_pos, k_pos, k_offset):
+  """Slicers and the grouped ``(q, k, v, bias, mask)`` of one chunk pair."""
   bq, bk = cfg.block_q, cfg.block_k
-  n_q, n_k = tq // bq, blk["k"].shape[2] // bk
-  step = _over_heads(functools.partial(_chunk_forward, scale=cfg.scale))
+  b, _, N, _ = ex["q"].shape
+  K = blk["k"].shape[2]
+  k_col = k_offset + k_start
+  sl_q = functools.partial(lax.dynamic_slice_in_dim, start_index=q_start,
+                           slice_size=bq, axis=1)
+  sl_k = functools.partial(lax.dynamic_slice_in_dim, start_index=k_start,
+                           slice_size=bk, axis=1)
+  mask = _chunk_mask(cfg, ex, q_pos, k_pos, q_start, blk.get("kv_seg"),
+                     k_start, k_col)
+  bias = None
+  if "bias" in ex:
+    bias = jnp.broadcast_to(_slice_ts(ex["bias"], q_start, k_col, bq, bk),
+                            (b, N, bq, bk))
+  args = (_groups(sl_q(ex["q"]), K), sl_k(blk["k"]), sl_k(blk["v"]),
+          _heads_ts(bias, K, N // K), _heads_ts(mask, K, N // K))
+  return sl_q, sl_k, args
 
-  def body(acc, q_start, k_start, q_pos, k_pos):
-    o, m, l = acc
-    mask = _chunk_mask(cfg, ex, q_pos, k_pos, q_start, blk.get("kv_seg"),
-                       k_start, k_offset + k_start)
-    bias = None
-    if "bias" in ex:
-      bias = _slice_ts(ex["bias"], q_start, k_offset + k_start, bq, bk)
-      bias = jnp.broadcast_to(bias, (b, K * G, bq, bk))
-    q_c = lax.dynamic_slice_in_dim(q, q_start, bq, axis=3)
-    k_c = lax.dynamic_slice_in_dim(blk["k"], k_start, bk, axis=2)
-    v_c = lax.dynamic_slice_in_dim(blk["v"], k_start, bk, axis=2)
-    o_c = lax.dynamic_slice_in_dim(o, q_start, bq, axis=3)
-    m_c = lax.dynamic_slice_in_dim(m, q_start, bq, axis=3)
-    l_c = lax.dynamic_slice_in_dim(l, q_start, bq, axis=3)
-    o_c, m_c, l_c = step(q_c, k_c, v_c, _heads_ts(bias, K, G),
-                         _heads_ts(mask, K, G), o_c, m_c, l_c)
-    return (lax.dynamic_update_slice_in_dim(o, o_c, q_start, axis=3),
-            lax.dynamic_update_slice_in_dim(m, m_c, q_start, axis=3),
-            lax.dynamic_update_slice_in_dim(l, l_c, q_start, axis=3))
 
-  return _pair_loop(cfg, ex, q_offset, k_offset, n_q, n_k, body, acc)
+def _step_forward(cfg, ex, acc, blk, q_offset, k_offset):
+  """Folds key/value block ``blk`` into the accumulators ``(o, m, l)``.
+
+  ``o[b, tq, N, Dv]``, ``m/l[b, tq, N]``. Returns ``(acc, blk)``; ``blk``
+  passes through the chunk loop so the ring's ``ppermute`` can send it on
+  without XLA copying it.
+  """
+  K = blk["k"].shape[2]
+  n_q = ex["q"].shape[1] // cfg.block_q
+  n_k = blk["k"].shape[1] // cfg.block_k
+  step = _over_heads(functools.partial(_chunk_forward, scale=cfg.scale),
+                     out_axes=(1, 1, 1))
+
+  def body(carry, q_start, k_start, q_pos, k_pos, skip):
+    acc, blk = carry
+    sl_q, _, args = _chunk_inputs(cfg, ex, blk, q_start, k_start, q_pos,
+                                  k_pos, k_offset)
+    old = tuple(sl_q(x) for x in acc)
+    new = _unless(skip, lambda: old, lambda: tuple(map(_ungroup, step(
+        *args, *(_groups(x, K) for x in old)))))
+    return tuple(lax.dynamic_update_slice_in_dim(x, x_c, q_start, axis=1)
+                 for x, x_c in zip(acc, new)), blk
+
+  return _pair_loop(cfg, q_offset, k_offset, n_q, n_k, body, (acc, blk))
 
 
 def _step_backward(cfg, ex, grads, blk, q_offset, k_offset):
   """Adds one key/value block's gradient contributions.
 
-  ``grads = (dq, dbias)`` stay on this device; ``blk["dk"], blk["dv"]``
-  travel with the block. Returns ``(grads, blk)``.
+  ``grads = (dq[b, tq, N, H], dbias)`` stay on this device;
+  ``blk["dk"], blk["dv"]`` travel with the block. Returns ``(grads, blk)``.
   """
-  q = ex["q"]
-  b, K, G, tq, _ = q.shape
+  b, tq, N, _ = ex["q"].shape
+  K = blk["k"].shape[2]
   bq, bk = cfg.block_q, cfg.block_k
-  n_q, n_k = tq // bq, blk["k"].shape[2] // bk
-  step = _over_heads(functools.partial(_chunk_backward, scale=cfg.scale))
+  n_q, n_k = tq // bq, blk["k"].shape[1] // bk
+  step = _over_heads(functools.partial(_chunk_backward, scale=cfg.scale),
+                     out_axes=(1, 1, 1, 0))
 
-  def body(carry, q_start, k_start, q_pos, k_pos):
-    dq, dbias, dk, dv = carry
+  def body(carry, q_start, k_start, q_pos, k_pos, skip):
+    (dq, dbias), blk = carry
     k_col = k_offset + k_start
-    mask = _chunk_mask(cfg, ex, q_pos, k_pos, q_start, blk.get("kv_seg"),
-                       k_start, k_col)
-    bias = None
-    if "bias" in ex:
-      bias = _slice_ts(ex["bias"], q_start, k_col, bq, bk)
-      bias = jnp.broadcast_to(bias, (b, K * G, bq, bk))
-    sl_q = functools.partial(lax.dynamic_slice_in_dim, start_index=q_start,
-                             slice_size=bq, axis=3)
-    sl_k = functools.partial(lax.dynamic_slice_in_dim, start_index=k_start,
-                             slice_size=bk, axis=2)
-    dq_c, dk_c, dv_c, ds_c = step(
-        sl_q(q), sl_k(blk["k"]), sl_k(blk["v"]), _heads_ts(bias, K, G),
-        _heads_ts(mask, K, G), sl_q(ex["do"]), sl_q(ex["lse"]),
-        sl_q(ex["delta"]))
-    dq = lax.dynamic_update_slice_in_dim(dq, sl_q(dq) + dq_c, q_start, axis=3)
-    # Sum over the G query heads that share each key/value head.
-    dk = lax.dynamic_update_slice_in_dim(dk, sl_k(dk) + dk_c.sum(axis=2),
-                                         k_start, axis=2)
-    dv = lax.dynamic_update_slice_in_dim(dv, sl_k(dv) + dv_c.sum(axis=2),
-                                         k_start, axis=2)
-    if dbias is not None:
-      ds_c = ds_c.reshape(b, K * G, bq, bk)
-      chunk_shape = _slice_ts(dbias, q_start, k_col, bq, bk).shape
-      dbias = _add_ts(dbias, _sum_to(ds_c, chunk_shape), q_start, k_col)
-    return dq, dbias, dk, dv
+    sl_q, sl_k, args = _chunk_inputs(cfg, ex, blk, q_start, k_start, q_pos,
+                                     k_pos, k_offset)
+    old = (sl_q(dq), sl_k(blk["dk"]), sl_k(blk["dv"]),
+           None if dbias is None else _slice_ts(dbias, q_start, k_col, bq, bk))
 
-  dq, dbias = grads
-  dq, dbias, dk, dv = _pair_loop(cfg, ex, q_offset, k_offset, n_q, n_k, body,
-                                 (dq, dbias, blk["dk"], blk["dv"]))
-  return (dq, dbias), dict(blk, dk=dk, dv=dv)
+    def compute():
+      dq_c, dk_c, dv_c, ds_c = step(
+          *args, *(_groups(sl_q(ex[name]), K)
+                   for name in ("do", "lse", "delta")))
+      # dk_c/dv_c are [b, bk, K, G, D]: sum the G query heads of each group.
+      new = [old[0] + _ungroup(dq_c), old[1] + dk_c.sum(axis=3),
+             old[2] + dv_c.sum(axis=3), None]
+      if dbias is not None:
+        new[3] = old[3] + _sum_to(ds_c.reshape(b, N, bq, bk), old[3].shape)
+      return tuple(new)
+
+    dq_c, dk_c, dv_c, dbias_c = _unless(skip, lambda: old, compute)
+    dq = lax.dynamic_update_slice_in_dim(dq, dq_c, q_start, axis=1)
+    blk = dict(blk, dk=lax.dynamic_update_slice_in_dim(blk["dk"], dk_c,
+                                                       k_start, axis=1),
+               dv=lax.dynamic_update_slice_in_dim(blk["dv"], dv_c, k_start,
+                                                  axis=1))
+    if dbias is not None:
+      dbias = _put_ts(dbias, dbias_c, q_start, k_col)
+    return (dq, dbias), blk
+
+  return _pair_loop(cfg, q_offset, k_offset, n_q, n_k, body, (grads, blk))
 
 
 # --------------------------------------------------------------------------
 # The ring: per-device bodies run under jax.shard_map.
 # --------------------------------------------------------------------------
 
-def _ring_loop(cfg, step, carry, blk, skip_step):
+def _ring_loop(cfg, step, carry, blk):
   """Runs ``step(r, carry, blk) -> (carry, blk)`` for ``r = 0..n-1``.
 
   Between steps every leaf of ``blk`` moves one device along the ring
   (device ``i`` -> ``i+1``), so at step ``r`` device ``i`` holds the block of
-  device ``(i - r) mod n``. ``skip_step(r)`` marks steps with nothing to do.
+  device ``(i - r) mod n``.
   """
   n = cfg.ring_size
+
+  def one(r, carry, blk):
+    carry, blk = step(r, carry, blk)
+    return carry, _shift(cfg, blk)
+
+  def two(i, state):
+    return one(2 * i + 1, *one(2 * i, *state))
+
+  state = lax.fori_loop(0, (n - 1) // 2, two, (carry, blk))
+  if (n - 1) % 2:
+    state = one(n - 2, *state)
+  return step(n - 1, *state)
+
+
+def _shift(cfg, tree):
+  """Sends every leaf to the next device on the ring (``i`` -> ``i+1``)."""
+  n = cfg.ring_size
   perm = [(i, (i + 1) % n) for i in range(n)]
-
-  def guarded(r, carry, blk):
-    if not cfg.has_skippable_structure:
-      return step(r, carry, blk)
-    return lax.cond(skip_step(r), lambda c, b: (c, b), functools.partial(
-        step, r), carry, blk)
-
-  def body(r, state):
-    carry, blk = guarded(r, *state)
-    return carry, jax.tree.map(
-        lambda x: lax.ppermute(x, cfg.seq_axis, perm), blk)
-
-  carry, blk = lax.fori_loop(0, n - 1, body, (carry, blk))
-  return guarded(n - 1, carry, blk)
+  return jax.tree.map(lambda x: lax.ppermute(x, cfg.seq_axis, perm), tree)
 
 
-def _to_heads(x, K):
-  """``[b, t, N, D]`` -> ``[b, K, N//K, t, D]`` (head-major)."""
-  b, t, N, D = x.shape
-  return jnp.transpose(x.reshape(b, t, K, N // K, D), (0, 2, 3, 1, 4))
+def _groups(x, K):
+  """``[b, t, N, ...]`` -> ``[b, t, K, N // K, ...]`` (a free reshape)."""
+  b, t, N = x.shape[:3]
+  return x.reshape((b, t, K, N // K) + x.shape[3:])
 
 
-def _from_heads(x):
-  """``[b, K, G, t, D]`` -> ``[b, t, K·G, D]``."""
-  b, K, G, t, D = x.shape
-  return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(b, t, K * G, D)
-
-
-def _kv_heads(x):
-  """``[b, s, K, D]`` -> ``[b, K, s, D]``."""
-  return jnp.transpose(x, (0, 2, 1, 3))
+def _ungroup(x):
+  """``[b, t, K, G, ...]`` -> ``[b, t, K·G, ...]``."""
+  b, t, K, G = x.shape[:4]
+  return x.reshape((b, t, K * G) + x.shape[4:])
 
 
 def _offsets(cfg, ex, blk, r):
   """Global position of this device's queries and of the held block."""
-  n = cfg.ring_size
   idx = lax.axis_index(cfg.seq_axis)
-  tq, tk = ex["q"].shape[3], blk["k"].shape[2]
-  src = (idx - r) % n
-  return idx * tq, src * tk
-
-
-def _step_skippable(cfg, ex, blk, r):
-  q_offset, k_offset = _offsets(cfg, ex, blk, r)
-  tq, tk = ex["q"].shape[3], blk["k"].shape[2]
-  return cfg.skip(q_offset, q_offset + tq - 1, k_offset, k_offset + tk - 1)
+  src = (idx - r) % cfg.ring_size
+  return idx * ex["q"].shape[1], src * blk["k"].shape[1]
 
 
 def _forward_body(cfg, arrays):
-  """Per-device forward: ``{q, k, v, ...}`` shards -> ``(out, lse)``."""
-  K = arrays["k"].shape[2]
-  ex = dict(arrays, q=_to_heads(arrays["q"], K))
-  blk = {"k": _kv_heads(arrays["k"]), "v": _kv_heads(arrays["v"])}
+  """Per-device forward: ``{q, k, v, ...}`` shards -> ``(out, lse)``.
+
+  Everything stays in the ``[b, t, N, ...]`` layout of the inputs; heads
+  are grouped per chunk, so no per-device array is transposed or copied.
+  """
+  ex = dict(arrays)
+  blk = {"k": ex.pop("k"), "v": ex.pop("v")}
   if "kv_segment_ids" in ex:
-    blk["kv_seg"] = ex["kv_segment_ids"]
-  b, _, G, tq, _ = ex["q"].shape
-  Dv = blk["v"].shape[-1]
-  acc = (jnp.zeros((b, K, G, tq, Dv), jnp.float32),
-         jnp.full((b, K, G, tq), MASK_VALUE, jnp.float32),
-         jnp.zeros((b, K, G, tq), jnp.float32))
+    blk["kv_seg"] = ex.pop("kv_segment_ids")
+  b, tq, N, _ = ex["q"].shape
+  acc = (jnp.zeros((b, tq, N, blk["v"].shape[-1]), jnp.float32),
+         jnp.full((b, tq, N), MASK_VALUE, jnp.float32),
+         jnp.zeros((b, tq, N), jnp.float32))
 
   def step(r, acc, blk):
-    return _step_forward(cfg, ex, acc, blk, *_offsets(cfg, ex, blk, r)), blk
+    return _step_forward(cfg, ex, acc, blk, *_offsets(cfg, ex, blk, r))
 
-  (o, m, l), _ = _ring_loop(cfg, step, acc, blk,
-                            lambda r: _step_skippable(cfg, ex, blk, r))
+  (o, m, l), _ = _ring_loop(cfg, step, acc, blk)
   out = o / jnp.where(l == 0.0, 1.0, l)[..., None]
   lse = jnp.where(l > 0.0, m + jnp.log(jnp.where(l > 0.0, l, 1.0)), 0.0)
-  return _from_heads(out).astype(arrays["q"].dtype), lse
+  return out.astype(ex["q"].dtype), lse
 
 
 def _backward_body(cfg, arrays):
   """Per-device backward: shards + ``out, lse, do`` -> gradients."""
-  K = arrays["k"].shape[2]
-  q = arrays["q"]
-  ex = dict(arrays, q=_to_heads(q, K), do=_to_heads(arrays["do"], K))
-  delta = jnp.sum(arrays["do"].astype(jnp.float32)
-                  * arrays["out"].astype(jnp.float32), axis=-1)  # [b, t, N]
-  b, tq, N = delta.shape
-  ex["delta"] = jnp.transpose(delta, (0, 2, 1)).reshape(b, K, N // K, tq)
-  k, v = _kv_heads(arrays["k"]), _kv_heads(arrays["v"])
+  ex = dict(arrays)
+  k, v, out = ex.pop("k"), ex.pop("v"), ex.pop("out")
+  ex["delta"] = jnp.sum(ex["do"].astype(jnp.float32)
+                        * out.astype(jnp.float32), axis=-1)     # [b, tq, N]
   blk = {"k": k, "v": v, "dk": jnp.zeros(k.shape, jnp.float32),
          "dv": jnp.zeros(v.shape, jnp.float32)}
   if "kv_segment_ids" in ex:
-    blk["kv_seg"] = ex["kv_segment_ids"]
+    blk["kv_seg"] = ex.pop("kv_segment_ids")
   bias = ex.get("bias")
   grads = (jnp.zeros(ex["q"].shape, jnp.float32),
            None if bias is None else jnp.zeros(bias.shape, jnp.float32))
@@ -425,19 +448,15 @@ def _backward_body(cfg, arrays):
   def step(r, grads, blk):
     return _step_backward(cfg, ex, grads, blk, *_offsets(cfg, ex, blk, r))
 
-  (dq, dbias), blk = _ring_loop(cfg, step, grads, blk,
-                                lambda r: _step_skippable(cfg, ex, blk, r))
-  n = cfg.ring_size
-  perm = [(i, (i + 1) % n) for i in range(n)]
+  (dq, dbias), blk = _ring_loop(cfg, step, grads, blk)
   # One more hop brings each dK/dV accumulator home to its block's owner.
-  dk, dv = (lax.ppermute(blk[name], cfg.seq_axis, perm)
-            for name in ("dk", "dv"))
-  out = {"q": _from_heads(dq).astype(q.dtype),
-         "k": _kv_heads(dk).astype(arrays["k"].dtype),
-         "v": _kv_heads(dv).astype(arrays["v"].dtype)}
+  dk, dv = _shift(cfg, (blk["dk"], blk["dv"]))
+  grads = {"q": dq.astype(ex["q"].dtype), "k": dk.astype(k.dtype),
+           "v": dv.astype(v.dtype)}
   if bias is not None:
-    out["bias"] = _reduce_bias_grad(cfg, dbias, bias.shape).astype(bias.dtype)
-  return out
+    grads["bias"] = _reduce_bias_grad(cfg, dbias, bias.shape).astype(
+        bias.dtype)
+  return grads
 
 
 def _reduce_bias_grad(cfg, dbias, shape):
@@ -469,23 +488,32 @@ def _specs(cfg, arrays) -> Dict[str, P]:
     elif name in ("q_segment_ids", "kv_segment_ids"):
       specs[name] = P(bax, sax)
     elif name == "lse":
-      specs[name] = P(bax, hax, None, sax)
+      specs[name] = P(bax, sax, hax)
     else:
       raise AssertionError(name)
   return specs
 
 
 def _shard_map(cfg, fn, arrays, out_specs):
+  """``fn(cfg, local_arrays)`` on every device; arrays resharded to ``_specs``.
+
+  Auto mesh axes are resharded by ``shard_map`` itself; Explicit axes (the
+  default of ``jax.make_mesh``) need an explicit ``jax.sharding.reshard``.
+  """
+  specs = _specs(cfg, arrays)
+  if any(t == AxisType.Explicit for t in cfg.mesh.axis_types):
+    arrays = {name: jax.sharding.reshard(x, NamedSharding(cfg.mesh,
+                                                          specs[name]))
+              for name, x in arrays.items()}
   return jax.shard_map(
-      functools.partial(fn, cfg), mesh=cfg.mesh,
-      in_specs=(_specs(cfg, arrays),), out_specs=out_specs,
-      check_vma=False)(arrays)
+      functools.partial(fn, cfg), mesh=cfg.mesh, in_specs=(specs,),
+      out_specs=out_specs, check_vma=False)(arrays)
 
 
 def _forward(cfg, arrays):
   specs = _specs(cfg, arrays)
   return _shard_map(cfg, _forward_body, arrays, (specs["q"], P(
-      cfg.batch_axis, cfg.head_axis, None, cfg.seq_axis)))
+      cfg.batch_axis, cfg.seq_axis, cfg.head_axis)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -644,7 +672,9 @@ def ring_attention(query: Array, key: Array, value: Array,
       head_axis=_mesh_axis(mesh, model_axis, N, K),
       scale=scale, is_causal=inputs.is_causal, window=inputs.window,
       kv_valid=S, kv_padded=s_pad != S, block_q=bq, block_k=bk)
-  out = _ring(cfg, arrays)[:, :T]
+  out = _ring(cfg, arrays)
+  if t_pad != T:
+    out = out[:, :T]
   return out[0] if inputs.squeeze_batch else out
 
 

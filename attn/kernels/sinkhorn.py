@@ -1,1 +1,204 @@
-"""Placeholder: being written."""
+"""Sparse Sinkhorn attention (Tay et al. 2020): sorted-block attention.
+
+The keys are cut into ``n_b = ceil(S / b)`` blocks of ``b`` (the queries into
+``n_b`` blocks of ``ceil(T / n_b)``). A sorting network scores, for every
+block ``i``, every partner block ``j`` from the block's pooled (mean) keys:
+``R_i = relu(k̄_i W1 + b1) W2 + b2`` (``W1 [H, hidden]``, ``W2 [hidden, n_b]``,
+shared by the heads). ``n_iters`` Sinkhorn normalisations of ``R / τ`` (in
+log space, alternately over rows and columns) give a soft permutation ``P``.
+Query block ``i`` attends, with one softmax, to
+
+* its own key block ``i`` and
+* the sorted block ``K̃_i = Σ_j P_ij K_j`` (values alike): slot ``p`` of the
+  sorted block is the ``P``-weighted mean of the valid keys at slot ``p`` of
+  every block (a slot with no valid key is masked).
+
+Causal (``is_causal=True``, the paper's causal Sinkhorn): block ``i`` may
+only be paired with earlier blocks ``j < i``, and its sorting-network input
+is the mean of the keys of blocks ``< i``, so no output depends on a later
+token. ``block_size >= S`` (one block) is exact softmax attention (the sorted
+block duplicates the own block, which leaves the softmax average unchanged).
+
+Time ``O(T·b·H + n_b²·b·H) = O(T·b·H + T·S·H/b)``, memory ``O(T·b + n_b²)``
+per head; the ``[n_b, n_b]`` permutation is the only quadratic term, ``b²``
+times smaller than the scores of exact attention.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn.kernels.common import MASK_VALUE
+from attn.kernels.exact import masked_softmax
+from attn.kernels.sparse import (finish, key_valid_or_all, map_heads,
+                                 pad_axis0, prepare)
+from attn.registry import register_attention
+
+Array = jax.Array
+F32 = jnp.float32
+_PARAMS = ("sort_w1", "sort_b1", "sort_w2", "sort_b2")
+
+
+def num_blocks(key_length: int, block_size: int) -> int:
+  """``ceil(S / block_size)``: key blocks, and rows/columns of ``P``."""
+  return max(1, int(np.ceil(key_length / block_size)))
+
+
+def sinkhorn_param_shapes(query_shape, key_shape, *, block_size: int = 64,
+                          hidden: int = 64, **unused_options):
+  """Sorting-network parameters for ``query [B, T, N, H]``, ``key
+  [B, S, K, H]``: ``sort_w1 [H, hidden]``, ``sort_b1 [hidden]``,
+  ``sort_w2 [hidden, n_b]``, ``sort_b2 [n_b]`` with ``n_b = ceil(S / b)``
+  (the most blocks the parameters serve)."""
+  del unused_options
+  H = query_shape[-1]
+  n_b = num_blocks(key_shape[1], block_size)
+  init = jax.nn.initializers
+  return {"sort_w1": ((H, hidden), init.lecun_normal()),
+          "sort_b1": ((hidden,), init.zeros),
+          "sort_w2": ((hidden, n_b), init.lecun_normal()),
+          "sort_b2": ((n_b,), init.zeros)}
+
+
+def sinkhorn_normalize(logits_IJ: Array, allowed_IJ: Array,
+                       n_iters: int) -> Array:
+  """``n_iters`` alternating row/column normalisations in log space.
+
+  Returns ``P = exp(logits)`` on allowed entries (0 elsewhere); rows and
+  columns without an allowed entry stay 0. With every entry allowed, ``P``
+  approaches a doubly stochastic matrix as ``n_iters`` grows.
+  """
+  x = jnp.where(allowed_IJ, logits_IJ, MASK_VALUE)
+  for _ in range(n_iters):
+    for axis in (1, 0):
+      lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
+      x = jnp.where(allowed_IJ, x - lse, MASK_VALUE)
+  return jnp.where(allowed_IJ, jnp.exp(x), 0.0)
+
+
+def _pooled_keys(k_IBH: Array, ok_IB: Array, is_causal: bool) -> Array:
+  """Mean of the valid keys per block ``[n_b, H]``; causal: of all blocks
+  strictly before (zeros where there are none)."""
+  sums_IH = jnp.einsum("ibh,ib->ih", k_IBH.astype(F32), ok_IB.astype(F32))
+  counts_I = jnp.sum(ok_IB, axis=1).astype(F32)
+  if is_causal:
+    sums_IH = jnp.cumsum(sums_IH, axis=0) - sums_IH
+    counts_I = jnp.cumsum(counts_I) - counts_I
+  return sums_IH / jnp.maximum(counts_I, 1.0)[:, None]
+
+
+def _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, *, n_b: int,
+                   n_iters: int, temperature: float, scale,
+                   is_causal: bool) -> Array:
+  """One head of Sinkhorn attention on unpadded inputs."""
+  T, H = q_TH.shape
+  S = k_SH.shape[0]
+  bq, bk = int(np.ceil(T / n_b)), int(np.ceil(S / n_b))
+  q_IQH = pad_axis0(q_TH, n_b * bq).reshape(n_b, bq, H)
+  k_IBH = pad_axis0(k_SH, n_b * bk).reshape(n_b, bk, H)
+  v_IBD = pad_axis0(v_SD, n_b * bk).reshape(n_b, bk, -1)
+  ok_IB = pad_axis0(valid_S, n_b * bk, False).reshape(n_b, bk)
+
+  pooled_IH = _pooled_keys(k_IBH, ok_IB, is_causal)
+  hidden_IA = jax.nn.relu(pooled_IH @ params["sort_w1"].astype(F32)
+                          + params["sort_b1"].astype(F32))
+  logits_IJ = (hidden_IA @ params["sort_w2"][:, :n_b].astype(F32)
+               + params["sort_b2"][:n_b].astype(F32)) / temperature
+  blocks = jnp.arange(n_b)
+  allowed_IJ = (blocks[None, :] < blocks[:, None] if is_causal
+                else jnp.ones((n_b, n_b), bool))
+  P_IJ = sinkhorn_normalize(logits_IJ, allowed_IJ, n_iters)
+
+  # sorted block: P-weighted mean of the valid keys at each slot.
+  mass_IB = P_IJ @ ok_IB.astype(F32)
+  w_IJB = P_IJ[:, :, None] * ok_IB[None].astype(F32)
+  w_IJB = w_IJB / jnp.where(mass_IB > 0, mass_IB, 1.0)[:, None, :]
+  ks_IBH = jnp.einsum("ijb,jbh->ibh", w_IJB, k_IBH.astype(F32))
+  vs_IBD = jnp.einsum("ijb,jbd->ibd", w_IJB, v_IBD.astype(F32))
+
+  own = jnp.einsum("iqh,ibh->iqb", q_IQH, k_IBH, preferred_element_type=F32)
+  srt = jnp.einsum("iqh,ibh->iqb", q_IQH.astype(F32), ks_IBH)
+  own_mask = jnp.broadcast_to(ok_IB[:, None, :], own.shape)
+  if is_causal:  # T == S here, so query and key blocks align.
+    own_mask &= jnp.tril(jnp.ones((bq, bk), bool))[None]
+  srt_mask = jnp.broadcast_to((mass_IB > 0)[:, None, :], srt.shape)
+  w = masked_softmax(jnp.concatenate([own, srt], -1) * scale,
+                     jnp.concatenate([own_mask, srt_mask], -1))
+  out_IQD = (jnp.einsum("iqb,ibd->iqd", w[..., :bk], v_IBD.astype(F32))
+             + jnp.einsum("iqb,ibd->iqd", w[..., bk:], vs_IBD))
+  return out_IQD.reshape(n_b * bq, -1)[:T]
+
+
+@register_attention(
+    "sinkhorn", exact=False, causal=True, padding=True, cross=True,
+    complexity="time O(T·b·H + T·S·H/b), memory O(T·b + (S/b)²) "
+    "(block size b)",
+    description="Sparse Sinkhorn attention: each block attends itself and a "
+    "softly sorted partner block (Sinkhorn-balanced sorting network)",
+    metadata={"param_shapes": sinkhorn_param_shapes})
+def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
+                       block_size: int = 64, n_iters: int = 8,
+                       temperature: float = 0.75, hidden: int = 64,
+                       scale=None, is_causal=False, query_seq_lengths=None,
+                       key_value_seq_lengths=None, segment_ids=None,
+                       local_window_size=None, params=None):
+  """Sparse Sinkhorn attention: own block + Sinkhorn-sorted partner block.
+
+  Args:
+    query: ``[B, T, N, H]``; key ``[B, S, K, H]``; value ``[B, S, K, Dv]``
+      with ``N % K == 0`` (kv heads are repeated).
+    bias: not supported (``ValueError``).
+    mask: ``None`` or a key-padding mask broadcastable to ``[B, N, 1, S]``;
+      dense masks raise ``ValueError``.
+    block_size: key block ``b``; ``b >= S`` is exact attention.
+    n_iters: Sinkhorn normalisation rounds (rows then columns).
+    temperature: ``τ``, divides the sorting logits (lower = harder sort).
+    hidden: sorting-network width (sets the parameter shapes).
+    scale: multiplier of ``q·k``, default ``1/sqrt(H)``.
+    is_causal: causal Sinkhorn (needs ``T == S``).
+    query_seq_lengths / key_value_seq_lengths: int ``[B]`` valid lengths.
+    segment_ids / local_window_size: not supported (``ValueError``).
+    params: ``sort_w1, sort_b1, sort_w2, sort_b2`` from
+      :func:`sinkhorn_param_shapes` (``sort_w2`` may have more columns than
+      blocks; they are sliced).
+
+  Returns:
+    ``[B, T, N, Dv]``. Cross-attention pairs query block ``i`` with key
+    block ``i``. Time ``O(T·b·H + T·S·H/b)``, memory ``O(T·b + (S/b)²)``.
+  """
+  if int(block_size) < 1 or int(n_iters) < 0 or not float(temperature) > 0:
+    raise ValueError(f"sinkhorn: need block_size >= 1, n_iters >= 0, "
+                     f"temperature > 0; got {block_size}, {n_iters}, "
+                     f"{temperature}")
+  del hidden  # sets the parameter shapes only
+  if params is None or any(name not in params for name in _PARAMS):
+    raise ValueError(
+        f"sinkhorn needs params {list(_PARAMS)}, got "
+        f"{None if params is None else sorted(params)}; create them from "
+        "attn.registry.attention_param_shapes")
+  inp = prepare("sinkhorn", query, key, value, bias, mask, dense=False,
+                scale=scale, is_causal=is_causal,
+                query_seq_lengths=query_seq_lengths,
+                key_value_seq_lengths=key_value_seq_lengths,
+                segment_ids=segment_ids, local_window_size=local_window_size)
+  B, T, S, N, H, Dv = inp.shape
+  if inp.is_causal and T != S:
+    raise ValueError(f"sinkhorn: causal attention needs T == S (aligned "
+                     f"blocks), got T={T}, S={S}")
+  n_b = num_blocks(S, int(block_size))
+  have = params["sort_w2"].shape[-1]
+  if params["sort_w1"].shape[0] != H or have < n_b:
+    raise ValueError(f"sinkhorn: params serve head_dim "
+                     f"{params['sort_w1'].shape[0]} and {have} blocks; the "
+                     f"inputs need head_dim {H} and {n_b} blocks")
+
+  def one_head(q_TH, k_SH, v_SD, valid_S):
+    return _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, n_b=n_b,
+                          n_iters=int(n_iters),
+                          temperature=float(temperature), scale=inp.scale,
+                          is_causal=inp.is_causal)
+
+  return finish(inp, map_heads(one_head, inp.q, inp.k, inp.v,
+                               key_valid_or_all(inp)))

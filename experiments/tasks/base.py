@@ -7,8 +7,8 @@ batches it would have seen. Nothing here is downloaded.
 
 Randomness. ``Task.batch(split, step, batch_size)`` draws from
 ``np.random.default_rng([seed, split_id, step])`` with ``split_id`` 0/1/2 for
-train/valid/test. The fixed evaluation sets use keys ``[0, 3 + split_id, 0]``
-and therefore do not depend on the seed: runs with different seeds are scored
+train/valid/test. The fixed evaluation sets use keys
+``[0, 3 + split_id, chunk]`` and therefore do not depend on the seed: runs with different seeds are scored
 on the same examples. All keys have exactly three words: NumPy's
 ``SeedSequence`` ignores trailing zero words (``default_rng([s, k, 0])`` equals
 ``default_rng([s, k])``), so keys of different lengths could collide.
@@ -40,6 +40,9 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 NUM_SPECIAL = 3
 # Cumulative fractions of the content hash assigned to train / valid / test.
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+# Generated evaluation sets are built in chunks of this many examples, so the
+# set for n examples is a prefix of the set for any larger n.
+EVAL_CHUNK = 256
 # Rejection sampling gives up after this many rounds of proposals.
 MAX_REJECTION_ROUNDS = 200
 _MAX_WORD = 2**32  # seeds and steps stay single SeedSequence words.
@@ -57,9 +60,10 @@ def batch_rng(seed: int, split: str, step: int) -> np.random.Generator:
   return np.random.default_rng([seed, split_id(split), step])
 
 
-def eval_rng(split: str) -> np.random.Generator:
-  """The generator of the fixed evaluation set of ``split`` (seed-free)."""
-  return np.random.default_rng([0, len(SPLITS) + split_id(split), 0])
+def eval_rng(split: str, chunk: int) -> np.random.Generator:
+  """The generator of chunk ``chunk`` of ``split``'s fixed evaluation set
+  (seed-free)."""
+  return np.random.default_rng([0, len(SPLITS) + split_id(split), chunk])
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int = 0,
@@ -237,6 +241,7 @@ class Task:
 
   def __init__(self, seed: int = 0):
     self.seed = check_int(self.name, "seed", seed, 0, _MAX_WORD - 1)
+    self._eval_cache: Dict[tuple[str, int], Batch] = {}
 
   @classmethod
   def options(cls) -> Dict[str, Any]:
@@ -262,19 +267,31 @@ class Task:
 
     Yields the first ``num_examples`` examples of the split's evaluation
     sequence (capped at the split's size for finite data sets); the last
-    batch is smaller when ``batch_size`` does not divide the count. The set
-    does not depend on ``batch_size`` or the seed.
+    batch is smaller when ``batch_size`` does not divide the count. The
+    examples depend on neither ``batch_size`` nor the seed, and a smaller
+    ``num_examples`` gives a prefix of a larger one. Arguments are checked
+    and the set is built when called; the set is cached on the task and
+    read-only.
     """
     split_id(split)
     batch_size = check_int(self.name, "batch_size", batch_size, 1)
     num_examples = check_int(self.name, "num_examples", num_examples, 1)
-    data = self._eval_set(split, num_examples)
+    key = (split, num_examples)
+    if key not in self._eval_cache:  # generated once, reused at every eval
+      data = self._eval_set(split, num_examples)
+      for array in data.values():
+        array.flags.writeable = False  # the cache must not be edited
+      self._eval_cache[key] = data
+    data = self._eval_cache[key]
     total = len(next(iter(data.values())))
-    for start in range(0, total, batch_size):
-      yield {k: v[start:start + batch_size] for k, v in data.items()}
+    return ({k: v[start:start + batch_size] for k, v in data.items()}
+            for start in range(0, total, batch_size))
 
   def _eval_set(self, split: str, num_examples: int) -> Batch:
-    return self._sample(eval_rng(split), split, num_examples)
+    chunks = [self._sample(eval_rng(split, c), split, EVAL_CHUNK)
+              for c in range(-(-num_examples // EVAL_CHUNK))]
+    return {k: np.concatenate([c[k] for c in chunks])[:num_examples]
+            for k in chunks[0]}
 
   def _sample(self, rng: np.random.Generator, split: str, n: int) -> Batch:
     raise NotImplementedError(f"{type(self).__name__} must implement _sample")

@@ -21,10 +21,10 @@ Follows google-research/long-range-arena:
 
 Differences, none of which changes the distribution of examples: our ids are
 a fixed order (LRA's come from iterating a Python set, so they change between
-processes); ids 1 and 2 are reserved (BOS/EOS, unused here); generation stops
-early once a tree is already too long; and examples are assigned to
-train/valid/test by a hash of their tokens (LRA de-duplicates one pool and
-slices it).
+processes); ids 1 and 2 are reserved (BOS/EOS, unused here); a draw is
+abandoned as soon as it is certain to be rejected; and examples are assigned
+to train/valid/test by a hash of their first 16 tokens (LRA de-duplicates one
+pool and slices it), so the splits never share an expression.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from experiments.tasks.base import (PAD_ID, Batch, Task, Vocabulary,
-                                    check_int, epoch_indices, pad_rows,
-                                    sample_in_split)
+                                    check_int, content_split, epoch_indices,
+                                    pad_rows, split_id)
 
 MIN, MAX, MED, SUM_MOD, END = "[MIN", "[MAX", "[MED", "[SM", "]"
 OPERATORS = (MIN, MAX, MED, SUM_MOD)
@@ -51,9 +51,16 @@ LRA_OPTIONS = {"max_depth": 10, "max_args": 10, "max_length": 2000,
 LRA_FILES = {"train": "basic_train.tsv", "valid": "basic_val.tsv",
              "test": "basic_test.tsv"}
 _MAX_ATTEMPTS_PER_EXAMPLE = 100_000
+# An example's split is decided by a hash of its first SPLIT_PREFIX tokens, so
+# a draw of the wrong split is abandoned early; no test expression shares its
+# first 16 tokens with any training expression.
+SPLIT_PREFIX = 16
+_OP_IDS = tuple(int(VOCAB.encode(op)[0]) for op in OPERATORS)
+_END_ID = int(VOCAB.encode(END)[0])
+_DIGIT_IDS = tuple(int(i) for i in VOCAB.encode(" ".join(DIGITS)))
 
 
-class _TooLong(Exception):
+class _Reject(Exception):
   """Raised inside the generator once a tree cannot be accepted any more."""
 
 
@@ -74,45 +81,84 @@ def apply_operator(op: str, args: Sequence[int]) -> int:
   raise ValueError(f"unknown ListOps operator {op!r}; known: {OPERATORS}")
 
 
-def _tree(rand: random.Random, depth: int, max_depth: int, max_args: int,
-          limit: int, out: List[str]) -> int:
-  """Appends one random subtree's tokens to ``out``; returns its value.
+def example_split(ids: Sequence[int]) -> int:
+  """Split index (0 train, 1 valid, 2 test) of a generated example: a hash
+  of its first :data:`SPLIT_PREFIX` token ids."""
+  return int(content_split(np.asarray(ids[:SPLIT_PREFIX])[None])[0])
 
-  Mirrors LRA's ``generate_tree``; raises :class:`_TooLong` as soon as
-  ``out`` holds ``limit`` tokens (the tree would be rejected anyway).
+
+class _TreeSampler:
+  """LRA's ``generate_tree`` plus its length filter, producing token ids.
+
+  A draw is abandoned as soon as it is known to be rejected: when it reaches
+  ``max_length - 1`` tokens, or when its first :data:`SPLIT_PREFIX` tokens
+  hash to another split. The accepted trees are the ones full generation
+  followed by both checks would accept, drawn with the same probabilities.
   """
-  if len(out) >= limit:
-    raise _TooLong
-  r = rand.random() if depth < max_depth else 1.0
-  if r > VALUE_P:
-    value = int(rand.random() * 10)
-    out.append(DIGITS[value])
-    return value
-  num_args = 2 + int(rand.random() * (max_args - 1))  # randint(2, max_args)
-  op = OPERATORS[int(rand.random() * len(OPERATORS))]
-  out.append(op)
-  args = [_tree(rand, depth + 1, max_depth, max_args, limit, out)
-          for _ in range(num_args)]
-  out.append(END)
-  return apply_operator(op, args)
+
+  def __init__(self, rand: random.Random, max_depth: int, max_args: int,
+               min_length: int, max_length: int, split: Optional[int]):
+    self.rand = rand
+    self.max_depth, self.max_args = max_depth, max_args
+    self.min_length, self.max_length = min_length, max_length
+    self.split = split
+    self.ids: List[int] = []
+    self.prefix_checked = False
+
+  def sample(self) -> Tuple[List[int], int]:
+    """One accepted ``(token_ids, value)``."""
+    for _ in range(_MAX_ATTEMPTS_PER_EXAMPLE):
+      self.ids, self.prefix_checked = [], False
+      try:
+        value = self._node(1)
+        if not self.min_length < len(self.ids) < self.max_length:
+          continue
+        if not self.prefix_checked:
+          self._check_prefix()
+      except _Reject:
+        continue
+      return self.ids, value
+    raise ValueError(f"listops: no tree with {self.min_length} < length < "
+                     f"{self.max_length} in {_MAX_ATTEMPTS_PER_EXAMPLE} "
+                     f"attempts (max_depth={self.max_depth}, "
+                     f"max_args={self.max_args})")
+
+  def _check_prefix(self) -> None:
+    self.prefix_checked = True
+    if self.split is not None and example_split(self.ids) != self.split:
+      raise _Reject
+
+  def _node(self, depth: int) -> int:
+    """Appends one random subtree's ids; returns its value."""
+    if len(self.ids) >= self.max_length - 1:
+      raise _Reject
+    if len(self.ids) >= SPLIT_PREFIX and not self.prefix_checked:
+      self._check_prefix()
+    rand = self.rand
+    r = rand.random() if depth < self.max_depth else 1.0
+    if r > VALUE_P:
+      value = int(rand.random() * 10)
+      self.ids.append(_DIGIT_IDS[value])
+      return value
+    num_args = 2 + int(rand.random() * (self.max_args - 1))  # randint(2, a)
+    op = int(rand.random() * len(OPERATORS))
+    self.ids.append(_OP_IDS[op])
+    args = [self._node(depth + 1) for _ in range(num_args)]
+    self.ids.append(_END_ID)
+    return apply_operator(OPERATORS[op], args)
 
 
 def generate_expression(rand: random.Random, max_depth: int, max_args: int,
-                        min_length: int, max_length: int
-                        ) -> Tuple[List[str], int]:
-  """One LRA ListOps example: ``(tokens, value)`` with
-  ``min_length < len(tokens) < max_length``."""
-  for _ in range(_MAX_ATTEMPTS_PER_EXAMPLE):
-    tokens: List[str] = []
-    try:
-      value = _tree(rand, 1, max_depth, max_args, max_length - 1, tokens)
-    except _TooLong:
-      continue
-    if min_length < len(tokens) < max_length:
-      return tokens, value
-  raise ValueError(f"listops: no tree with {min_length} < length < "
-                   f"{max_length} in {_MAX_ATTEMPTS_PER_EXAMPLE} attempts "
-                   f"(max_depth={max_depth}, max_args={max_args})")
+                        min_length: int, max_length: int,
+                        split: Optional[int] = None) -> Tuple[List[int], int]:
+  """One LRA ListOps example: ``(token_ids, value)`` with
+  ``min_length < len(token_ids) < max_length`` (ids of :data:`VOCAB`).
+
+  With ``split`` (0/1/2) only examples of that split are returned
+  (:func:`example_split`).
+  """
+  return _TreeSampler(rand, max_depth, max_args, min_length, max_length,
+                      split).sample()
 
 
 def max_tree_length(max_depth: int, max_args: int) -> int:
@@ -212,7 +258,8 @@ class ListOps(Task):
   Options:
     max_depth, max_args, max_length, min_length: LRA's generator options
       (its published values are :data:`LRA_OPTIONS`); the defaults here are
-      CPU-sized (lengths 129-511).
+      CPU-sized (lengths 129-511). With ``data_dir`` only ``max_length``
+      (truncation and padded width) applies.
     data_dir: directory of LRA TSV files, or None to generate.
   """
 
@@ -226,10 +273,10 @@ class ListOps(Task):
     self.max_depth = check_int(self.name, "max_depth", max_depth, 1)
     self.max_args = check_int(self.name, "max_args", max_args, 2)
     self.max_length = check_int(self.name, "max_length", max_length, 2)
-    self.min_length = check_int(self.name, "min_length", min_length, 0,
-                                self.max_length - 2)
+    self.min_length = check_int(self.name, "min_length", min_length, 0)
     self.data_dir = data_dir
     if data_dir is None:
+      check_int(self.name, "min_length", min_length, 0, self.max_length - 2)
       longest = max_tree_length(self.max_depth, self.max_args)
       if longest <= self.min_length:
         raise ValueError(f"listops: min_length={self.min_length} is not "
@@ -237,38 +284,38 @@ class ListOps(Task):
                          f"max_args={self.max_args} give at most {longest} "
                          f"tokens")
     else:
-      for split, file in LRA_FILES.items():
+      for file in LRA_FILES.values():
         if not os.path.isfile(os.path.join(data_dir, file)):
           raise ValueError(f"listops: data_dir={data_dir!r} has no {file} "
                            f"(expected {sorted(LRA_FILES.values())})")
     self._files: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
 
-  def _propose(self, rng: np.random.Generator, m: int):
+  def _sample(self, rng: np.random.Generator, split: str, n: int) -> Batch:
     rand = random.Random(int(rng.integers(2**63)))
     rows, labels = [], []
-    for _ in range(m):
-      tokens, value = generate_expression(rand, self.max_depth, self.max_args,
-                                          self.min_length, self.max_length)
-      rows.append(VOCAB.encode(" ".join(tokens)))
+    for _ in range(n):
+      ids, value = generate_expression(rand, self.max_depth, self.max_args,
+                                       self.min_length, self.max_length,
+                                       split_id(split))
+      rows.append(ids)
       labels.append(value)
-    inputs = pad_rows(rows, self.max_length, self.name)
-    return {"inputs": inputs,
-            "labels": np.array(labels, dtype=np.int32)}, inputs
-
-  def _sample(self, rng: np.random.Generator, split: str, n: int) -> Batch:
-    return sample_in_split(rng, split, n, self._propose, self.name)
+    return {"inputs": pad_rows(rows, self.max_length, self.name),
+            "labels": np.array(labels, dtype=np.int32)}
 
   def _file(self, split: str) -> Tuple[np.ndarray, np.ndarray]:
     """Token ids (uint8 ``[N, max_length]``) and labels of a TSV split."""
     if split not in self._files:
       path = os.path.join(self.data_dir, LRA_FILES[split])
       sources, labels = read_lra_tsv(path)
+      if not sources:
+        raise ValueError(f"listops: {path} has no examples")
       ids = np.zeros((len(sources), self.max_length), dtype=np.uint8)
       for i, source in enumerate(sources):
-        row = VOCAB.encode(" ".join(lra_tokens(source)))[:self.max_length]
+        try:
+          row = VOCAB.encode(" ".join(lra_tokens(source)))[:self.max_length]
+        except ValueError as e:
+          raise ValueError(f"listops: {path}:{i + 2}: {e}") from e
         ids[i, :len(row)] = row
-      if not len(sources):
-        raise ValueError(f"listops: {path} has no examples")
       self._files[split] = (ids, labels)
     return self._files[split]
 

@@ -1,0 +1,503 @@
+"""Task kind -> model, loss, evaluation metrics and pictures.
+
+A :class:`Problem` is everything :mod:`experiments.train` needs to know about
+one kind of task: ``init``, a differentiable ``loss``, a jitted ``eval_step``
+returning batch-mean metrics, the metric that ranks checkpoints, and
+``draw`` for the pictures in ``workdir/figures``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from attn.models import rnn as rnn_lib
+from attn.models import transformer as tfm
+from attn.models import vit as vit_lib
+from attn.modules import AttentionPooling, GlimpseAttention
+from experiments import plots
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _rngs(rng):
+  d, a = jax.random.split(rng)
+  return {"dropout": d, "attention": a}
+
+
+def cross_entropy(logits, labels, weights=None):
+  """Mean token cross-entropy and accuracy (weighted)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  if weights is None:
+    return jnp.mean(losses), jnp.mean(correct)
+  denom = jnp.maximum(jnp.sum(weights), 1.0)
+  return jnp.sum(losses * weights) / denom, jnp.sum(correct * weights) / denom
+
+
+def _model_kwargs(m) -> dict:
+  """The Transformer fields shared by every attention model."""
+  return dict(emb_dim=m.emb_dim, num_heads=m.num_heads,
+              num_layers=m.num_layers, mlp_dim=m.mlp_dim,
+              num_kv_heads=m.num_kv_heads or None, attention=m.attention,
+              positional=m.positional, pre_ln=m.pre_ln,
+              dropout_rate=m.dropout_rate,
+              attention_dropout_rate=m.attention_dropout_rate)
+
+
+def _figdir(workdir, step):
+  sub = "figures" if step is None else os.path.join("figures", f"step_{step}")
+  return os.path.join(workdir, sub)
+
+
+def _weights_by_layer(intermediates, keep=lambda path: True):
+  pairs = [(p, np.asarray(w)) for p, w in
+           tfm.attention_weights(intermediates) if keep(p)]
+  return pairs
+
+
+class Problem:
+  """Base: subclasses set ``model`` and implement the hooks."""
+  best_metric = "accuracy"
+  best_mode = "max"
+
+  def __init__(self, config, task):
+    self.config, self.task, self.spec = config, task, task.spec()
+    self.dtype = DTYPES[config.dtype]
+    self.eval_step = jax.jit(self.evaluate)
+
+  def init(self, rng, batch):
+    raise NotImplementedError
+
+  def loss(self, params, batch, rng, train: bool):
+    raise NotImplementedError
+
+  def evaluate(self, params, batch) -> dict:
+    _, metrics = self.loss(params, batch, jax.random.key(0), False)
+    return metrics
+
+  def draw(self, params, task, workdir, step=None) -> list[str]:
+    paths = []
+    if step is None:
+      p = plots.plot_curves(workdir, os.path.join(workdir, "figures",
+                                                  "training_curves.png"))
+      if p:
+        paths.append(p)
+    batch = next(iter(task.eval_batches("test", self.config.figures.num_examples,
+                                        self.config.figures.num_examples)))
+    paths.extend(self.draw_examples(params, batch, _figdir(workdir, step)))
+    return paths
+
+  def draw_examples(self, params, batch, figdir) -> list[str]:
+    return []
+
+
+# --------------------------------------------------------------------------
+# seq2seq: reverse, copy, sort, dates
+
+
+class Seq2SeqProblem(Problem):
+  """Teacher-forced training, greedy decoding for sequence accuracy."""
+  best_metric = "sequence_accuracy"
+
+  def __init__(self, config, task):
+    super().__init__(config, task)
+    m = config.model
+    vocab = self.spec["vocab_size"]
+    self.target_length = self.spec["target_length"]
+    max_len = max(self.spec["input_length"], self.target_length) + 1
+    if m.arch == "rnn":
+      opts = m.options.to_dict()
+      self.model = rnn_lib.RNNSeq2Seq(
+          vocab_size=vocab, emb_dim=m.emb_dim, hidden_dim=m.emb_dim,
+          style=opts.get("style", "bahdanau"), attention=m.score,
+          positional="none", max_len=max_len, dropout_rate=m.dropout_rate,
+          dtype=self.dtype)
+    else:
+      self.model = tfm.Seq2SeqTransformer(
+          vocab_size=vocab, max_len=max_len, dtype=self.dtype,
+          **_model_kwargs(m))
+    self.bos = self.spec.get("bos_id", 1)
+
+  def _dec_in(self, targets):
+    bos = jnp.full((targets.shape[0], 1), self.bos, targets.dtype)
+    return jnp.concatenate([bos, targets[:, :-1]], axis=1)
+
+  def init(self, rng, batch):
+    return self.model.init(
+        {"params": rng, **_rngs(rng)}, batch["inputs"],
+        self._dec_in(batch["targets"]), padding_mask=batch["inputs"] != 0)[
+            "params"]
+
+  def loss(self, params, batch, rng, train):
+    logits = self.model.apply(
+        {"params": params}, batch["inputs"], self._dec_in(batch["targets"]),
+        padding_mask=batch["inputs"] != 0, train=train, rngs=_rngs(rng))
+    weights = (batch["targets"] != 0).astype(jnp.float32)
+    loss, acc = cross_entropy(logits, batch["targets"], weights)
+    return loss, {"token_accuracy": acc}
+
+  def greedy(self, params, inputs):
+    """Greedy decoding: ``[B, target_length]`` predicted ids."""
+    B, T = inputs.shape[0], self.target_length
+    dec = jnp.zeros((B, T), jnp.int32).at[:, 0].set(self.bos)
+    pad = inputs != 0
+
+    def body(i, state):
+      dec, out = state
+      logits = self.model.apply({"params": params}, inputs, dec,
+                                padding_mask=pad)
+      nxt = jnp.argmax(logits[:, i], -1).astype(jnp.int32)
+      out = out.at[:, i].set(nxt)
+      dec = jnp.where(i + 1 < T, dec.at[:, jnp.minimum(i + 1, T - 1)].set(nxt),
+                      dec)
+      return dec, out
+
+    _, out = jax.lax.fori_loop(0, T, body, (dec, jnp.zeros((B, T), jnp.int32)))
+    return out
+
+  def evaluate(self, params, batch):
+    loss, metrics = self.loss(params, batch, jax.random.key(0), False)
+    pred = self.greedy(params, batch["inputs"])
+    tgt = batch["targets"]
+    ok = (pred == tgt) | (tgt == 0)
+    return dict(metrics, loss=loss,
+                sequence_accuracy=jnp.mean(jnp.all(ok, -1).astype(jnp.float32)))
+
+  def draw_examples(self, params, batch, figdir):
+    pred = np.asarray(jax.jit(self.greedy)(params, batch["inputs"]))
+    _, inter = self.model.apply(
+        {"params": params}, batch["inputs"], self._dec_in(jnp.asarray(pred)),
+        padding_mask=batch["inputs"] != 0, mutable=["intermediates"])
+    pairs = _weights_by_layer(inter)
+    paths = []
+    for b in range(len(batch["inputs"])):
+      src = [self.task.decode([t]) or "·" for t in batch["inputs"][b]]
+      out = [self.task.decode([t]) or "·" for t in pred[b]]
+      groups = {}
+      for path, w in pairs:
+        if self.config.model.arch == "rnn":
+          kind = "cross"
+          w = w.reshape((w.shape[0], 1) + w.shape[-2:]) if w.ndim == 3 else w
+        elif "cross" in path:
+          kind = "cross"
+        elif path.startswith("decoder") or "/decoder" in path:
+          kind = "decoder_self"
+        else:
+          kind = "encoder_self"
+        groups.setdefault(kind, []).append((path, w[b]))
+      for kind, items in groups.items():
+        labels = {"cross": (src, out), "decoder_self": (out, out),
+                  "encoder_self": (src, src)}[kind]
+        paths.append(plots.plot_attention_grid(
+            np.stack([w for _, w in items]),
+            os.path.join(figdir, f"{kind}_attention_example{b}.png"),
+            x_labels=labels[0], y_labels=labels[1],
+            row_names=[p for p, _ in items],
+            title=f"{kind.replace('_', ' ')}: "
+            f"{self.task.decode(batch['inputs'][b])} -> "
+            f"{self.task.decode(pred[b])}"))
+    return paths
+
+
+# --------------------------------------------------------------------------
+# lm: associative_recall, text_lm
+
+
+class LMProblem(Problem):
+  """Next-token prediction on ``inputs``, weighted by ``loss_mask``."""
+
+  def __init__(self, config, task):
+    super().__init__(config, task)
+    self.model = tfm.TransformerLM(
+        vocab_size=self.spec["vocab_size"],
+        max_len=self.spec["input_length"], dtype=self.dtype,
+        **_model_kwargs(config.model))
+
+  def init(self, rng, batch):
+    return self.model.init({"params": rng, **_rngs(rng)},
+                           batch["inputs"])["params"]
+
+  def loss(self, params, batch, rng, train):
+    logits = self.model.apply({"params": params}, batch["inputs"],
+                              train=train, rngs=_rngs(rng))
+    loss, acc = cross_entropy(logits[:, :-1], batch["inputs"][:, 1:],
+                              batch["loss_mask"][:, :-1])
+    return loss, {"accuracy": acc}
+
+  def evaluate(self, params, batch):
+    loss, metrics = self.loss(params, batch, jax.random.key(0), False)
+    return dict(metrics, loss=loss)
+
+  def draw_examples(self, params, batch, figdir):
+    _, inter = self.model.apply({"params": params}, batch["inputs"][:1],
+                                mutable=["intermediates"])
+    pairs = _weights_by_layer(inter)
+    toks = [self.task.decode([t]) or "·" for t in batch["inputs"][0]]
+    n = min(len(toks), 48)
+    paths = [plots.plot_attention_grid(
+        np.stack([w[0, :, :n, :n] for _, w in pairs]),
+        os.path.join(figdir, "causal_attention_example0.png"),
+        x_labels=toks[:n], y_labels=toks[:n],
+        row_names=[p for p, _ in pairs], title="causal self-attention")]
+    if self.task.name == "text_lm" and self.config.model.attention in (
+        "softmax", "xla", "chunked"):
+      prompt = jnp.asarray(batch["inputs"][:1, :16])
+      sample = self.model.generate(
+          params, prompt, max_new_tokens=min(64, self.spec["input_length"]
+                                             - 16), rng=jax.random.key(0),
+          temperature=0.8, top_k=10)
+      path = os.path.join(figdir, "samples.txt")
+      os.makedirs(figdir, exist_ok=True)
+      with open(path, "w", encoding="utf-8") as f:
+        f.write(self.task.decode(np.asarray(sample[0])) + "\n")
+      paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------
+# classification: listops (tokens), digits_vit (images)
+
+
+class ClassificationProblem(Problem):
+  """Sequence classifier for tokens, ViT for images."""
+
+  def __init__(self, config, task):
+    super().__init__(config, task)
+    m = config.model
+    opts = m.options.to_dict()
+    self.images = "image_shape" in self.spec
+    if self.images:
+      self.model = vit_lib.ViT(num_classes=self.spec["num_classes"],
+                               patch_size=opts.get("patch_size", 2),
+                               pooling=opts.get("pooling", "cls"),
+                               dtype=self.dtype, **_model_kwargs(m))
+    else:
+      self.model = tfm.EncoderClassifier(
+          vocab_size=self.spec["vocab_size"],
+          num_classes=self.spec["num_classes"],
+          max_len=self.spec["input_length"] + 1,
+          pooling=opts.get("pooling", "mean"), dtype=self.dtype,
+          **_model_kwargs(m))
+
+  def _apply(self, params, batch, train=False, rng=None, **kw):
+    extra = {} if self.images else {"padding_mask": batch["inputs"] != 0}
+    return self.model.apply({"params": params}, batch["inputs"], train=train,
+                            rngs=_rngs(rng) if rng is not None else None,
+                            **extra, **kw)
+
+  def init(self, rng, batch):
+    extra = {} if self.images else {"padding_mask": batch["inputs"] != 0}
+    return self.model.init({"params": rng, **_rngs(rng)}, batch["inputs"],
+                           **extra)["params"]
+
+  def loss(self, params, batch, rng, train):
+    logits = self._apply(params, batch, train, rng)
+    loss, acc = cross_entropy(logits, batch["labels"])
+    return loss, {"accuracy": acc}
+
+  def evaluate(self, params, batch):
+    loss, metrics = self.loss(params, batch, jax.random.key(0), False)
+    return dict(metrics, loss=loss)
+
+  def draw_examples(self, params, batch, figdir):
+    logits, inter = self._apply(params, batch, mutable=["intermediates"])
+    pred = np.asarray(jnp.argmax(logits, -1))
+    weights = [w for _, w in tfm.attention_weights(inter)]
+    paths = []
+    if self.images:
+      rollout = vit_lib.attention_rollout(weights)
+      h = batch["inputs"].shape[1] // self.model.patch_size
+      w = batch["inputs"].shape[2] // self.model.patch_size
+      sal = np.asarray(vit_lib.cls_saliency(rollout, (h, w)))
+      for b in range(len(pred)):
+        up = np.kron(sal[b], np.ones((self.model.patch_size,) * 2))
+        paths.append(plots.plot_saliency(
+            batch["inputs"][b, ..., 0], up,
+            os.path.join(figdir, f"saliency_example{b}.png"),
+            title=f"label {batch['labels'][b]}, predicted {pred[b]}"))
+      paths.append(plots.plot_attention_grid(
+          np.stack([np.asarray(x[0]) for x in weights]),
+          os.path.join(figdir, "vit_attention_example0.png"),
+          title="ViT self-attention (token 0 = class token)"))
+    else:
+      n = int(min(64, np.sum(batch["inputs"][0] != 0)))
+      toks = [self.task.decode([t]) or "·" for t in batch["inputs"][0, :n]]
+      paths.append(plots.plot_attention_grid(
+          np.stack([np.asarray(x[0, :, :n, :n]) for x in weights]),
+          os.path.join(figdir, "encoder_attention_example0.png"),
+          x_labels=toks, y_labels=toks,
+          title=f"label {batch['labels'][0]}, predicted {pred[0]} "
+          f"(first {n} tokens)"))
+    return paths
+
+
+# --------------------------------------------------------------------------
+# regression: nadaraya_watson
+
+
+class RegressionProblem(Problem):
+  """Nadaraya–Watson attention pooling; metric: test MSE."""
+  best_metric = "mse"
+  best_mode = "min"
+
+  def __init__(self, config, task):
+    super().__init__(config, task)
+    opts = config.model.options.to_dict()
+    self.model = AttentionPooling(
+        kernel=opts.get("kernel", "gaussian"),
+        bandwidth=opts.get("bandwidth", 1.0),
+        learn_bandwidth=opts.get("learn_bandwidth", False))
+
+  def init(self, rng, batch):
+    variables = self.model.init(rng, batch["queries"], batch["keys"],
+                                batch["values"])
+    return variables.get("params", {})
+
+  def loss(self, params, batch, rng, train):
+    out, _ = self.model.apply({"params": params}, batch["queries"],
+                              batch["keys"], batch["values"])
+    mse = jnp.mean(jnp.square(out - batch["targets"]))
+    return mse, {"mse": mse}
+
+  def draw_examples(self, params, batch, figdir):
+    out, w = self.model.apply({"params": params}, batch["queries"][:1],
+                              batch["keys"][:1], batch["values"][:1])
+    order = np.argsort(batch["queries"][0])
+    paths = [plots.plot_regression(
+        batch["keys"][0], batch["values"][0], batch["queries"][0][order],
+        {"truth (noisy)": batch["targets"][0][order],
+         f"{self.model.kernel} kernel": np.asarray(out[0])[order]},
+        os.path.join(figdir, "regression_fit.png"),
+        title="Nadaraya–Watson attention pooling")]
+    paths.append(plots.plot_attention_grid(
+        np.asarray(w[0])[None, None], os.path.join(figdir,
+                                                   "pooling_weights.png"),
+        title="attention weights (queries x training inputs)"))
+    return paths
+
+
+# --------------------------------------------------------------------------
+# glimpse
+
+
+class GlimpseNet(nn.Module):
+  """Embed tokens, take one glimpse with a context-id query, classify."""
+  vocab_size: int
+  num_contexts: int
+  num_classes: int
+  emb_dim: int
+  score: str
+  max_length: int
+
+  @nn.compact
+  def __call__(self, tokens, context):
+    x = nn.Embed(self.vocab_size, self.emb_dim)(tokens)
+    return GlimpseAttention(self.num_contexts, self.num_classes,
+                            score=self.score, max_length=self.max_length)(
+                                x, context, mask=tokens != 0)
+
+
+class GlimpseProblem(Problem):
+  """Accuracy plus the attention mass the glimpse puts on the target."""
+
+  def __init__(self, config, task):
+    super().__init__(config, task)
+    self.model = GlimpseNet(
+        vocab_size=self.spec["vocab_size"],
+        num_contexts=self.spec["num_contexts"],
+        num_classes=self.spec["num_classes"], emb_dim=config.model.emb_dim,
+        score=config.model.score, max_length=self.spec["input_length"])
+
+  def init(self, rng, batch):
+    return self.model.init(rng, batch["inputs"], batch["context"])["params"]
+
+  def loss(self, params, batch, rng, train):
+    logits, w = self.model.apply({"params": params}, batch["inputs"],
+                                 batch["context"])
+    loss, acc = cross_entropy(logits, batch["labels"])
+    mass = jnp.take_along_axis(w, batch["target_position"][:, None], 1)
+    return loss, {"accuracy": acc, "target_mass": jnp.mean(mass)}
+
+  def draw_examples(self, params, batch, figdir):
+    _, w = self.model.apply({"params": params}, batch["inputs"],
+                            batch["context"])
+    toks = [[self.task.decode([t]) or "·" for t in row]
+            for row in batch["inputs"]]
+    return [plots.plot_attention_grid(
+        np.asarray(w)[:, None, None, :],
+        os.path.join(figdir, "glimpse_weights.png"),
+        x_labels=toks[0], row_names=[f"example {i} (target at "
+                                     f"{batch['target_position'][i]})"
+                                     for i in range(len(toks))],
+        title=f"glimpse weights, score={self.config.model.score}",
+        ylabel="")]
+
+
+# --------------------------------------------------------------------------
+# set_anomaly: digits_set_anomaly
+
+
+class SetEncoder(nn.Module):
+  """Per-element scores from a Transformer encoder without positions.
+
+  Permutation-equivariant: permuting the set permutes the scores.
+  """
+  kwargs: dict
+
+  @nn.compact
+  def __call__(self, x_BMD, train: bool = False):
+    kw = dict(self.kwargs)
+    emb_dim = kw.pop("emb_dim")
+    kw.pop("positional")
+    x = nn.Dense(emb_dim)(x_BMD)
+    x = tfm.TransformerEncoder(positional="none", **kw)(
+        x, deterministic=not train)
+    return nn.Dense(1)(x)[..., 0].astype(jnp.float32)
+
+
+class SetAnomalyProblem(Problem):
+  """Which element of the set is the odd one out."""
+
+  def __init__(self, config, task):
+    super().__init__(config, task)
+    self.model = SetEncoder(_model_kwargs(config.model))
+
+  def init(self, rng, batch):
+    return self.model.init({"params": rng, **_rngs(rng)},
+                           batch["inputs"])["params"]
+
+  def loss(self, params, batch, rng, train):
+    logits = self.model.apply({"params": params}, batch["inputs"],
+                              train=train, rngs=_rngs(rng))
+    loss, acc = cross_entropy(logits, batch["labels"])
+    return loss, {"accuracy": acc}
+
+  def draw_examples(self, params, batch, figdir):
+    _, inter = self.model.apply({"params": params}, batch["inputs"][:1],
+                                mutable=["intermediates"])
+    pairs = _weights_by_layer(inter)
+    return [plots.plot_attention_grid(
+        np.stack([w[0] for _, w in pairs]),
+        os.path.join(figdir, "set_attention_example0.png"),
+        row_names=[p for p, _ in pairs],
+        title=f"set self-attention (odd one: element {batch['labels'][0]})",
+        xlabel="set element", ylabel="set element")]
+
+
+PROBLEMS = {"seq2seq": Seq2SeqProblem, "lm": LMProblem,
+            "classification": ClassificationProblem,
+            "regression": RegressionProblem, "glimpse": GlimpseProblem,
+            "set_anomaly": SetAnomalyProblem}
+
+
+def make_problem(config, task) -> Problem:
+  """The :class:`Problem` for ``task.kind``."""
+  return PROBLEMS[task.kind](config, task)

@@ -1,0 +1,353 @@
+"""Tests for the kernel benchmark harness (experiments/benchmark.py)."""
+
+import csv
+import json
+import os
+
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import benchmark as benchmark_config
+from experiments import benchmark
+from tests.reference import reference_attention as np_reference_attention
+from tests.reference import reference_mask
+
+
+def _config(**overrides):
+  config = benchmark_config.get_config("quick")
+  config.update(dict(progress=False, seq_lens=(32,), causal=(False,),
+                     output_dir="unused"))
+  config.update(overrides)
+  return config
+
+
+def _first_half_keys(q, k, v, *, is_causal, rng, params):
+  """An 'approximation': exact softmax attention over the first S/2 keys."""
+  del rng, params
+  S = k.shape[1]
+  mask = jnp.arange(S) < S // 2
+  if is_causal:
+    mask = mask[None, :] & (jnp.arange(S)[None, :]
+                            <= jnp.arange(q.shape[1])[:, None])
+  return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def _gain_times_exact(q, k, v, *, is_causal, rng, params):
+  """Exact attention times a per-head gain parameter; needs an rng key."""
+  if rng is None:
+    raise ValueError("needs rng")
+  out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal)
+  return out * params["gain"][:, None]   # gain [N] over [B, T, N, Dv]
+
+
+def _gain_shapes(query_shape, key_shape):
+  del key_shape
+  return {"gain": ((query_shape[2],), jax.nn.initializers.ones)}
+
+
+FIRST_HALF = benchmark.Variant("first_half", _first_half_keys, exact=False)
+GAIN = benchmark.Variant("gain", _gain_times_exact, exact=True,
+                         param_shapes=_gain_shapes)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    # 1 head, T=S=2, H=Dv=1: 4 pairs x (2 FLOPs q.k + 2 FLOPs p.v) = 16.
+    (dict(batch=1, heads=1, q_len=2, kv_len=2, head_dim=1, value_dim=1,
+          causal=False), 16),
+    # causal T=S=2: pairs (0,0), (1,0), (1,1) -> 3 x 4 = 12.
+    (dict(batch=1, heads=1, q_len=2, kv_len=2, head_dim=1, value_dim=1,
+          causal=True), 12),
+    # causal T=3, S=2: rows see 1, 2, 2 keys -> 5 pairs x 2 x (1 + 1) = 20.
+    (dict(batch=1, heads=1, q_len=3, kv_len=2, head_dim=1, value_dim=1,
+          causal=True), 20),
+    # B=2, N=3, T=S=4, H=8, Dv=16, causal: 10 pairs; 2*2*3*10*(8+16).
+    (dict(batch=2, heads=3, q_len=4, kv_len=4, head_dim=8, value_dim=16,
+          causal=True), 2880),
+    # The README shape at T=1024: 4 * 8 * 1024^2 * 64.
+    (dict(batch=1, heads=8, q_len=1024, kv_len=1024, head_dim=64,
+          value_dim=64, causal=False), 2147483648),
+])
+def test_attention_flops_hand_computed(kwargs, expected):
+  assert benchmark.attention_flops(mode="fwd", **kwargs) == expected
+  assert benchmark.attention_flops(mode="fwd_bwd", **kwargs) == (
+      3.5 * expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40))
+def test_causal_pairs_counts_the_causal_mask(t, s):
+  assert benchmark.causal_pairs(t, s) == int(
+      reference_mask(1, t, s, is_causal=True).sum())
+
+
+def test_attention_flops_rejects_unknown_mode():
+  with pytest.raises(ValueError, match="fwd_bwd"):
+    benchmark.attention_flops(batch=1, heads=1, q_len=1, kv_len=1,
+                              head_dim=1, value_dim=1, causal=False,
+                              mode="bwd")
+
+
+def test_matmul_size_matches_work_and_clamps():
+  n = benchmark.matmul_size(2 * 1024 ** 3, 4096)
+  assert n == 1024
+  assert benchmark.matmul_size(2 * 10000 ** 3, 4096) == 4096
+  assert benchmark.matmul_size(10, 4096) == 64
+
+
+# ---------------------------------------------------------------- variants
+
+
+def test_split_specs_respects_parentheses():
+  assert benchmark.split_specs(
+      "softmax, performer(num_features=8, redraw=False),jax_nn,") == [
+          "softmax", "performer(num_features=8, redraw=False)", "jax_nn"]
+
+
+def test_resolve_variants_baselines_first_without_duplicates():
+  names = [v.name for v in benchmark.resolve_variants(
+      "xla,jax_nn,xla", "jax_nn,flax_linen")]
+  assert names == ["jax_nn", "flax_linen", "xla"]
+  everything = [v.name for v in benchmark.resolve_variants("all", "jax_nn")]
+  assert set(benchmark.BASELINES) <= set(everything)
+  assert "softmax" in everything
+
+
+def test_resolve_variants_unknown_name_lists_what_exists():
+  with pytest.raises(ValueError, match="(?s)registered.*flax_linen"):
+    benchmark.resolve_variants("no_such_attention", "jax_nn")
+
+
+# ---------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_matches_float64_loops(causal):
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((2, 12, 4, 8)).astype(np.float32)
+  k = rng.standard_normal((2, 12, 2, 8)).astype(np.float32)
+  v = rng.standard_normal((2, 12, 2, 8)).astype(np.float32)
+  got = benchmark.reference_attention(q, k, v, causal=causal, block=4)
+  mask = reference_mask(2, 12, 12, is_causal=causal)
+  want, _ = np_reference_attention(q, k, v, mask=mask)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_gradient_matches_jax_nn():
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, ct = (jax.random.normal(kk, (1, 16, 2, 8)) for kk in keys)
+
+  def grads(attention):
+    loss = lambda q, k, v: jnp.sum(attention(q, k, v) * ct)
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  got = grads(lambda q, k, v: benchmark.reference_attention(
+      q, k, v, causal=True, block=4))
+  want = grads(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True))
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def test_quick_mode_writes_parseable_outputs(tmp_path):
+  out = tmp_path / "quick"
+  benchmark.main(["benchmark", "--quick", "--progress=false",
+                  f"--output_dir={out}"])
+  variants = benchmark.resolve_variants("all", benchmark_config.get_config(
+  ).baselines)
+  seq_lens = benchmark_config.QUICK["seq_lens"]
+
+  with open(out / "results.csv") as f:
+    reader = csv.DictReader(f)
+    assert tuple(reader.fieldnames) == benchmark.COLUMNS
+    rows = list(reader)
+  assert len(rows) == len(variants) * len(seq_lens)
+  by_name = {(r["variant"], int(r["seq_len"])): r for r in rows}
+  for t in seq_lens:
+    assert by_name[("jax_nn", t)]["status"] == "ok"
+    assert float(by_name[("jax_nn", t)]["speedup_vs_jax_nn"]) == 1.0
+    assert by_name[("flax_linen", t)]["status"] == "ok"
+    if jax.devices()[0].platform != "gpu":
+      assert by_name[("jax_nn_cudnn", t)]["status"].startswith(
+          "unsupported")
+
+  data = json.loads((out / "results.json").read_text())
+  assert data["meta"]["config"]["seq_lens"] == list(seq_lens)
+  cells = data["cells"]
+  assert len(cells) == len(rows)
+  for c in cells:
+    if c["status"] != "ok":
+      continue
+    assert c["time_min_s"] <= c["time_median_s"] <= c["time_max_s"]
+    assert c["max_abs_err"] is not None and np.isfinite(c["max_abs_err"])
+    if c["exact"]:
+      assert c["max_abs_err"] < 1e-4, c
+      assert c["flops"] == benchmark.attention_flops(
+          batch=1, heads=2, q_len=c["seq_len"], kv_len=c["seq_len"],
+          head_dim=16, value_dim=16, causal=False, mode="fwd")
+    else:
+      # An approximation may be far from softmax attention (hard attention
+      # picks one value) but stays on the scale of the values; garbage
+      # (overflow, unnormalised sums, wrong axes) does not.
+      setting = {k: c[k] for k in benchmark.SETTING_KEYS}
+      v = benchmark.make_inputs(setting, c["seq_len"], 0)["v"]
+      assert c["max_abs_err"] < 10 * float(jnp.max(jnp.abs(v))), c
+  slope_names = {s["variant"] for s in data["slopes"]}
+  assert {"jax_nn", "flax_linen"} <= slope_names
+
+  summary = (out / "summary.md").read_text()
+  assert "| variant | T | status |" in summary
+  assert "× jax.nn" in summary and "Log-log slopes" in summary
+  for png in ("time_vs_T.png", "memory_vs_T.png", "roofline_fraction.png"):
+    assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_error_column_exact_zeroish_approximation_bounded():
+  rows = benchmark.run_benchmark(
+      _config(causal=(True,), modes=("fwd", "fwd_bwd")),
+      variants=[benchmark.BASELINES["jax_nn"], GAIN, FIRST_HALF])
+  assert len(rows) == 3 * 2
+  for r in rows:
+    assert r["status"] == "ok", r
+    if r["variant"] == "first_half":
+      # Outputs are convex combinations of values |v| <~ 4, so the error is
+      # real but bounded (for gradients too).
+      assert 1e-3 < r["max_abs_err"] < 20.0, r
+      assert r["flops_source"] == "xla"
+    else:
+      assert r["max_abs_err"] < 1e-4, r
+      assert r["flops_source"] == "analytic"
+      assert r["flops"] == benchmark.attention_flops(
+          batch=1, heads=2, q_len=32, kv_len=32, head_dim=16, value_dim=16,
+          causal=r["causal"], mode=r["mode"])
+    assert r["flops_per_s"] == pytest.approx(r["flops"]
+                                             / r["time_median_s"])
+
+
+def test_failing_cells_are_recorded_and_the_sweep_continues():
+  def unsupported(q, k, v, **_):
+    raise ValueError("cannot do this shape")
+
+  def out_of_memory(q, k, v, **_):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1TiB")
+
+  def broken(q, k, v, **_):
+    raise TypeError("bug in kernel")
+
+  variants = [
+      benchmark.Variant("unsupported", unsupported, exact=True),
+      benchmark.Variant("oom", out_of_memory, exact=True),
+      benchmark.Variant("broken", broken, exact=True),
+      benchmark.Variant("no_causal", benchmark.BASELINES["jax_nn"].fn,
+                        exact=True, supports_causal=False),
+      benchmark.BASELINES["flax_linen"],     # needs K == N
+      benchmark.BASELINES["jax_nn"],
+  ]
+  rows = benchmark.run_benchmark(
+      _config(causal=(True,), num_heads=4, num_kv_heads=2),
+      variants=variants)
+  status = {r["variant"]: r["status"] for r in rows}
+  assert status["unsupported"] == "unsupported: cannot do this shape"
+  assert status["oom"].startswith("oom: RESOURCE_EXHAUSTED")
+  assert status["broken"] == "error: TypeError: bug in kernel"
+  assert status["no_causal"].startswith("unsupported")
+  assert "key/value heads" in status["flax_linen"]
+  assert status["jax_nn"] == "ok"
+  for r in rows:
+    if r["status"] != "ok":
+      assert r["time_median_s"] is None and r["speedup_vs_jax_nn"] is None
+
+
+def test_cells_over_the_memory_limit_are_skipped_not_run():
+  rows = benchmark.run_benchmark(
+      _config(max_memory_gib=1e-6),
+      variants=[benchmark.BASELINES["jax_nn"]])
+  (row,) = rows
+  assert row["status"].startswith("skipped: too large")
+  assert row["time_median_s"] is None
+  assert row["argument_bytes"] == 3 * 32 * 2 * 16 * 4   # q, k, v in fp32
+
+
+def test_bad_config_values_raise_naming_the_field():
+  with pytest.raises(ValueError, match="fp8"):
+    benchmark.run_benchmark(_config(dtypes=("fp8",)))
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    benchmark.run_benchmark(_config(num_heads=4, num_kv_heads=3))
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def _row(variant, t, seconds, temp, status="ok"):
+  return dict(variant=variant, seq_len=t, time_median_s=seconds,
+              temp_bytes=temp, status=status, dtype="fp32", mode="fwd",
+              causal=False, batch=1, heads=8, kv_heads=8, head_dim=64,
+              speedup_vs_jax_nn=None, temp_ratio_vs_jax_nn=None)
+
+
+def test_ratios_and_loglog_slopes():
+  rows = []
+  for t in (1024, 2048, 4096):
+    rows.append(_row("jax_nn", t, 1e-9 * t ** 2, 4 * t ** 2))
+    rows.append(_row("linear", t, 3e-6 * t, 100 * t))
+  rows.append(_row("linear", 8192, None, None, status="oom: x"))
+  benchmark.add_ratios(rows)
+  assert rows[1]["speedup_vs_jax_nn"] == pytest.approx(1024 / 3e3)
+  assert rows[1]["temp_ratio_vs_jax_nn"] == pytest.approx(25 / 1024)
+  assert rows[-1]["speedup_vs_jax_nn"] is None
+  by_name = {s["variant"]: s for s in benchmark.slopes(rows)}
+  assert by_name["jax_nn"]["time_slope"] == pytest.approx(2.0)
+  assert by_name["jax_nn"]["temp_memory_slope"] == pytest.approx(2.0)
+  assert by_name["linear"]["time_slope"] == pytest.approx(1.0)
+  assert by_name["linear"]["seq_lens"] == [1024, 2048, 4096]
+  assert benchmark.loglog_slope([1, 2], [0, 5]) is None
+  assert benchmark.loglog_slope([4, 4], [1, 2]) is None
+
+
+def test_classify_error():
+  assert benchmark.classify_error(MemoryError()).startswith("oom")
+  assert benchmark.classify_error(
+      NotImplementedError("no")).startswith("unsupported")
+  assert benchmark.classify_error(KeyError("x")).startswith("error: KeyError")
+
+
+# ---------------------------------------------------------------- flags
+
+
+def test_flags_override_config_and_quick_preset():
+  fv = benchmark.flags.FlagValues()
+  argv = ["benchmark", "--quick", "--seq_lens=32,48", "--causal=false,true",
+          "--repeats=3", "--variants=xla, chunked"]
+  benchmark.define_flags(fv, argv)
+  fv(argv)
+  config = benchmark.config_from_flags(fv)
+  assert config.seq_lens == (32, 48)
+  assert config.causal == (False, True)
+  assert config.repeats == 3
+  assert config.variants == "xla, chunked"
+  assert config.head_dims == benchmark_config.QUICK["head_dims"]
+  assert config.max_memory_gib == benchmark_config.get_config().max_memory_gib
+
+
+def test_config_file_with_preset_and_field_override():
+  path = os.path.abspath(benchmark_config.__file__)
+  fv = benchmark.flags.FlagValues()
+  argv = ["benchmark", f"--config={path}:quick", "--config.repeats=4"]
+  benchmark.define_flags(fv, argv)
+  fv(argv)
+  config = benchmark.config_from_flags(fv)
+  assert config.repeats == 4
+  assert config.seq_lens == benchmark_config.QUICK["seq_lens"]
+  with pytest.raises(ValueError, match="quick"):
+    benchmark_config.get_config("slow")
