@@ -168,6 +168,8 @@ def flax_compatible(kernel: Callable[..., Any], name: str = "attention"):
     (as ``flax.linen.dot_product_attention`` does), and raises ``ValueError``
     if the kernel cannot do dropout;
   * passes ``deterministic`` on only to kernels that name it;
+  * turns Flax's float 0/1 masks (``nn.make_causal_mask`` & co.) into the
+    boolean masks kernels take;
   * ignores ``dtype``/``precision``/``force_fp32_for_softmax``/custom einsums
     (kernels compute in float32 and return the input dtype);
   * drops other keyword arguments the kernel does not take when they are
@@ -186,6 +188,8 @@ def flax_compatible(kernel: Callable[..., Any], name: str = "attention"):
                    attn_weights_value_einsum=None, **kwargs):
     del dtype, precision, force_fp32_for_softmax
     del qk_attn_weights_einsum, attn_weights_value_einsum
+    if mask is not None and getattr(mask, "dtype", None) != bool:
+      mask = mask != 0              # Flax's make_*_mask return float 0/1
     if "deterministic" in inspect.signature(kernel).parameters:
       kwargs["deterministic"] = deterministic
     if dropout_rate > 0.0 and not deterministic:

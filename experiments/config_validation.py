@@ -61,6 +61,7 @@ RUNLOCAL_MODEL = dict(num_layers=1, emb_dim=32, mlp_dim=64)
 def prepare(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A validated copy of ``config``, shrunk when ``config.runlocal``."""
   config = ml_collections.ConfigDict(config.to_dict())
+  validate(config)
   if config.get("runlocal", False):
     for k, v in RUNLOCAL.items():
       config[k] = v

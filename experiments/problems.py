@@ -373,7 +373,7 @@ class RegressionProblem(Problem):
     order = np.argsort(batch["queries"][0])
     paths = [plots.plot_regression(
         batch["keys"][0], batch["values"][0], batch["queries"][0][order],
-        {"truth (noisy)": batch["targets"][0][order],
+        {"truth (noise-free)": batch["targets"][0][order],
          f"{self.model.kernel} kernel": np.asarray(out[0])[order]},
         os.path.join(figdir, "regression_fit.png"),
         title="Nadaraya–Watson attention pooling")]

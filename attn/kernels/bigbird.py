@@ -54,13 +54,6 @@ def bigbird_block_table(n_q: int, n_k: int, *, num_window_blocks: int,
   return table
 
 
-def blocks_to_positions(table: np.ndarray, block: int, S: int) -> np.ndarray:
-  """Key-block table ``[Q, C]`` -> key positions ``[Q, C·block]`` (-1 = none)."""
-  pos = table[:, :, None] * block + np.arange(block)
-  pos = np.where((table[:, :, None] >= 0) & (pos < S), pos, -1)
-  return pos.reshape(table.shape[0], -1)
-
-
 @register_attention(
     "bigbird", exact=False, causal=True, padding=True, cross=True,
     complexity="time O(T·b·(w+g+r) + g·b·S), memory the same (block b, "
@@ -124,12 +117,11 @@ def bigbird_attention(query, key, value, bias=None, mask=None, *,
       num_global_blocks=num_global_blocks,
       num_random_blocks=num_random_blocks, is_causal=inputs.is_causal,
       seed=seed)
-  ctx_pos = blocks_to_positions(table, block_size, S)
   n_global_q = min(num_global_blocks * block_size, T)
 
   def one_head(q_TH, k_SH, v_SD, kv_valid_S, q_seg_T, kv_seg_S):
     out_TD = blocks.sparse_rows_one_head(
-        q_TH, k_SH, v_SD, ctx_pos, block=block_size, scale=inputs.scale,
+        q_TH, k_SH, v_SD, table, block=block_size, scale=inputs.scale,
         is_causal=inputs.is_causal, window=None, kv_valid=kv_valid_S,
         q_segment=q_seg_T, kv_segment=kv_seg_S)
     if not n_global_q:

@@ -15,8 +15,9 @@ Stable API, used by several variant modules:
   block patterns, Longformer global keys) without any ``[T, S]`` array;
   :func:`dense_rows_one_head` is exact attention of a few query rows over all
   keys (global tokens).
-* :func:`pad_axis0`, :func:`window_context`, :func:`intersect_windows`,
-  :func:`align_keys` are the small blocking utilities behind them.
+* :func:`window_blocks`, :func:`block_positions`, :func:`gather_blocks`,
+  :func:`pad_axis0`, :func:`intersect_windows`, :func:`align_keys` are the
+  small blocking utilities behind them.
 
 Everything static (block tables, key positions) is NumPy at trace time.
 """
@@ -178,104 +179,143 @@ def intersect_windows(a: Window, b: Window) -> Window:
   return (min(a[0], b[0]), min(a[1], b[1]))
 
 
-def window_context(T: int, S: int, block: int, window: Tuple[int, int],
-                   is_causal: bool) -> np.ndarray:
-  """Key positions each query block needs for a sliding window.
+def window_blocks(T: int, S: int, block: int, window: Tuple[int, int],
+                  is_causal: bool) -> np.ndarray:
+  """Key blocks each query block needs for a sliding window.
 
   Query block ``i`` holds positions ``[i*block, (i+1)*block)``; with window
   ``(left, right)`` its queries see keys in
-  ``[i*block - left, (i+1)*block - 1 + right]``. Returns the static
-  ``ctx_pos[ceil(T/block), C]`` of whole key blocks covering that range,
-  ``-1`` where the position is outside ``[0, S)``; ``C`` is
-  ``O(left + right + block)``, independent of ``T``.
+  ``[i*block - left, (i+1)*block - 1 + right]``. Returns the static key-block
+  table ``[ceil(T/block), Cb]`` covering that range (``-1`` outside
+  ``[0, ceil(S/block))``); ``Cb ≈ (left + right)/block + 1`` does not grow
+  with ``T``.
   """
   left, right = window
   if is_causal:
     right = 0
-  n_q = -(-T // block)
-  n_k = -(-S // block)
+  n_q, n_k = -(-T // block), -(-S // block)
   n_left = min(-(-left // block), max(n_q - 1, 0))
   n_right = min(-(-right // block), max(n_k - 1, 0))
-  offsets = np.arange(-n_left, n_right + 1)
-  blocks = np.arange(n_q)[:, None] + offsets[None, :]           # [Q, C/block]
-  pos = (blocks[:, :, None] * block + np.arange(block)).reshape(n_q, -1)
-  return np.where((pos >= 0) & (pos < S), pos, -1)
+  table = np.arange(n_q)[:, None] + np.arange(-n_left, n_right + 1)[None, :]
+  return np.where((table >= 0) & (table < n_k), table, -1)
 
 
-def _gather_rows(x: Optional[Array], pos: np.ndarray, fill=0):
-  """``x[pos]`` along axis 0 with ``pos == -1`` giving ``fill``."""
+def block_positions(key_blocks: np.ndarray, block: int, S: int) -> np.ndarray:
+  """Key-block table ``[Q, Cb]`` -> key positions ``[Q, Cb·block]``.
+
+  ``-1`` marks a missing block or a position ``>= S``.
+  """
+  pos = key_blocks[:, :, None] * block + np.arange(block)
+  pos = np.where((key_blocks[:, :, None] >= 0) & (pos < S), pos, -1)
+  return pos.reshape(key_blocks.shape[0], -1)
+
+
+def gather_blocks(x: Optional[Array], key_blocks: np.ndarray, block: int,
+                  fill=0) -> Optional[Array]:
+  """``x[S, ...]`` -> ``[Q, Cb·block, ...]``: the key blocks of each row.
+
+  Gathers whole blocks (``-1`` entries and positions past ``S`` read
+  ``fill``), so XLA copies contiguous ``block``-row slices.
+  """
   if x is None:
     return None
-  got = x[np.maximum(pos, 0)]
-  where = (pos >= 0).reshape(pos.shape + (1,) * (x.ndim - 1))
-  return jnp.where(where, got, jnp.asarray(fill, x.dtype))
+  n_k = -(-x.shape[0] // block)
+  xb = pad_axis0(x, (n_k + 1) * block, fill)      # block n_k: all fill
+  xb = xb.reshape((n_k + 1, block) + x.shape[1:])
+  got = xb[np.where(key_blocks < 0, n_k, key_blocks)]
+  return got.reshape((key_blocks.shape[0], -1) + x.shape[1:])
 
 
 def sparse_rows_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
-                         ctx_pos: np.ndarray, *, block: int, scale,
+                         key_blocks: np.ndarray, *, block: int, scale,
                          is_causal: bool, window: Window,
                          kv_valid: Optional[Array] = None,
                          q_segment: Optional[Array] = None,
                          kv_segment: Optional[Array] = None,
-                         window_columns: Optional[int] = None) -> Array:
+                         global_keys: Optional[np.ndarray] = None) -> Array:
   """Exact softmax attention restricted to a static block pattern, one head.
 
-  Queries are cut into blocks of ``block``; query block ``i`` attends to the
-  keys at positions ``ctx_pos[i]`` (``-1`` = none; positions in a row must be
-  distinct), further restricted by causality, the ``(left, right)`` window,
-  key validity ``kv_valid[S]`` and segment ids. Only ``[T, C]`` scores exist,
-  ``C = ctx_pos.shape[1]``: time and memory ``O(T·C)``.
+  Queries are cut into blocks of ``block``. Query block ``i`` attends, in
+  one softmax, to
+
+  * the key blocks ``key_blocks[i]`` (``-1`` = none; distinct per row),
+    restricted to the ``(left, right)`` ``window`` around each query, and
+  * the keys at positions ``global_keys`` (every query block; not subject
+    to the window; excluded from the block part so none counts twice),
+
+  both further restricted by causality, ``kv_valid`` and segment ids. Only
+  ``[T, C]`` scores exist with ``C = block·Cb + G``: time and memory
+  ``O(T·C)``, never ``[T, S]``.
 
   Args:
     q_TH: ``[T, H]``; k_SH: ``[S, H]``; v_SD: ``[S, Dv]``.
-    ctx_pos: static int ``[ceil(T/block), C]``.
-    block: query block length.
+    key_blocks: static int ``[ceil(T/block), Cb]``.
+    block: block length of queries and keys.
     scale: multiplier of ``q·k``.
-    is_causal, window: position-based restrictions, as in
-      :func:`attn.kernels.common.structure_mask`.
-    window_columns: the window restricts only the first ``window_columns``
-      context columns (default: all); later columns (e.g. global keys) obey
-      every other restriction.
+    is_causal: only keys ``s <= t``.
+    window: ``None`` or ``(left, right)``: ``t - left <= s <= t + right``.
     kv_valid: bool ``[S]`` or ``None``.
-    q_segment / kv_segment: int ``[T]`` / ``[S]`` or ``None``.
+    q_segment / kv_segment: int ``[T]`` / ``[S]`` or ``None``: attend only
+      within the same segment.
+    global_keys: static int ``[G]`` key positions (``< S``) or ``None``.
 
   Returns:
     ``[T, Dv]`` float32. A query with no allowed key gets zeros.
   """
   T, H = q_TH.shape
-  n_q, C = ctx_pos.shape
+  S = k_SH.shape[0]
+  n_q = key_blocks.shape[0]
+  glob = np.zeros(0, np.int64) if global_keys is None else np.asarray(
+      global_keys)
   q_QbH = pad_axis0(q_TH, n_q * block).reshape(n_q, block, H)
-  k_QCH = _gather_rows(k_SH, ctx_pos)
-  v_QCD = _gather_rows(v_SD, ctx_pos)
-  q_pos = jnp.arange(n_q * block).reshape(n_q, block)
+  q_pos = jnp.arange(n_q * block).reshape(n_q, block, 1)
   q_seg = pad_axis0(q_segment, n_q * block)
-  q_seg = None if q_seg is None else q_seg.reshape(n_q, block)
-  kv_seg = _gather_rows(kv_segment, ctx_pos)
 
-  k_pos = jnp.asarray(ctx_pos)
+  def allowed(k_pos, static_ok, kv_ok, kv_seg, windowed):
+    """[Q, b, C] mask for key positions k_pos ([Q, 1, C] or [1, 1, C])."""
+    ok = jnp.asarray(static_ok)
+    if kv_ok is not None:
+      ok = ok & kv_ok
+    if is_causal:
+      ok = ok & (k_pos <= q_pos)
+    if windowed and window is not None:
+      ok = ok & (k_pos >= q_pos - window[0]) & (k_pos <= q_pos + window[1])
+    if q_seg is not None:
+      ok = ok & (q_seg.reshape(n_q, block, 1) == kv_seg)
+    return ok
 
-  def block_mask(qp_b, kp_C, qs_b, ks_C):
-    return common.structure_mask(qp_b, kp_C, is_causal=is_causal,
-                                 window=None, q_segment=qs_b,
-                                 kv_segment=ks_C)
-
-  mask_QbC = jax.vmap(block_mask)(q_pos, k_pos, q_seg, kv_seg)
-  present_QC = k_pos >= 0
-  if kv_valid is not None:
-    present_QC = present_QC & _gather_rows(kv_valid, ctx_pos, False)
-  present_QbC = present_QC[:, None, :]
-  if window is not None:
-    offset_QbC = k_pos[:, None, :] - q_pos[:, :, None]
-    in_window = (offset_QbC >= -window[0]) & (offset_QbC <= window[1])
-    if window_columns is not None:
-      in_window = in_window | (jnp.arange(C) >= window_columns)
-    present_QbC = present_QbC & in_window
-  mask_QbC = present_QbC if mask_QbC is None else mask_QbC & present_QbC
+  # Block part: positions are static; global keys are masked out here.
+  pos_QC = block_positions(key_blocks, block, S)
+  static_ok = ((pos_QC >= 0) & ~np.isin(pos_QC, glob))[:, None, :]
+  kv_ok = gather_blocks(kv_valid, key_blocks, block, False)
+  kv_seg = gather_blocks(kv_segment, key_blocks, block)
+  mask_QbC = allowed(jnp.asarray(pos_QC)[:, None, :], static_ok,
+                     None if kv_ok is None else kv_ok[:, None, :],
+                     None if kv_seg is None else kv_seg[:, None, :], True)
+  k_QCH = gather_blocks(k_SH, key_blocks, block)
+  v_QCD = gather_blocks(v_SD, key_blocks, block)
   scores_QbC = jnp.einsum("qbh,qch->qbc", q_QbH, k_QCH,
-                          preferred_element_type=F32) * scale
-  probs_QbC = masked_softmax(scores_QbC, mask_QbC)
-  out_QbD = jnp.einsum("qbc,qcd->qbd", probs_QbC.astype(v_SD.dtype), v_QCD,
+                          preferred_element_type=F32)
+  if glob.size:
+    kg_GH, vg_GD = k_SH[glob], v_SD[glob]
+    mask_QbG = allowed(
+        jnp.asarray(glob)[None, None, :], np.ones((1, 1, glob.size), bool),
+        None if kv_valid is None else kv_valid[glob][None, None, :],
+        None if kv_segment is None else kv_segment[glob][None, None, :],
+        False)
+    scores_QbG = jnp.einsum("qbh,gh->qbg", q_QbH, kg_GH,
+                            preferred_element_type=F32)
+    scores_QbC = jnp.concatenate([scores_QbC, scores_QbG], axis=-1)
+    mask_QbC = jnp.concatenate(
+        [jnp.broadcast_to(mask_QbC, scores_QbC.shape[:2] + mask_QbC.shape[2:]),
+         jnp.broadcast_to(mask_QbG, scores_QbG.shape)], axis=-1)
+  probs_QbC = masked_softmax(scores_QbC * scale, mask_QbC).astype(v_SD.dtype)
+  C = k_QCH.shape[1]
+  out_QbD = jnp.einsum("qbc,qcd->qbd", probs_QbC[..., :C], v_QCD,
                        preferred_element_type=F32)
+  if glob.size:
+    out_QbD = out_QbD + jnp.einsum("qbg,gd->qbd", probs_QbC[..., C:], vg_GD,
+                                   preferred_element_type=F32)
   return out_QbD.reshape(n_q * block, -1)[:T]
 
 

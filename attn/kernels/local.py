@@ -85,11 +85,11 @@ def local_attention(query, key, value, bias=None, mask=None, *,
   block = block_size or default_block(win, inputs.is_causal, T)
   if block < 1:
     raise ValueError(f"local: block_size must be >= 1, got {block_size}")
-  ctx_pos = blocks.window_context(T, S, block, win, inputs.is_causal)
+  key_blocks = blocks.window_blocks(T, S, block, win, inputs.is_causal)
 
   def one_head(q_TH, k_SH, v_SD, kv_valid_S, q_seg_T, kv_seg_S):
     return blocks.sparse_rows_one_head(
-        q_TH, k_SH, v_SD, ctx_pos, block=block, scale=inputs.scale,
+        q_TH, k_SH, v_SD, key_blocks, block=block, scale=inputs.scale,
         is_causal=inputs.is_causal, window=win, kv_valid=kv_valid_S,
         q_segment=q_seg_T, kv_segment=kv_seg_S)
 

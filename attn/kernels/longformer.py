@@ -99,18 +99,13 @@ def longformer_attention(query, key, value, bias=None, mask=None, *,
     raise ValueError(f"longformer: block_size must be >= 1, got {block_size}")
   glob = global_positions(global_tokens, T, S)
   glob_q, glob_k = glob[glob < T], glob[glob < S]
-  # Window keys that are global are taken once, from the global columns.
-  local_pos = blocks.window_context(T, S, block, win, inputs.is_causal)
-  local_pos = np.where(np.isin(local_pos, glob_k), -1, local_pos)
-  glob_cols = np.broadcast_to(glob_k, (local_pos.shape[0], len(glob_k)))
-  ctx_pos = np.concatenate([local_pos, glob_cols], axis=1)
-  n_local = local_pos.shape[1]
+  key_blocks = blocks.window_blocks(T, S, block, win, inputs.is_causal)
 
   def one_head(q_TH, k_SH, v_SD, kv_valid_S, q_seg_T, kv_seg_S):
     window_part = blocks.sparse_rows_one_head(
-        q_TH, k_SH, v_SD, ctx_pos, block=block, scale=inputs.scale,
+        q_TH, k_SH, v_SD, key_blocks, block=block, scale=inputs.scale,
         is_causal=inputs.is_causal, window=win, kv_valid=kv_valid_S,
-        q_segment=q_seg_T, kv_segment=kv_seg_S, window_columns=n_local)
+        q_segment=q_seg_T, kv_segment=kv_seg_S, global_keys=glob_k)
     if not len(glob_q):
       return window_part
     rows_GD = blocks.dense_rows_one_head(

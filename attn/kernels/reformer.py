@@ -2,7 +2,8 @@
 
 Per hash round ``r``, a random rotation ``R_r [H, n_buckets/2]`` buckets a
 vector by ``argmax([xR_r, -xR_r])`` (angular LSH). Queries and keys are
-sorted by ``(bucket, position)``, cut into ``n_chunks`` equal chunks, and
+sorted by ``(bucket, position)`` (padded keys last), cut into ``n_chunks``
+equal chunks, and
 query chunk ``i`` attends key chunks ``i`` and ``i - 1`` (cyclically) in
 that order. Each round gives an output and its log-normaliser ``lse_r``; the
 rounds are combined as ``Σ_r softmax_r(lse_r) · out_r`` (no de-duplication of
@@ -10,15 +11,22 @@ keys seen in several rounds).
 
 * ``shared_qk=False`` (default): queries and keys are hashed with the same
   rotations and sorted separately; one chunk (``chunk_size >= max(T, S)``)
-  is exact softmax attention.
+  is exact softmax attention. Not causal (``ValueError``): which past keys
+  share a chunk with a query would depend on later tokens.
 * ``shared_qk=True``: the paper's shared-QK attention: keys are the unit-
-  normalised queries (the ``key`` argument's values are not read), one sort
-  serves both, and a token attends to itself only when nothing else is
-  available.
+  normalised queries (the ``key`` argument's values are not read, ``S`` must
+  equal ``T``), one sort serves both, and a token attends to itself only
+  when nothing else is available.
 
-Causal masking uses the original positions, so a token never attends to a
-later one, even inside a chunk. Time ``O(n_hashes·(T·c·H + T log T))`` and
-memory ``O(n_hashes·T·c)`` for chunk size ``c``; no ``[T, S]`` matrix.
+Causal (``shared_qk=True``): query ``t`` attends itself and the
+``chunk_size`` most recent earlier tokens of its own bucket, in every round.
+Those always lie in its chunk or the previous one, and the set depends on no
+later token (not even through the chunk boundaries), so perturbing tokens
+after ``t`` never changes output ``t``.
+
+Time ``O(n_hashes·(T·(c + n_buckets)·H + T log T))`` and memory
+``O(n_hashes·T·(c + n_buckets))`` for chunk size ``c`` (``n_buckets`` is
+capped by default, see ``MAX_AUTO_BUCKETS``); no ``[T, S]`` matrix.
 """
 
 from __future__ import annotations
@@ -57,12 +65,15 @@ def lsh_buckets(x_TH: Array, rotations_HRB: Array) -> Array:
                    ).astype(jnp.int32)
 
 
-def _sort_order(buckets_RT: Array, length: int, n_buckets: int) -> Array:
-  """Permutation sorting by (bucket, position); padding (``>= length``) last."""
+def _sort_order(buckets_RT: Array, valid_T: Array, n_buckets: int):
+  """Sorts by (bucket, position), invalid entries (padding) last.
+
+  Returns ``(order [R, L], buckets [R, L])`` with invalid entries in bucket
+  ``n_buckets``, so they never move a valid entry to another chunk.
+  """
   L = buckets_RT.shape[-1]
-  pos = jnp.arange(L)
-  buckets_RT = jnp.where(pos < length, buckets_RT, n_buckets)
-  return jnp.argsort(buckets_RT * L + pos, axis=-1)
+  buckets_RT = jnp.where(valid_T, buckets_RT, n_buckets)
+  return jnp.argsort(buckets_RT * L + jnp.arange(L), axis=-1), buckets_RT
 
 
 def _look_back(x_C: Array) -> Array:
@@ -71,10 +82,17 @@ def _look_back(x_C: Array) -> Array:
   return jnp.concatenate([x_C, jnp.roll(x_C, 1, axis=0)], axis=1)
 
 
-def _attend_round(q_TH, k_SH, v_SD, valid_S, q_order, k_order, *, n_chunks,
-                  scale, is_causal, exclude_self):
+def _attend_round(q_TH, k_SH, v_SD, valid_S, q_order, k_order, q_buckets,
+                  k_buckets, *, n_chunks, scale, is_causal, exclude_self):
   """One hash round on padded inputs; returns unsorted ``(out [T, Dv],
-  lse [T], any [T])``."""
+  lse [T], any [T])``.
+
+  Query chunk ``i`` of the sorted queries sees key chunks ``i`` and ``i-1``.
+  Causal (shared order only): query ``t`` sees itself and the ``c`` most
+  recent earlier keys of its own bucket, which sit at most ``c`` places
+  before it in the sorted order; within a bucket the sorted order is the
+  position order, so this set depends on no later token.
+  """
   Tp, H = q_TH.shape
   Sp = k_SH.shape[0]
   cq, ck = Tp // n_chunks, Sp // n_chunks
@@ -84,14 +102,21 @@ def _attend_round(q_TH, k_SH, v_SD, valid_S, q_order, k_order, *, n_chunks,
   v_CKD = v_SD[k_order].reshape(n_chunks, ck, -1)
   kpos_CK = k_order.reshape(n_chunks, ck)
   ok_CK = valid_S[k_order].reshape(n_chunks, ck)
+  kidx_CK = jnp.arange(Sp).reshape(n_chunks, ck)
+  kb_CK = k_buckets[k_order].reshape(n_chunks, ck)
   if n_chunks > 1:
-    k_CKH, v_CKD, kpos_CK, ok_CK = map(_look_back,
-                                       (k_CKH, v_CKD, kpos_CK, ok_CK))
+    k_CKH, v_CKD, kpos_CK, ok_CK, kidx_CK, kb_CK = map(
+        _look_back, (k_CKH, v_CKD, kpos_CK, ok_CK, kidx_CK, kb_CK))
   scores = jnp.einsum("cqh,ckh->cqk", q_CQH, k_CKH,
                       preferred_element_type=F32) * scale
   mask = jnp.broadcast_to(ok_CK[:, None, :], scores.shape)
   if is_causal:
-    mask &= kpos_CK[:, None, :] <= qpos_CQ[:, :, None]
+    qidx_CQ = jnp.arange(Tp).reshape(n_chunks, cq)
+    qb_CQ = q_buckets[q_order].reshape(n_chunks, cq)
+    back = qidx_CQ[:, :, None] - kidx_CK[:, None, :]
+    mask &= ((kpos_CK[:, None, :] <= qpos_CQ[:, :, None])
+             & (kb_CK[:, None, :] == qb_CQ[:, :, None])
+             & (back >= 0) & (back <= cq))
   if exclude_self:
     scores = jnp.where(kpos_CK[:, None, :] == qpos_CQ[:, :, None], SELF_LOGIT,
                        scores)
@@ -122,16 +147,21 @@ def _reformer_head(q_TH, k_SH, v_SD, valid_S, rotations, *, n_chunks: int,
   k = pad_axis0(k_SH, Sp)
   v = pad_axis0(v_SD, Sp)
   valid = pad_axis0(valid_S, Sp, False)
-  q_order = _sort_order(lsh_buckets(q, rotations), T, n_buckets)
-  k_order = (q_order if shared_qk
-             else _sort_order(lsh_buckets(k, rotations), S, n_buckets))
+  q_order, q_buckets = _sort_order(lsh_buckets(q, rotations),
+                                   jnp.arange(Tp) < T, n_buckets)
+  if shared_qk:
+    k_order, k_buckets = q_order, q_buckets
+  else:
+    k_order, k_buckets = _sort_order(lsh_buckets(k, rotations), valid,
+                                     n_buckets)
 
-  def one_round(qo, ko):
-    return _attend_round(q, k, v, valid, qo, ko, n_chunks=n_chunks,
+  def one_round(qo, ko, qb, kb):
+    return _attend_round(q, k, v, valid, qo, ko, qb, kb, n_chunks=n_chunks,
                          scale=scale, is_causal=is_causal,
                          exclude_self=shared_qk)
 
-  out_RTD, lse_RT, any_RT = jax.vmap(one_round)(q_order, k_order)
+  out_RTD, lse_RT, any_RT = jax.vmap(one_round)(q_order, k_order, q_buckets,
+                                                k_buckets)
   round_w_TR = masked_softmax(lse_RT.T, any_RT.T)
   return jnp.einsum("tr,rtd->td", round_w_TR, out_RTD)[:T]
 
@@ -139,8 +169,8 @@ def _reformer_head(q_TH, k_SH, v_SD, valid_S, rotations, *, n_chunks: int,
 @register_attention(
     "reformer", aliases=("lsh",), exact=False, causal=True, padding=True,
     cross=True,
-    complexity="time O(n_hashes·(T·c·H + T·log T)), memory O(n_hashes·T·c) "
-    "(chunk size c)",
+    complexity="time O(n_hashes·(T·(c + n_buckets)·H + T·log T)), memory "
+    "O(n_hashes·T·(c + n_buckets)) (chunk size c)",
     description="Reformer LSH attention: hash-sort into chunks, attend own "
     "and previous chunk, combine hash rounds")
 def reformer_attention(query, key, value, bias=None, mask=None, *,
@@ -165,18 +195,19 @@ def reformer_attention(query, key, value, bias=None, mask=None, *,
       and keys are each padded to ``n_chunks`` equal chunks.
     shared_qk: keys are the unit-normalised queries (``key`` values unused,
       ``S`` must equal ``T``); a token attends to itself only when nothing
-      else is available.
+      else is available. Required for ``is_causal``.
     seed: seeds the rotations when ``rng`` is None.
     scale: multiplier of ``q·k``, default ``1/sqrt(H)``.
-    is_causal: key position ``<=`` query position, on original positions.
+    is_causal: strictly causal LSH attention (``shared_qk=True`` only):
+      itself plus the ``chunk_size`` most recent earlier same-bucket tokens.
     query_seq_lengths / key_value_seq_lengths: int ``[B]`` valid lengths.
     segment_ids / local_window_size: not supported (``ValueError``).
     rng: PRNG key for the random rotations ``[H, n_hashes, n_buckets/2]``
       (shared by batch and heads); deterministic for a fixed key/seed.
 
   Returns:
-    ``[B, T, N, Dv]``. Time ``O(n_hashes·(T·c·H + T log T))``, memory
-    ``O(n_hashes·T·c)`` per head.
+    ``[B, T, N, Dv]``. Time ``O(n_hashes·(T·(c + n_buckets)·H + T log T))``,
+    memory ``O(n_hashes·T·(c + n_buckets))`` per head.
   """
   if int(n_hashes) < 1:
     raise ValueError(f"reformer: n_hashes must be >= 1, got {n_hashes}")
@@ -191,6 +222,11 @@ def reformer_attention(query, key, value, bias=None, mask=None, *,
   if shared_qk and S != T:
     raise ValueError(f"reformer(shared_qk=True) derives keys from queries and "
                      f"needs self-attention lengths, got T={T}, S={S}")
+  if inp.is_causal and not shared_qk:
+    raise ValueError(
+        "reformer: is_causal=True needs shared_qk=True (with separately "
+        "sorted keys, which past keys share a chunk with a query depends on "
+        "later tokens)")
   n_chunks = max(1, int(np.ceil(max(T, S) / int(chunk_size))))
   if n_buckets is None:
     n_buckets = min(2 * int(np.ceil(n_chunks / 2)), MAX_AUTO_BUCKETS)

@@ -25,9 +25,15 @@ accumulators around the ring together with their key/value block; one extra
 ``ppermute`` returns them to the owning device.
 
 Chunk pairs that the causal/window structure or the ring's own padding
-masks completely are skipped with ``lax.cond`` -- their compute is not done
-(the loop still visits them, which costs a few scalar ops). With ``is_causal=True`` that is about half the work, but
-the load is unbalanced (device ``n-1`` does ``n`` block pairs, device 0 one).
+masks completely are skipped with ``lax.cond``: their compute is not done
+(the loop still visits them, a few scalar ops each). With ``is_causal=True``
+that halves the work, but the load is unbalanced: device ``n-1`` computes
+``n`` block pairs, device 0 one (no striped/zigzag reordering).
+
+Memory per device: the local ``q, k, v``, the output, the float32 output
+accumulator, one ``[block_q, block_k]`` score chunk per head, and a second
+key/value block (the receive buffer that lets XLA overlap the ``ppermute``
+with the step's compute).
 
 The batch axis is sharded over ``data_axis`` and heads over ``model_axis``
 when the mesh has those axes and the sizes divide; otherwise they are
@@ -224,11 +230,11 @@ def _chunk_mask(cfg, ex, q_pos, k_pos, q_start, kv_seg, k_start, k_col):
 
 
 def _heads_ts(x, K, G):
-  """``[b, N, bq, bk]`` -> ``[b, K, G, bq, bk]`` (``None`` passes through)."""
+  """``[b, K·G, bq, bk]`` -> ``[b, K, G, bq, bk]`` (``None`` passes)."""
   if x is None:
     return None
-  b, N, t, s = x.shape
-  return jnp.broadcast_to(x, (b, N, t, s)).reshape(b, K, G, t, s)
+  b, _, t, s = x.shape
+  return x.reshape(b, K, G, t, s)
 
 
 def _pair_loop(cfg, q_offset, k_offset, n_q, n_k, body, carry):
@@ -287,9 +293,7 @@ def _chunk_inputs(cfg, ex, blk, q_start, k_start, q_pos, k_pos, k_offset):
 def _step_forward(cfg, ex, acc, blk, q_offset, k_offset):
   """Folds key/value block ``blk`` into the accumulators ``(o, m, l)``.
 
-  ``o[b, tq, N, Dv]``, ``m/l[b, tq, N]``. Returns ``(acc, blk)``; ``blk``
-  passes through the chunk loop so the ring's ``ppermute`` can send it on
-  without XLA copying it.
+  ``o[b, tq, N, Dv]``, ``m/l[b, tq, N]``. Returns ``(acc, blk)``.
   """
   K = blk["k"].shape[2]
   n_q = ex["q"].shape[1] // cfg.block_q
@@ -297,24 +301,24 @@ def _step_forward(cfg, ex, acc, blk, q_offset, k_offset):
   step = _over_heads(functools.partial(_chunk_forward, scale=cfg.scale),
                      out_axes=(1, 1, 1))
 
-  def body(carry, q_start, k_start, q_pos, k_pos, skip):
-    acc, blk = carry
+  def body(acc, q_start, k_start, q_pos, k_pos, skip):
     sl_q, _, args = _chunk_inputs(cfg, ex, blk, q_start, k_start, q_pos,
                                   k_pos, k_offset)
     old = tuple(sl_q(x) for x in acc)
     new = _unless(skip, lambda: old, lambda: tuple(map(_ungroup, step(
         *args, *(_groups(x, K) for x in old)))))
     return tuple(lax.dynamic_update_slice_in_dim(x, x_c, q_start, axis=1)
-                 for x, x_c in zip(acc, new)), blk
+                 for x, x_c in zip(acc, new))
 
-  return _pair_loop(cfg, q_offset, k_offset, n_q, n_k, body, (acc, blk))
+  return _pair_loop(cfg, q_offset, k_offset, n_q, n_k, body, acc), blk
 
 
 def _step_backward(cfg, ex, grads, blk, q_offset, k_offset):
   """Adds one key/value block's gradient contributions.
 
-  ``grads = (dq[b, tq, N, H], dbias)`` stay on this device;
-  ``blk["dk"], blk["dv"]`` travel with the block. Returns ``(grads, blk)``.
+  ``grads = (dq[b, tq, N, H], dbias)`` stay on this device; the float32
+  accumulators ``blk["dk"], blk["dv"]`` travel with the block. Returns
+  ``(grads, blk)``.
   """
   b, tq, N, _ = ex["q"].shape
   K = blk["k"].shape[2]
@@ -324,11 +328,11 @@ def _step_backward(cfg, ex, grads, blk, q_offset, k_offset):
                      out_axes=(1, 1, 1, 0))
 
   def body(carry, q_start, k_start, q_pos, k_pos, skip):
-    (dq, dbias), blk = carry
+    dq, dbias, dk, dv = carry
     k_col = k_offset + k_start
     sl_q, sl_k, args = _chunk_inputs(cfg, ex, blk, q_start, k_start, q_pos,
                                      k_pos, k_offset)
-    old = (sl_q(dq), sl_k(blk["dk"]), sl_k(blk["dv"]),
+    old = (sl_q(dq), sl_k(dk), sl_k(dv),
            None if dbias is None else _slice_ts(dbias, q_start, k_col, bq, bk))
 
     def compute():
@@ -344,15 +348,15 @@ def _step_backward(cfg, ex, grads, blk, q_offset, k_offset):
 
     dq_c, dk_c, dv_c, dbias_c = _unless(skip, lambda: old, compute)
     dq = lax.dynamic_update_slice_in_dim(dq, dq_c, q_start, axis=1)
-    blk = dict(blk, dk=lax.dynamic_update_slice_in_dim(blk["dk"], dk_c,
-                                                       k_start, axis=1),
-               dv=lax.dynamic_update_slice_in_dim(blk["dv"], dv_c, k_start,
-                                                  axis=1))
+    dk = lax.dynamic_update_slice_in_dim(dk, dk_c, k_start, axis=1)
+    dv = lax.dynamic_update_slice_in_dim(dv, dv_c, k_start, axis=1)
     if dbias is not None:
       dbias = _put_ts(dbias, dbias_c, q_start, k_col)
-    return (dq, dbias), blk
+    return dq, dbias, dk, dv
 
-  return _pair_loop(cfg, q_offset, k_offset, n_q, n_k, body, (grads, blk))
+  dq, dbias, dk, dv = _pair_loop(cfg, q_offset, k_offset, n_q, n_k, body,
+                                 (*grads, blk["dk"], blk["dv"]))
+  return (dq, dbias), dict(blk, dk=dk, dv=dv)
 
 
 # --------------------------------------------------------------------------
@@ -366,19 +370,12 @@ def _ring_loop(cfg, step, carry, blk):
   (device ``i`` -> ``i+1``), so at step ``r`` device ``i`` holds the block of
   device ``(i - r) mod n``.
   """
-  n = cfg.ring_size
-
-  def one(r, carry, blk):
-    carry, blk = step(r, carry, blk)
+  def body(r, state):
+    carry, blk = step(r, *state)
     return carry, _shift(cfg, blk)
 
-  def two(i, state):
-    return one(2 * i + 1, *one(2 * i, *state))
-
-  state = lax.fori_loop(0, (n - 1) // 2, two, (carry, blk))
-  if (n - 1) % 2:
-    state = one(n - 2, *state)
-  return step(n - 1, *state)
+  carry, blk = lax.fori_loop(0, cfg.ring_size - 1, body, (carry, blk))
+  return step(cfg.ring_size - 1, carry, blk)
 
 
 def _shift(cfg, tree):
@@ -411,7 +408,7 @@ def _forward_body(cfg, arrays):
   """Per-device forward: ``{q, k, v, ...}`` shards -> ``(out, lse)``.
 
   Everything stays in the ``[b, t, N, ...]`` layout of the inputs; heads
-  are grouped per chunk, so no per-device array is transposed or copied.
+  are grouped per chunk, so no per-device array is transposed.
   """
   ex = dict(arrays)
   blk = {"k": ex.pop("k"), "v": ex.pop("v")}
@@ -494,6 +491,10 @@ def _specs(cfg, arrays) -> Dict[str, P]:
   return specs
 
 
+def _explicit(mesh) -> bool:
+  return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
 def _shard_map(cfg, fn, arrays, out_specs):
   """``fn(cfg, local_arrays)`` on every device; arrays resharded to ``_specs``.
 
@@ -501,7 +502,7 @@ def _shard_map(cfg, fn, arrays, out_specs):
   default of ``jax.make_mesh``) need an explicit ``jax.sharding.reshard``.
   """
   specs = _specs(cfg, arrays)
-  if any(t == AxisType.Explicit for t in cfg.mesh.axis_types):
+  if _explicit(cfg.mesh):
     arrays = {name: jax.sharding.reshard(x, NamedSharding(cfg.mesh,
                                                           specs[name]))
               for name, x in arrays.items()}
@@ -510,10 +511,22 @@ def _shard_map(cfg, fn, arrays, out_specs):
       out_specs=out_specs, check_vma=False)(arrays)
 
 
+def _like(cfg, x, primal):
+  """With Explicit mesh axes, gives ``x`` the sharding type of ``primal``.
+
+  Outputs and cotangents must match their primal's type there, and an
+  unevenly padded sequence axis can only be sliced when it is unsharded.
+  """
+  if not _explicit(cfg.mesh):
+    return x
+  return jax.sharding.reshard(x, jax.typeof(primal).sharding)
+
+
 def _forward(cfg, arrays):
   specs = _specs(cfg, arrays)
-  return _shard_map(cfg, _forward_body, arrays, (specs["q"], P(
+  out, lse = _shard_map(cfg, _forward_body, arrays, (specs["q"], P(
       cfg.batch_axis, cfg.seq_axis, cfg.head_axis)))
+  return _like(cfg, out, arrays["q"]), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -534,7 +547,8 @@ def _ring_bwd(cfg, residuals, do):
   diff = [name for name in ("q", "k", "v", "bias") if name in arrays]
   grads = _shard_map(cfg, _backward_body, full,
                      {name: specs[name] for name in diff})
-  return ({name: grads.get(name) for name in arrays},)
+  return ({name: _like(cfg, grads[name], x) if name in grads else None
+           for name, x in arrays.items()},)
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

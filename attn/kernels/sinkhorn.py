@@ -9,19 +9,24 @@ log space, alternately over rows and columns) give a soft permutation ``P``.
 Query block ``i`` attends, with one softmax, to
 
 * its own key block ``i`` and
-* the sorted block ``K̃_i = Σ_j P_ij K_j`` (values alike): slot ``p`` of the
-  sorted block is the ``P``-weighted mean of the valid keys at slot ``p`` of
-  every block (a slot with no valid key is masked).
+* a sorted block ``K̃_i``: slot ``p`` is the mean of the keys at slot ``p``
+  of the ``m = partners`` blocks ``j`` with the largest ``P_ij``, weighted by
+  ``P_ij`` (renormalised over those blocks and over valid keys; a slot with
+  no valid key is masked). Values alike. ``m >= n_b`` is the paper's
+  ``K̃ = P K`` (up to the row normalisation); a small ``m`` keeps the mixing
+  linear in ``T``.
 
-Causal (``is_causal=True``, the paper's causal Sinkhorn): block ``i`` may
-only be paired with earlier blocks ``j < i``, and its sorting-network input
-is the mean of the keys of blocks ``< i``, so no output depends on a later
-token. ``block_size >= S`` (one block) is exact softmax attention (the sorted
+Causal (``is_causal=True``, after the paper's causal Sinkhorn): block
+``i`` may only be paired with earlier blocks ``j < i``, its sorting-network
+input is the mean of the keys of blocks ``< i``, and ``P`` is only
+row-normalised (column balancing would let later blocks reweight earlier
+rows), so no output depends on a later token. ``block_size >= S`` (one block) is exact softmax attention (the sorted
 block duplicates the own block, which leaves the softmax average unchanged).
 
-Time ``O(T·b·H + n_b²·b·H) = O(T·b·H + T·S·H/b)``, memory ``O(T·b + n_b²)``
-per head; the ``[n_b, n_b]`` permutation is the only quadratic term, ``b²``
-times smaller than the scores of exact attention.
+Time ``O(T·(b + m)·H + n_b²·(hidden + n_iters))`` and memory
+``O(T·(b + m·H) + n_b²)`` per head with ``n_b = S/b``; the ``[n_b, n_b]``
+permutation is the only quadratic term, ``b²`` times smaller than the scores
+of exact attention.
 """
 
 from __future__ import annotations
@@ -90,7 +95,7 @@ def _pooled_keys(k_IBH: Array, ok_IB: Array, is_causal: bool) -> Array:
 
 
 def _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, *, n_b: int,
-                   n_iters: int, temperature: float, scale,
+                   partners: int, n_iters: int, temperature: float, scale,
                    is_causal: bool) -> Array:
   """One head of Sinkhorn attention on unpadded inputs."""
   T, H = q_TH.shape
@@ -109,14 +114,20 @@ def _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, *, n_b: int,
   blocks = jnp.arange(n_b)
   allowed_IJ = (blocks[None, :] < blocks[:, None] if is_causal
                 else jnp.ones((n_b, n_b), bool))
-  P_IJ = sinkhorn_normalize(logits_IJ, allowed_IJ, n_iters)
+  # Column balancing would let later blocks reweight earlier rows, so causal
+  # attention only normalises rows (one softmax over the earlier blocks).
+  P_IJ = (masked_softmax(logits_IJ, allowed_IJ) if is_causal
+          else sinkhorn_normalize(logits_IJ, allowed_IJ, n_iters))
 
-  # sorted block: P-weighted mean of the valid keys at each slot.
-  mass_IB = P_IJ @ ok_IB.astype(F32)
-  w_IJB = P_IJ[:, :, None] * ok_IB[None].astype(F32)
-  w_IJB = w_IJB / jnp.where(mass_IB > 0, mass_IB, 1.0)[:, None, :]
-  ks_IBH = jnp.einsum("ijb,jbh->ibh", w_IJB, k_IBH.astype(F32))
-  vs_IBD = jnp.einsum("ijb,jbd->ibd", w_IJB, v_IBD.astype(F32))
+  # sorted block: P-weighted mean of the valid keys at each slot, over the
+  # `partners` largest entries of each row of P.
+  m = min(partners, n_b)
+  p_IM, idx_IM = jax.lax.top_k(P_IJ, m)
+  w_IMB = p_IM[:, :, None] * ok_IB[idx_IM].astype(F32)
+  mass_IB = jnp.sum(w_IMB, axis=1)
+  w_IMB = w_IMB / jnp.where(mass_IB > 0, mass_IB, 1.0)[:, None, :]
+  ks_IBH = jnp.einsum("imb,imbh->ibh", w_IMB, k_IBH[idx_IM].astype(F32))
+  vs_IBD = jnp.einsum("imb,imbd->ibd", w_IMB, v_IBD[idx_IM].astype(F32))
 
   own = jnp.einsum("iqh,ibh->iqb", q_IQH, k_IBH, preferred_element_type=F32)
   srt = jnp.einsum("iqh,ibh->iqb", q_IQH.astype(F32), ks_IBH)
@@ -133,13 +144,14 @@ def _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, *, n_b: int,
 
 @register_attention(
     "sinkhorn", exact=False, causal=True, padding=True, cross=True,
-    complexity="time O(T·b·H + T·S·H/b), memory O(T·b + (S/b)²) "
-    "(block size b)",
+    complexity="time O(T·(b + m)·H + (S/b)²), memory O(T·(b + m·H) + "
+    "(S/b)²) (block size b, m partners)",
     description="Sparse Sinkhorn attention: each block attends itself and a "
     "softly sorted partner block (Sinkhorn-balanced sorting network)",
     metadata={"param_shapes": sinkhorn_param_shapes})
 def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
-                       block_size: int = 64, n_iters: int = 8,
+                       block_size: int = 64, partners: int = 4,
+                       n_iters: int = 8,
                        temperature: float = 0.75, hidden: int = 64,
                        scale=None, is_causal=False, query_seq_lengths=None,
                        key_value_seq_lengths=None, segment_ids=None,
@@ -153,7 +165,11 @@ def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
     mask: ``None`` or a key-padding mask broadcastable to ``[B, N, 1, S]``;
       dense masks raise ``ValueError``.
     block_size: key block ``b``; ``b >= S`` is exact attention.
-    n_iters: Sinkhorn normalisation rounds (rows then columns).
+    partners: ``m``, entries of each row of ``P`` mixed into the sorted
+      block (renormalised); ``m >= n_b`` is the paper's full soft
+      permutation, ``m = 1`` a hard sort (no gradient to the sorter).
+    n_iters: Sinkhorn normalisation rounds (rows then columns); causal
+      attention normalises rows once.
     temperature: ``τ``, divides the sorting logits (lower = harder sort).
     hidden: sorting-network width (sets the parameter shapes).
     scale: multiplier of ``q·k``, default ``1/sqrt(H)``.
@@ -166,12 +182,14 @@ def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
 
   Returns:
     ``[B, T, N, Dv]``. Cross-attention pairs query block ``i`` with key
-    block ``i``. Time ``O(T·b·H + T·S·H/b)``, memory ``O(T·b + (S/b)²)``.
+    block ``i``. Time ``O(T·(b + m)·H + (S/b)²)``, memory
+    ``O(T·(b + m·H) + (S/b)²)`` per head.
   """
-  if int(block_size) < 1 or int(n_iters) < 0 or not float(temperature) > 0:
-    raise ValueError(f"sinkhorn: need block_size >= 1, n_iters >= 0, "
-                     f"temperature > 0; got {block_size}, {n_iters}, "
-                     f"{temperature}")
+  if (int(block_size) < 1 or int(partners) < 1 or int(n_iters) < 0
+      or not float(temperature) > 0):
+    raise ValueError(f"sinkhorn: need block_size >= 1, partners >= 1, "
+                     f"n_iters >= 0, temperature > 0; got {block_size}, "
+                     f"{partners}, {n_iters}, {temperature}")
   del hidden  # sets the parameter shapes only
   if params is None or any(name not in params for name in _PARAMS):
     raise ValueError(
@@ -196,7 +214,7 @@ def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
 
   def one_head(q_TH, k_SH, v_SD, valid_S):
     return _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, n_b=n_b,
-                          n_iters=int(n_iters),
+                          partners=int(partners), n_iters=int(n_iters),
                           temperature=float(temperature), scale=inp.scale,
                           is_causal=inp.is_causal)
 

@@ -166,13 +166,13 @@ def prepare(name: str, query, key, value, bias=None, mask=None, *,
     query_valid = jnp.arange(T)[None, :] < inputs.q_lengths[:, None]
   group = N // K
 
-  def heads_first(x):
-    return jnp.transpose(jnp.repeat(x, group, axis=2) if group > 1 else x,
+  def heads_first(x, repeats=1):
+    return jnp.transpose(jnp.repeat(x, repeats, axis=2) if repeats > 1 else x,
                          (0, 2, 1, 3))
 
   return HeadInputs(
-      q=heads_first(inputs.query), k=heads_first(inputs.key),
-      v=heads_first(inputs.value), bias=bias_BNTS, mask=mask_BNTS,
+      q=heads_first(inputs.query), k=heads_first(inputs.key, group),
+      v=heads_first(inputs.value, group), bias=bias_BNTS, mask=mask_BNTS,
       key_valid=key_valid, query_valid=query_valid, scale=inputs.scale,
       is_causal=inputs.is_causal, dtype=inputs.query.dtype,
       squeeze_batch=inputs.squeeze_batch)
@@ -323,7 +323,7 @@ PATTERNS = ("strided", "fixed")
     description="Sparse Transformer strided/fixed attention patterns (Child "
     "et al. 2019), blockwise")
 def sparse_attention(query, key, value, bias=None, mask=None, *,
-                     pattern: str = "strided", stride: int = 128,
+                     pattern: str = "strided", stride: int = 256,
                      num_summary: int = 1, scale=None, is_causal=False,
                      query_seq_lengths=None, key_value_seq_lengths=None,
                      segment_ids=None, local_window_size=None):

@@ -57,6 +57,7 @@ def nadaraya_watson(queries: Array, keys: Array, values: Array, *,
   Returns:
     ``(out[B, T, Dv] (or [B, T]), weights[B, T, S])``, float32 weights.
   """
+  queries, keys, values = map(jnp.asarray, (queries, keys, values))
   scalar_values = values.ndim == 2
   if queries.ndim == 2:
     queries, keys = queries[..., None], keys[..., None]

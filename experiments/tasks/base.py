@@ -8,10 +8,11 @@ batches it would have seen. Nothing here is downloaded.
 Randomness. ``Task.batch(split, step, batch_size)`` draws from
 ``np.random.default_rng([seed, split_id, step])`` with ``split_id`` 0/1/2 for
 train/valid/test. The fixed evaluation sets use keys
-``[0, 3 + split_id, chunk]`` and therefore do not depend on the seed: runs with different seeds are scored
-on the same examples. All keys have exactly three words: NumPy's
-``SeedSequence`` ignores trailing zero words (``default_rng([s, k, 0])`` equals
-``default_rng([s, k])``), so keys of different lengths could collide.
+``[0, 3 + split_id, chunk]`` and therefore do not depend on the seed: runs
+with different seeds are scored on the same examples. All keys have exactly
+three words: NumPy's ``SeedSequence`` ignores trailing zero words
+(``default_rng([s, k, 0])`` equals ``default_rng([s, k])``), so keys of
+different lengths could collide.
 
 Splits. Where the example space is large and discrete, an example belongs to
 the split chosen by a hash of its content (:func:`content_split`: 80% train,
@@ -24,6 +25,7 @@ symbols start at id 3 (:class:`Vocabulary`).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import inspect
 import numbers
@@ -40,9 +42,10 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 NUM_SPECIAL = 3
 # Cumulative fractions of the content hash assigned to train / valid / test.
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+_SPLIT_EDGES = tuple(int(f * 2**64) for f in np.cumsum(SPLIT_FRACTIONS)[:-1])
 # Generated evaluation sets are built in chunks of this many examples, so the
 # set for n examples is a prefix of the set for any larger n.
-EVAL_CHUNK = 256
+EVAL_CHUNK = 64
 # Rejection sampling gives up after this many rounds of proposals.
 MAX_REJECTION_ROUNDS = 200
 _MAX_WORD = 2**32  # seeds and steps stay single SeedSequence words.
@@ -89,25 +92,26 @@ def check_float(owner: str, name: str, value: Any,
   return float(value)
 
 
+def sequence_split(seq: Sequence[int]) -> int:
+  """Split index (0 train, 1 valid, 2 test) of one unpadded integer sequence:
+  a BLAKE2b hash of its int64 bytes (not Python's salted ``hash``) mapped to
+  :data:`SPLIT_FRACTIONS`."""
+  data = np.asarray(seq, dtype=np.int64).tobytes()
+  digest = hashlib.blake2b(data, digest_size=8).digest()
+  return bisect.bisect_right(_SPLIT_EDGES, int.from_bytes(digest, "little"))
+
+
 def content_split(rows: np.ndarray) -> np.ndarray:
-  """Split index (0 train, 1 valid, 2 test) of each example, from its content.
+  """:func:`sequence_split` of each row of ``rows`` (int ``[N, L]``).
 
-  Args:
-    rows: int array ``[N, L]``; trailing zeros (padding) are ignored, so an
-      example keeps its split when the padded width changes.
-
-  Returns:
-    int array ``[N]`` with values in {0, 1, 2}, fixed by the content alone
-    (BLAKE2b, not Python's salted ``hash``).
+  Trailing zeros (padding) are ignored, so an example keeps its split when
+  the padded width changes. Returns int64 ``[N]`` with values in {0, 1, 2}.
   """
   rows = np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
-  edges = np.cumsum(SPLIT_FRACTIONS)[:-1] * 2.0**64
-  out = np.empty(len(rows), dtype=np.int64)
-  for i, row in enumerate(rows):
-    digest = hashlib.blake2b(np.trim_zeros(row, "b").tobytes(), digest_size=8)
-    out[i] = np.searchsorted(edges, int.from_bytes(digest.digest(), "little"),
-                             side="right")
-  return out
+  lengths = rows.shape[1] - np.argmax(rows[:, ::-1] != 0, axis=1)
+  lengths[(rows == 0).all(axis=1)] = 0
+  return np.array([sequence_split(row[:n]) for row, n in zip(rows, lengths)],
+                  dtype=np.int64)
 
 
 def sample_in_split(rng: np.random.Generator, split: str, n: int,

@@ -37,8 +37,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from experiments.tasks.base import (PAD_ID, Batch, Task, Vocabulary,
-                                    check_int, content_split, epoch_indices,
-                                    pad_rows, split_id)
+                                    check_int, epoch_indices, pad_rows,
+                                    sequence_split, split_id)
 
 MIN, MAX, MED, SUM_MOD, END = "[MIN", "[MAX", "[MED", "[SM", "]"
 OPERATORS = (MIN, MAX, MED, SUM_MOD)
@@ -84,7 +84,7 @@ def apply_operator(op: str, args: Sequence[int]) -> int:
 def example_split(ids: Sequence[int]) -> int:
   """Split index (0 train, 1 valid, 2 test) of a generated example: a hash
   of its first :data:`SPLIT_PREFIX` token ids."""
-  return int(content_split(np.asarray(ids[:SPLIT_PREFIX])[None])[0])
+  return sequence_split(ids[:SPLIT_PREFIX])
 
 
 class _TreeSampler:

@@ -1,0 +1,402 @@
+"""Tests for memory-efficient exact attention (``implementation="chunked"``).
+
+References: a NumPy float64 implementation written here from the definition
+(forward), ``implementation="xla"`` (forward and autodiff VJP), and
+``jax.nn.dot_product_attention`` (forward and autodiff VJP).
+Small blocks (8 x 16) with lengths that are not multiples of them make every
+case run several padded blocks.
+"""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import attn
+from attn.kernels import chunked
+from attn.kernels.attention import dot_product_attention
+
+BLOCKS = dict(block_q=8, block_k=16)
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+  return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32
+                           ).astype(dtype)
+
+
+def _qkv(B=2, T=37, S=53, N=4, K=2, H=16, Dv=8, dtype=jnp.float32, seed=0):
+  return (_normal(seed, (B, T, N, H), dtype),
+          _normal(seed + 1, (B, S, K, H), dtype),
+          _normal(seed + 2, (B, S, K, Dv), dtype))
+
+
+def reference(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False,
+              query_seq_lengths=None, key_value_seq_lengths=None,
+              local_window_size=None, segment_ids=None):
+  """NumPy float64 attention from the definition; fully masked rows -> 0."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  k = np.repeat(k, N // K, axis=2)      # query head n uses kv head n // G
+  v = np.repeat(v, N // K, axis=2)
+  scale = 1.0 / np.sqrt(H) if scale is None else scale
+  s = np.einsum("btnh,bsnh->bnts", q, k) * scale
+  if bias is not None:
+    s = s + np.asarray(bias, np.float64)
+  ok = np.ones((B, N, T, S), bool)
+  if mask is not None:
+    ok &= np.asarray(mask)
+  t, u = np.arange(T)[:, None], np.arange(S)[None, :]
+  if is_causal:
+    ok &= u <= t
+  if local_window_size is not None:
+    left, right = ((local_window_size,) * 2
+                   if isinstance(local_window_size, int) else local_window_size)
+    ok &= (u >= t - left) & (u <= t + right)
+  if query_seq_lengths is not None:
+    ok &= (np.arange(T)[None] < np.asarray(query_seq_lengths)[:, None]
+           )[:, None, :, None]
+  if key_value_seq_lengths is not None:
+    ok &= (np.arange(S)[None] < np.asarray(key_value_seq_lengths)[:, None]
+           )[:, None, None, :]
+  if segment_ids is not None:
+    seg = np.asarray(segment_ids)
+    ok &= (seg[:, :, None] == seg[:, None, :])[:, None]
+  s = np.where(ok, s, -np.inf)
+  row_max = s.max(-1, keepdims=True)
+  p = np.exp(s - np.where(np.isfinite(row_max), row_max, 0.0))
+  denom = p.sum(-1, keepdims=True)
+  w = p / np.where(denom > 0, denom, 1.0)
+  return np.einsum("bnts,bsnd->btnd", w, v)
+
+
+def out_and_grads(impl, q, k, v, bias, cotangent, **kwargs):
+  """``(out, (dq, dk, dv, dbias))`` of one implementation, jitted."""
+  extra = BLOCKS if impl == "chunked" else {}
+
+  def f(q, k, v, bias):
+    return dot_product_attention(q, k, v, bias, implementation=impl,
+                                 **extra, **kwargs)
+
+  @jax.jit
+  def run(q, k, v, bias, cotangent):
+    out, vjp = jax.vjp(f, q, k, v, bias)
+    return out, vjp(cotangent)
+
+  return run(q, k, v, bias, cotangent)
+
+
+def assert_close(actual, expected, tol):
+  np.testing.assert_allclose(np.asarray(actual, np.float64),
+                             np.asarray(expected, np.float64),
+                             rtol=tol, atol=tol)
+
+
+def _case(mode, B=2, T=37, S=53):
+  """``(bias, kwargs)`` for a mode like ``"causal+bias+lengths"``."""
+  parts = set(mode.split("+"))
+  rng = np.random.default_rng(0)
+  bias = None
+  kw = {}
+  if "bias" in parts:                   # per head, shared over batch
+    bias = _normal(7, (1, 4, T, S))
+  if "keybias" in parts:                # per example and key
+    bias = _normal(7, (B, 1, 1, S))
+  if "mask" in parts:
+    kw["mask"] = jnp.asarray(rng.random((B, 1, T, S)) < 0.7)
+  if "causal" in parts:
+    kw["is_causal"] = True
+  if "lengths" in parts:
+    kw["query_seq_lengths"] = jnp.array([T, 11], jnp.int32)
+    kw["key_value_seq_lengths"] = jnp.array([20, S], jnp.int32)
+  if "window" in parts:
+    kw["local_window_size"] = (9, 4)
+  if "segments" in parts:
+    kw["segment_ids"] = jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), -1))
+  return bias, kw
+
+
+MODES = ["plain", "causal", "bias", "keybias", "mask", "lengths", "window",
+         "causal+window", "segments", "causal+bias+mask+lengths+window"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_xla_and_numpy(mode):
+  """Forward vs NumPy float64 and xla; VJP w.r.t. q, k, v, bias vs xla."""
+  self_attention = "segments" in mode
+  T, S = (37, 37) if self_attention else (37, 53)
+  q, k, v = _qkv(T=T, S=S)
+  bias, kw = _case(mode, T=T, S=S)
+  cotangent = _normal(9, (2, T, 4, 8))
+  out, grads = out_and_grads("chunked", q, k, v, bias, cotangent, **kw)
+  ref_out, ref_grads = out_and_grads("xla", q, k, v, bias, cotangent, **kw)
+  assert_close(out, reference(q, k, v, bias, **kw), 2e-5)
+  assert_close(out, ref_out, 2e-5)
+  for g, r in zip(grads, ref_grads):
+    if r is None:
+      assert g is None
+    else:
+      assert g.shape == r.shape and g.dtype == r.dtype
+      assert_close(g, r, 5e-5)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_matches_jax_nn_gqa(num_kv_heads):
+  """GQA groups 1/2/4, causal + per-head bias: forward and VJP vs jax.nn."""
+  q, k, v = _qkv(T=45, S=45, N=4, K=num_kv_heads, H=16, Dv=16)
+  bias = _normal(3, (1, 4, 45, 45))
+  cotangent = _normal(4, (2, 45, 4, 16))
+
+  def jax_nn(q, k, v, bias):
+    return jax.nn.dot_product_attention(q, k, v, bias, is_causal=True,
+                                        implementation="xla")
+
+  ref_out, vjp = jax.vjp(jax_nn, q, k, v, bias)
+  out, grads = out_and_grads("chunked", q, k, v, bias, cotangent,
+                             is_causal=True)
+  assert_close(out, ref_out, 2e-5)
+  for g, r in zip(grads, vjp(cotangent)):
+    assert_close(g, r, 5e-5)
+
+
+def test_vjp_matches_numpy_finite_differences():
+  """<J^T c, u> == d/de <c, f(x + e u)> with the float64 NumPy forward."""
+  q, k, v = _qkv(B=1, T=20, S=29, N=2, K=1, H=8, Dv=8)
+  bias = _normal(5, (1, 2, 20, 29))
+  kw = dict(is_causal=True, key_value_seq_lengths=jnp.array([25]))
+  cotangent = _normal(6, (1, 20, 2, 8))
+  _, grads = out_and_grads("chunked", q, k, v, bias, cotangent, **kw)
+  args = [np.asarray(x, np.float64) for x in (q, k, v, bias)]
+  c = np.asarray(cotangent, np.float64)
+  eps = 1e-6
+  for n, grad in enumerate(grads):
+    u = np.asarray(_normal(20 + n, args[n].shape), np.float64)
+    plus = [a + eps * u if m == n else a for m, a in enumerate(args)]
+    minus = [a - eps * u if m == n else a for m, a in enumerate(args)]
+    numeric = np.sum(c * (reference(*plus, **kw) - reference(*minus, **kw))
+                     ) / (2 * eps)
+    analytic = np.sum(np.asarray(grad, np.float64) * u)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,S", [(16, 70), (70, 16)])
+def test_causal_cross_attention(T, S):
+  """T != S with causal masking (rows past S see all keys; top-left)."""
+  q, k, v = _qkv(B=1, T=T, S=S)
+  out, _ = out_and_grads("chunked", q, k, v, None, jnp.zeros((1, T, 4, 8)),
+                         is_causal=True)
+  assert_close(out, reference(q, k, v, is_causal=True), 2e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 3e-2),
+                                       (jnp.float16, 4e-3)])
+def test_low_precision(dtype, tol):
+  """bf16/fp16 in, same dtype out; matches float64 and xla; finite grads."""
+  q, k, v = _qkv(T=40, S=40, dtype=dtype)
+  bias, kw = _case("causal+bias+mask", T=40, S=40)
+  bias = bias.astype(dtype)
+  cotangent = _normal(9, (2, 40, 4, 8), dtype)
+  out, grads = out_and_grads("chunked", q, k, v, bias, cotangent, **kw)
+  ref_out, ref_grads = out_and_grads("xla", q, k, v, bias, cotangent, **kw)
+  assert out.dtype == dtype
+  assert_close(out, reference(q, k, v, bias, **kw), tol)
+  assert_close(out, ref_out, tol)
+  for g, r in zip(grads, ref_grads):
+    assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g)))
+    assert_close(g, r, 4 * tol)
+
+
+def test_large_logits_stay_finite():
+  """Logits around 1e4 in bf16: no overflow, no NaN, same as float64."""
+  q, k, v = _qkv(B=1, T=24, S=24, dtype=jnp.bfloat16)
+  q = q * 300
+  out = dot_product_attention(q, k, v, is_causal=True,
+                              implementation="chunked", **BLOCKS)
+  assert bool(jnp.all(jnp.isfinite(out)))
+  assert_close(out, reference(q, k, v, is_causal=True), 3e-2)
+
+
+def test_fully_masked_rows_are_zero_with_zero_grads():
+  """Rows with nothing to attend to: zeros out, finite zero dq and dbias."""
+  B, T, S = 2, 24, 40
+  q, k, v = _qkv(B=B, T=T, S=S)
+  bias = _normal(2, (B, 4, T, S))
+  mask = np.ones((B, 4, T, S), bool)
+  mask[0, :, 3] = False                 # row 3 in every head
+  mask[1, 2, :9] = False                # rows 0..8 of head 2
+  kw = dict(mask=jnp.asarray(mask), query_seq_lengths=jnp.array([T, 20]))
+  out, (dq, dk, dv, dbias) = out_and_grads(
+      "chunked", q, k, v, bias, _normal(3, (B, T, 4, 8)), **kw)
+  for x in (out, dq, dk, dv, dbias):
+    assert bool(jnp.all(jnp.isfinite(x)))
+  out, dq, dbias = np.asarray(out), np.asarray(dq), np.asarray(dbias)
+  for rows in (out[0, 3], out[1, :9, 2], out[1, 20:],
+               dq[0, 3], dq[1, :9, 2], dq[1, 20:],
+               dbias[0, :, 3], dbias[1, 2, :9], dbias[1, :, 20:]):
+    np.testing.assert_array_equal(rows, 0.0)
+  assert_close(out, reference(q, k, v, bias, **kw), 2e-5)
+
+
+def test_window_without_visible_keys():
+  """A window that leaves late query rows no key gives zeros, not NaN."""
+  q, k, v = _qkv(B=1, T=60, S=20)
+  out = dot_product_attention(q, k, v, local_window_size=(3, 0),
+                              implementation="chunked", **BLOCKS)
+  ref = reference(q, k, v, local_window_size=(3, 0))
+  assert_close(out, ref, 2e-5)
+  np.testing.assert_array_equal(np.asarray(out)[:, 23:], 0.0)
+
+
+def test_visited_blocks_causal_is_about_half():
+  visited, total = chunked.visited_blocks(4096, 4096, block_q=512,
+                                          block_k=512, is_causal=True)
+  assert (visited, total) == (36, 64)  # n (n + 1) / 2 of n^2, n = 8
+  # 4 query blocks per key block: 4 * (1 + 2 + 3 + 4) of 16 * 4.
+  assert chunked.visited_blocks(4096, 4096, block_q=256, block_k=1024,
+                                is_causal=True) == (40, 64)
+  visited, _ = chunked.visited_blocks(4096, 4096, block_q=512, block_k=512,
+                                      local_window_size=(256, 0))
+  assert visited == 8 + 7              # diagonal + one block to the left
+  assert chunked.visited_blocks(100, 300, block_q=32, block_k=64) == (20, 20)
+
+
+@pytest.mark.parametrize("kw,finite_rows", [
+    (dict(is_causal=True), slice(0, 48)),
+    (dict(local_window_size=(8, 8)), slice(0, 32)),
+])
+def test_skipped_blocks_are_never_read(kw, finite_rows):
+  """NaN values in key block 3 reach only the query blocks that visit it.
+
+  A fully masked block that were visited (masked, not skipped) would still
+  poison the output with 0 * NaN in p @ v, forward and backward.
+  """
+  q, k, v = _qkv(B=1, T=64, S=64, N=2, K=2, H=8, Dv=8)
+  v = v.at[:, 48:].set(jnp.nan)
+
+  def f(q, k, v):
+    return dot_product_attention(q, k, v, implementation="chunked",
+                                 block_q=16, block_k=16, **kw)
+
+  out, vjp = jax.vjp(f, q, k, v)
+  dq = vjp(jnp.ones_like(out))[0]
+  assert bool(jnp.all(jnp.isfinite(out[:, finite_rows])))
+  assert bool(jnp.all(jnp.isfinite(dq[:, finite_rows])))
+  assert not bool(jnp.all(jnp.isfinite(out)))   # the poison is real
+
+
+def _temp_bytes(fn, T, S=None):
+  arg = lambda L: jax.ShapeDtypeStruct((1, L, 8, 64), jnp.float32)  # noqa
+  S = T if S is None else S
+  compiled = jax.jit(fn).lower(arg(T), arg(S), arg(S)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def _attention_fns(impl, **kw):
+  fwd = lambda q, k, v: dot_product_attention(  # noqa: E731
+      q, k, v, implementation=impl, **kw)
+  fwd_bwd = jax.grad(lambda q, k, v: fwd(q, k, v).sum(), argnums=(0, 1, 2))
+  return fwd, fwd_bwd
+
+
+def test_temp_memory_grows_linearly():
+  """Doubling T doubles (not quadruples) XLA's temp memory; xla quadruples."""
+  fwd, fwd_bwd = _attention_fns("chunked", block_q=128, block_k=256,
+                                is_causal=True)
+  for fn in (fwd, fwd_bwd):
+    small, large = _temp_bytes(fn, 2048), _temp_bytes(fn, 4096)
+    assert 1.5 < large / small < 2.5, (small, large)
+  xla_fwd, _ = _attention_fns("xla")
+  assert _temp_bytes(xla_fwd, 4096) / _temp_bytes(xla_fwd, 2048) > 3.5
+
+
+def test_temp_memory_targets():
+  """Default blocks: fwd at T=16384 <= 256 MiB, fwd+bwd at 8192 <= 1 GiB."""
+  fwd, fwd_bwd = _attention_fns("chunked")
+  assert _temp_bytes(fwd, 16384) <= 256 * 2**20
+  assert _temp_bytes(fwd_bwd, 8192) <= 2**30
+
+
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 2), T=st.integers(1, 40), S=st.integers(1, 40),
+       group=st.sampled_from([1, 2]), K=st.integers(1, 2),
+       block_q=st.integers(3, 16), block_k=st.integers(3, 16),
+       causal=st.booleans(), window=st.none() | st.tuples(
+           st.integers(0, 12), st.integers(0, 12)),
+       kv_fraction=st.floats(0.0, 1.0), seed=st.integers(0, 100))
+def test_random_shapes_and_masks(B, T, S, group, K, block_q, block_k, causal,
+                                 window, kv_fraction, seed):
+  """Forward equals the float64 reference for random shapes/masks/blocks."""
+  N = group * K
+  q, k, v = _qkv(B=B, T=T, S=S, N=N, K=K, H=8, Dv=4, seed=seed)
+  kv_len = jnp.full((B,), int(round(kv_fraction * S)), jnp.int32)
+  kw = dict(is_causal=causal, local_window_size=window,
+            key_value_seq_lengths=kv_len)
+  out = dot_product_attention(q, k, v, implementation="chunked",
+                              block_q=block_q, block_k=block_k, **kw)
+  assert out.shape == (B, T, N, 4)
+  assert_close(out, reference(q, k, v, **kw), 3e-5)
+
+
+def test_jit_does_not_retrace():
+  traces = []
+
+  @jax.jit
+  def f(q, k, v):
+    traces.append(1)
+    return dot_product_attention(q, k, v, is_causal=True,
+                                 implementation="chunked", **BLOCKS)
+
+  q, k, v = _qkv(B=1, T=20, S=20)
+  first = f(q, k, v)
+  second = f(q + 1.0, k, v)
+  assert len(traces) == 1
+  assert not np.allclose(first, second)
+
+
+def test_traced_scale_and_unbatched_inputs():
+  """A traced ``scale`` gets its gradient; 3-D inputs work."""
+  q, k, v = _qkv(B=1, T=20, S=30)
+
+  def loss(scale, impl):
+    out = dot_product_attention(q[0], k[0], v[0], scale=scale,
+                                implementation=impl, **(
+                                    BLOCKS if impl == "chunked" else {}))
+    assert out.shape == (20, 4, 8)
+    return jnp.sum(out ** 2)
+
+  grad = jax.grad(loss)(jnp.float32(0.3), "chunked")
+  assert_close(grad, jax.grad(loss)(jnp.float32(0.3), "xla"), 1e-4)
+
+
+def test_registry_spec_options_reach_the_kernel():
+  q, k, v = _qkv(B=1, T=33, S=33)
+  fn = attn.get_attention("chunked(block_q=8, block_k=16)")
+  out = fn(q, k, v, is_causal=True)
+  assert_close(out, reference(q, k, v, is_causal=True), 2e-5)
+  with pytest.raises(ValueError, match="block_q must be a positive int"):
+    attn.get_attention("chunked(block_q=0)")(q, k, v)
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True])
+def test_bad_block_sizes_raise(bad):
+  q, k, v = _qkv(B=1, T=8, S=8)
+  with pytest.raises(ValueError, match="block_k must be a positive int"):
+    dot_product_attention(q, k, v, implementation="chunked", block_k=bad)
+
+
+def test_unsupported_options_raise_clear_errors():
+  q, k, v = _qkv(B=1, T=8, S=8)
+  with pytest.raises(ValueError, match="dropout"):
+    dot_product_attention(q, k, v, implementation="chunked",
+                          dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="return_weights"):
+    dot_product_attention(q, k, v, implementation="chunked",
+                          return_weights=True)
+
+
+def test_block_size_balances_padding():
+  assert chunked.block_size(37, 8, 512, "block_q") == (8, 5)
+  assert chunked.block_size(600, 512, 512, "block_q") == (304, 2)
+  assert chunked.block_size(100, 512, 512, "block_q") == (100, 1)
+  assert chunked.block_size(4096, None, 512, "block_q") == (512, 8)

@@ -1,0 +1,196 @@
+"""End-to-end tests of train_and_evaluate: smoke per config, resume, NaN,
+bad configs, corrupt checkpoints, determinism."""
+
+import glob
+import importlib
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import checkpoints
+from experiments import config_validation
+from experiments import train
+from experiments import tasks as tasks_lib
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                          "configs")
+EXPERIMENT_CONFIGS = sorted(
+    os.path.splitext(os.path.basename(p))[0]
+    for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+    if os.path.basename(p) not in ("__init__.py", "base.py", "benchmark.py"))
+
+
+def load_config(name, **overrides):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.runlocal = True
+  for key, value in overrides.items():
+    node = config
+    parts = key.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = value
+  return config
+
+
+def tiny(name, **overrides):
+  """runlocal config, made smaller still for unit tests."""
+  base = dict(num_train_steps=6, eval_every_steps=3, checkpoint_every_steps=3,
+              log_every_steps=3, num_eval_examples=8, eval_batch_size=8)
+  base.update(overrides)
+  config = load_config(name)
+  config = config_validation.prepare(config)
+  for key, value in base.items():
+    node = config
+    parts = key.split(".")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = value
+  config.runlocal = False  # already shrunk; keep the overrides above
+  return config
+
+
+def read_jsonl(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_CONFIGS)
+def test_smoke_every_config(name, tmp_path):
+  draw = name in ("reverse", "reverse_rnn", "digits_vit", "glimpse",
+                  "nadaraya_watson", "associative_recall",
+                  "digits_set_anomaly")
+  config = tiny(name, **{"figures.enabled": draw})
+  result = train.train_and_evaluate(config, str(tmp_path))
+  records = read_jsonl(tmp_path)
+  assert {r["split"] for r in records} == {"train", "valid", "test"}
+  assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+  assert result["best_step"] in (3, 6)
+  if draw:
+    pngs = glob.glob(os.path.join(tmp_path, "figures", "*.png"))
+    assert os.path.join(tmp_path, "figures", "training_curves.png") in pngs
+    assert len(pngs) >= 2
+
+
+def _final_params(workdir, config):
+  task = config_validation.make_task(config)
+  from experiments import problems  # pylint: disable=g-import-not-at-top
+  problem = problems.make_problem(config, task)
+  params = problem.init(jax.random.key(0), task.batch("train", 0, 2))
+  tx = train.make_optimizer(config)
+  state = {"step": np.zeros((), np.int32), "params": params,
+           "opt_state": tx.init(params)}
+  ckpt = checkpoints.Checkpointer(workdir, keep=5, best_metric="x")
+  step, state = ckpt.restore_latest(state)
+  ckpt.close()
+  return step, state["params"]
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, monkeypatch):
+  config = tiny("reverse", num_train_steps=8, checkpoint_every_steps=2,
+                eval_every_steps=4, **{"figures.enabled": False,
+                                       "model.dropout_rate": 0.1})
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(config, straight)
+
+  resumed = str(tmp_path / "resumed")
+  original = tasks_lib.algorithmic.Reverse.batch
+
+  def dying_batch(self, split, step, batch_size):
+    if split == "train" and step == 5:
+      raise KeyboardInterrupt("simulated kill at step 5")
+    return original(self, split, step, batch_size)
+
+  monkeypatch.setattr(tasks_lib.algorithmic.Reverse, "batch", dying_batch)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, resumed)
+  monkeypatch.setattr(tasks_lib.algorithmic.Reverse, "batch", original)
+  train.train_and_evaluate(config, resumed)
+
+  step_a, params_a = _final_params(straight, config)
+  step_b, params_b = _final_params(resumed, config)
+  assert step_a == step_b == 8
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  drop = lambda rs: [{k: v for k, v in r.items()} for r in rs]
+  assert drop(read_jsonl(straight)) == drop(read_jsonl(resumed))
+
+
+def test_same_config_same_metrics(tmp_path):
+  config = tiny("glimpse", **{"figures.enabled": False})
+  a = train.train_and_evaluate(config, str(tmp_path / "a"))
+  b = train.train_and_evaluate(config, str(tmp_path / "b"))
+  assert read_jsonl(tmp_path / "a") == read_jsonl(tmp_path / "b")
+  assert a == b
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path,
+                                                            monkeypatch):
+  config = tiny("nadaraya_watson", num_train_steps=10,
+                checkpoint_every_steps=2, eval_every_steps=100,
+                **{"figures.enabled": False})
+  cls = type(tasks_lib.get_task("nadaraya_watson"))
+  original = cls.batch
+
+  def poisoned(self, split, step, batch_size):
+    batch = original(self, split, step, batch_size)
+    if split == "train" and step == 4:  # the 5th optimizer step
+      batch = dict(batch, values=batch["values"] * np.nan)
+    return batch
+
+  monkeypatch.setattr(cls, "batch", poisoned)
+  with pytest.raises(train.NonFiniteLossError, match="at step 5"):
+    train.train_and_evaluate(config, str(tmp_path))
+  latest = os.listdir(tmp_path / "checkpoints" / "latest")
+  assert "4" in latest and "5" not in latest
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"model.attention": "no_such_attention"}, "unknown attention"),
+    ({"model.attention": "chunked(bogus=1)"}, "no option"),
+    ({"model.positional": "spiral"}, "positional"),
+    ({"task.name": "no_such_task"}, "task.name"),
+    ({"num_train_steps": -5}, "num_train_steps"),
+    ({"model.num_heads": 3}, "does not divide"),
+    ({"schedule": "sawtooth"}, "schedule"),
+    ({"task.options.length": 0}, "length"),
+])
+def test_bad_config_fails_before_compiling(override, message, tmp_path):
+  config = load_config("reverse", **override)
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_misspelled_field_is_reported(tmp_path):
+  config = load_config("reverse")
+  config.unlock()
+  config.num_train_step = 10  # missing "s"
+  with pytest.raises(train.ConfigError, match="unknown field "
+                     "config.num_train_step"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_corrupt_checkpoint_is_named_and_fresh_start_sets_it_aside(tmp_path):
+  config = tiny("copy", **{"figures.enabled": False})
+  train.train_and_evaluate(config, str(tmp_path))
+  step_dir = tmp_path / "checkpoints" / "latest" / "6"
+  for path in glob.glob(str(step_dir / "**" / "*"), recursive=True):
+    if os.path.isfile(path) and "metadata" not in path.lower():
+      with open(path, "wb") as f:
+        f.write(b"garbage")
+  with pytest.raises(train.CheckpointError, match=str(step_dir)):
+    train.train_and_evaluate(config, str(tmp_path))
+  config.fresh_start = True
+  train.train_and_evaluate(config, str(tmp_path))
+  aside = glob.glob(str(tmp_path / "checkpoints.set_aside.*"))
+  assert len(aside) == 1  # progress is renamed, never deleted
+
+
+def test_incompatible_checkpoint_is_named(tmp_path):
+  config = tiny("copy", **{"figures.enabled": False})
+  train.train_and_evaluate(config, str(tmp_path))
+  config.model.emb_dim = 16
+  with pytest.raises(train.CheckpointError, match="checkpoints"):
+    train.train_and_evaluate(config, str(tmp_path))
