@@ -174,10 +174,10 @@ def flax_compatible(kernel: Callable[..., Any], name: str = "attention"):
     (kernels compute in float32 and return the input dtype);
   * drops other keyword arguments the kernel does not take when they are
     ``None``/``False`` and raises ``ValueError`` otherwise;
-  * with ``module`` given (Flax's ``sow_weights=True``), calls the kernel
-    with ``return_weights=True`` and sows the ``[B, N, T, S]`` weights as
-    ``intermediates/attention_weights``; raises ``ValueError`` if the kernel
-    cannot return weights.
+  * with ``module`` given (Flax's ``sow_weights=True``), calls a kernel that
+    takes ``return_weights`` with ``return_weights=True`` and sows the
+    ``[B, N, T, S]`` weights as ``intermediates/attention_weights``; kernels
+    without that argument never materialise weights and sow nothing.
   """
 
   def attention_fn(query, key, value, bias=None, mask=None, *,
@@ -205,11 +205,9 @@ def flax_compatible(kernel: Callable[..., Any], name: str = "attention"):
           del kwargs[k]
         else:
           raise ValueError(f"attention {name!r} does not accept {k}=...")
-    if module is None or kwargs.get("return_weights", False):
+    if (module is None or kwargs.get("return_weights", False)
+        or not _accepts(kernel, "return_weights")):
       return kernel(query, key, value, bias, mask, **kwargs)
-    if not _accepts(kernel, "return_weights"):
-      raise ValueError(f"attention {name!r} cannot return its weights, so "
-                       "they cannot be sown (sow_weights=True/module=...)")
     out, weights = kernel(query, key, value, bias, mask, return_weights=True,
                           **kwargs)
     module.sow("intermediates", "attention_weights", weights)

@@ -17,8 +17,9 @@ each cell the harness records, on the same inputs ``q[B, T, N, H]``,
 * FLOPs: the analytic count of exact attention (:func:`attention_flops`) for
   exact variants and baselines, XLA's ``cost_analysis()`` otherwise (always
   recorded as ``xla_flops``; XLA counts a loop body once, so scan-based
-  kernels are under-counted there), and FLOP/s as a fraction of a square
-  matmul of comparable work timed in the same run (the roofline);
+  kernels are under-counted there), and FLOP/s as a fraction of the
+  FLOP/s of a square matmul of comparable work (the roofline), timed
+  interleaved with the cell's own calls so both see the same machine load;
 * XLA's ``memory_analysis()``: temporary, argument and output bytes
   (``None`` where the backend does not report them);
 * max abs and relative error against a float32 exact reference computed
@@ -353,22 +354,33 @@ def xla_flops(compiled) -> Optional[float]:
   return float(cost["flops"])
 
 
-def time_calls(compiled, args, *, warmup: int,
-               repeats: int) -> Tuple[Any, List[float]]:
+def _timed_call(compiled, args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(compiled(*args))
+  return time.perf_counter() - start
+
+
+def time_calls(compiled, args, *, warmup: int, repeats: int,
+               paired=None) -> Tuple[Any, List[float], List[float]]:
   """Runs ``warmup`` untimed then ``repeats`` timed calls.
 
-  Returns the first call's output (for the error check) and the wall times
-  in seconds, each measured to ``jax.block_until_ready``.
+  ``paired=(compiled2, args2)``, if given, is warmed up too and one call of
+  it is timed right after each timed call, so both see the same load.
+
+  Returns the first call's output (for the error check), the wall times in
+  seconds, each measured to ``jax.block_until_ready``, and the paired times.
   """
   first = jax.block_until_ready(compiled(*args))
   for _ in range(warmup - 1):
     jax.block_until_ready(compiled(*args))
-  times = []
+  for _ in range(warmup if paired else 0):
+    jax.block_until_ready(paired[0](*paired[1]))
+  times, paired_times = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return first, times
+    times.append(_timed_call(compiled, args))
+    if paired:
+      paired_times.append(_timed_call(*paired))
+  return first, times, paired_times
 
 
 def compare(output, reference) -> Tuple[float, float]:
@@ -406,11 +418,33 @@ def make_params(variant: Variant, q_shape, k_shape, seed: int):
           for i, (name, (shape, init)) in enumerate(sorted(shapes.items()))}
 
 
+@dataclasses.dataclass(frozen=True)
+class Roofline:
+  """A compiled ``[n, n] @ [n, n]`` matmul (``flops = 2n³``) and its args."""
+  n: int
+  flops: float
+  compiled: Any
+  args: Tuple[Any, Any]
+
+
+def make_roofline(n: int, dtype) -> Roofline:
+  """Compiles the square matmul in ``dtype`` (float32 accumulation)."""
+  a = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(2), (n, n), dtype)
+  matmul = jax.jit(functools.partial(jnp.matmul,
+                                     preferred_element_type=jnp.float32))
+  return Roofline(n=n, flops=2.0 * n ** 3,
+                  compiled=matmul.lower(a, b).compile(), args=(a, b))
+
+
 def measure_cell(variant: Variant, inputs: Dict[str, Any], *, mode: str,
                  causal: bool, warmup: int, repeats: int,
-                 max_memory_bytes: float, reference, seed: int
-                 ) -> Dict[str, Any]:
+                 max_memory_bytes: float, reference, seed: int,
+                 roofline: Optional[Roofline] = None) -> Dict[str, Any]:
   """Compiles, gates on memory, times and checks one cell.
+
+  ``roofline``'s matmul is timed interleaved with the cell's calls and gives
+  ``roofline_flops_per_s``.
 
   Never raises for a failing kernel: the returned dict carries ``status``
   (``ok``, ``unsupported: ...``, ``oom: ...``, ``skipped: ...`` or
@@ -440,8 +474,10 @@ def measure_cell(variant: Variant, inputs: Dict[str, Any], *, mode: str,
       row["status"] = (f"skipped: too large (needs {need / _GIB:.1f} GiB > "
                        f"max_memory_gib={max_memory_bytes / _GIB:g})")
       return row
-    output, times = time_calls(compiled, args, warmup=warmup,
-                               repeats=repeats)
+    paired = None if roofline is None else (roofline.compiled,
+                                            roofline.args)
+    output, times, matmul_times = time_calls(
+        compiled, args, warmup=warmup, repeats=repeats, paired=paired)
     if reference is not None:
       row["max_abs_err"], row["rel_err"] = compare(output, reference)
     del output
@@ -453,6 +489,9 @@ def measure_cell(variant: Variant, inputs: Dict[str, Any], *, mode: str,
   row["time_median_s"] = float(np.median(times))
   row["time_min_s"] = float(np.min(times))
   row["time_max_s"] = float(np.max(times))
+  if roofline is not None:
+    row["roofline_flops_per_s"] = roofline.flops / float(
+        np.median(matmul_times))
   return row
 
 
@@ -462,17 +501,6 @@ def dense_estimate_bytes(q_shape, k_shape, mode: str) -> float:
   B, T, N, _ = q_shape
   S = k_shape[1]
   return 4.0 * B * N * T * S * (2 if mode == "fwd" else 4)
-
-
-def measure_roofline(n: int, dtype, *, warmup: int, repeats: int) -> float:
-  """FLOP/s of an ``[n, n] @ [n, n]`` matmul in ``dtype`` (median time)."""
-  a = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(2), (n, n), dtype)
-  matmul = jax.jit(functools.partial(jnp.matmul,
-                                     preferred_element_type=jnp.float32))
-  compiled = matmul.lower(a, b).compile()
-  _, times = time_calls(compiled, (a, b), warmup=warmup, repeats=repeats)
-  return 2.0 * n ** 3 / float(np.median(times))
 
 
 # --------------------------------------------------------------------------
@@ -555,15 +583,13 @@ def run_benchmark(config: ml_collections.ConfigDict,
   bar = tqdm.tqdm(total=len(groups) * len(variants), unit="cell",
                   disable=not config.progress, desc="benchmark")
   for setting, seq_len in groups:
-    dtype = DTYPES[setting["dtype"]]
     flops = attention_flops(
         batch=setting["batch"], heads=setting["heads"], q_len=seq_len,
         kv_len=seq_len, head_dim=setting["head_dim"],
         value_dim=setting["head_dim"], causal=setting["causal"],
         mode=setting["mode"])
-    n = matmul_size(flops, config.roofline_max_n)
-    roofline = measure_roofline(n, dtype, warmup=config.warmup,
-                                repeats=config.repeats)
+    roofline = make_roofline(matmul_size(flops, config.roofline_max_n),
+                             DTYPES[setting["dtype"]])
     inputs = make_inputs(setting, seq_len, config.seed)
     reference = None
     if config.check_error:
@@ -577,13 +603,12 @@ def run_benchmark(config: ml_collections.ConfigDict,
     for variant in variants:
       bar.set_postfix_str(f"{variant.name} T={seq_len}")
       row = dict(setting, variant=variant.name, exact=variant.exact,
-                 seq_len=seq_len, device=device, matmul_n=n,
-                 roofline_flops_per_s=roofline)
+                 seq_len=seq_len, device=device, matmul_n=roofline.n)
       row.update(measure_cell(
           variant, inputs, mode=setting["mode"], causal=setting["causal"],
           warmup=config.warmup, repeats=config.repeats,
           max_memory_bytes=config.max_memory_gib * _GIB,
-          reference=reference, seed=config.seed))
+          reference=reference, seed=config.seed, roofline=roofline))
       add_throughput(row, flops)
       log = (logging.warning if row["status"].startswith(("oom", "error"))
              else logging.debug)
@@ -591,7 +616,7 @@ def run_benchmark(config: ml_collections.ConfigDict,
           {k: setting[k] for k in ("dtype", "mode", "causal")}, row["status"])
       rows.append({c: row.get(c) for c in COLUMNS})
       bar.update()
-    del inputs, reference
+    del inputs, reference, roofline
   bar.close()
   add_ratios(rows)
   return rows
@@ -606,7 +631,9 @@ def add_throughput(row: Dict[str, Any], analytic_flops: float) -> None:
   median = row.get("time_median_s")
   if row["flops"] and median:
     row["flops_per_s"] = row["flops"] / median
-    row["roofline_frac"] = row["flops_per_s"] / row["roofline_flops_per_s"]
+    if row.get("roofline_flops_per_s"):
+      row["roofline_frac"] = (row["flops_per_s"]
+                              / row["roofline_flops_per_s"])
 
 
 def _setting_key(row) -> Tuple:

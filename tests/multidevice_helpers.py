@@ -152,20 +152,29 @@ def _max_rel_err(a, b) -> float:
   return float(max(errs))
 
 
-def _compare(ring_fn, ref_fn, args, names, *, np_out=None) -> Dict[str, float]:
-  """Forward + vjp of ``ring_fn`` vs ``ref_fn`` on ``args`` (same cotangent)."""
+def _fwd_bwd(fn, *args):
+  """``(fn(*args), vjp(cos(3 · out)))`` under one ``jax.jit``."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  def fwd_bwd(fn):
-    def f(*a):
-      out, vjp = jax.vjp(fn, *a)
-      ct = jnp.cos(3.0 * out.astype(jnp.float32)).astype(out.dtype)
-      return out, vjp(ct)
-    return jax.jit(f)
+  def f(*a):
+    out, vjp = jax.vjp(fn, *a)
+    ct = jnp.cos(3.0 * out.astype(jnp.float32)).astype(out.dtype)
+    return out, vjp(ct)
 
-  out, grads = fwd_bwd(ring_fn)(*args)
-  ref, ref_grads = fwd_bwd(ref_fn)(*args)
+  return jax.jit(f)(*args)
+
+
+def _compare(ring_fn, reference, args, names, *, np_out=None):
+  """Forward + vjp of ``ring_fn`` on ``args`` vs ``reference = (out, grads)``.
+
+  Returns ``{"out": err, "d<name>": err, ..., "nonfinite": 0 or 1,
+  "numpy_out": err}`` with :func:`_max_rel_err` errors.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  out, grads = _fwd_bwd(ring_fn, *args)
+  ref, ref_grads = reference
   errs = {"out": _max_rel_err(out, ref)}
   for name, g, rg in zip(names, grads, ref_grads):
     errs["d" + name] = _max_rel_err(g, rg)
@@ -196,17 +205,17 @@ def check_ring() -> Dict[str, Dict[str, float]]:
   # Sequence shards of 2, 4, 8 (rest of the devices on "data"), GQA.
   B, T, N, K, H = 2, 32, 4, 2, 8
   q, k, v = normal(B, T, N, H), normal(B, T, K, H), normal(B, T, K, H)
-  for n in (2, 4, 8):
-    mesh = make_mesh(data=-1, seq=n)
-    for causal in (False, True):
-      ring = lambda q, k, v, mesh=mesh, causal=causal: ring_attention(  # noqa: E731
-          q, k, v, mesh=mesh, is_causal=causal, block_q=4, block_k=4)
-      ref = lambda q, k, v, causal=causal: attn.dot_product_attention(  # noqa: E731
-          q, k, v, is_causal=causal, implementation="xla")
-      np_out = numpy_attention(q, k, v, mask=numpy_mask(
-          B, N, T, T, is_causal=causal))
+  for causal in (False, True):
+    reference = _fwd_bwd(lambda q, k, v, c=causal: attn.dot_product_attention(
+        q, k, v, is_causal=c, implementation="xla"), q, k, v)
+    np_out = numpy_attention(q, k, v, mask=numpy_mask(B, N, T, T,
+                                                      is_causal=causal))
+    for n in (2, 4, 8):
+      mesh = make_mesh(data=-1, seq=n)
+      ring = lambda q, k, v, m=mesh, c=causal: ring_attention(  # noqa: E731
+          q, k, v, mesh=m, is_causal=c, block_q=4, block_k=4)
       results[f"seq{n}_{'causal' if causal else 'full'}"] = _compare(
-          ring, ref, (q, k, v), "qkv", np_out=np_out)
+          ring, reference, (q, k, v), "qkv", np_out=np_out)
 
   # Padding: lengths, a fully masked example, T not divisible by the ring.
   B, T = 3, 30
@@ -218,8 +227,8 @@ def check_ring() -> Dict[str, Dict[str, float]]:
   results["padding_lengths"] = _compare(
       lambda q, k, v: ring_attention(q, k, v, mesh=mesh, block_q=4,
                                      block_k=4, **kw),
-      lambda q, k, v: attn.dot_product_attention(q, k, v,
-                                                 implementation="xla", **kw),
+      _fwd_bwd(lambda q, k, v: attn.dot_product_attention(
+          q, k, v, implementation="xla", **kw), q, k, v),
       (q, k, v), "qkv", np_out=numpy_attention(q, k, v, mask=numpy_mask(
           B, N, T, T, is_causal=True, q_lengths=np.asarray(ql),
           kv_lengths=np.asarray(kl))))
@@ -232,8 +241,8 @@ def check_ring() -> Dict[str, Dict[str, float]]:
   results["cross_bias_mask"] = _compare(
       lambda q, k, v, bias: ring_attention(q, k, v, bias, mask, mesh=mesh,
                                            block_q=3, block_k=5),
-      lambda q, k, v, bias: attn.dot_product_attention(
-          q, k, v, bias, mask, implementation="xla"),
+      _fwd_bwd(lambda q, k, v, bias: attn.dot_product_attention(
+          q, k, v, bias, mask, implementation="xla"), q, k, v, bias),
       (q, k, v, bias), ("q", "k", "v", "bias"),
       np_out=numpy_attention(q, k, v, bias, numpy_mask(
           B, N, T, S, mask=np.asarray(mask))))
@@ -250,8 +259,8 @@ def check_ring() -> Dict[str, Dict[str, float]]:
   results["segments_window_bias"] = _compare(
       lambda q, k, v, bias: ring_attention(q, k, v, bias, mesh=mesh,
                                            block_q=4, block_k=4, **kw),
-      lambda q, k, v, bias: attn.dot_product_attention(
-          q, k, v, bias, implementation="xla", **kw),
+      _fwd_bwd(lambda q, k, v, bias: attn.dot_product_attention(
+          q, k, v, bias, implementation="xla", **kw), q, k, v, bias),
       (q, k, v, bias), ("q", "k", "v", "bias"),
       np_out=numpy_attention(q, k, v, bias, numpy_mask(
           B, N, T, T, segment_ids=np.asarray(seg), window=(5, 3))))
@@ -262,8 +271,8 @@ def check_ring() -> Dict[str, Dict[str, float]]:
   results["bf16_causal"] = _compare(
       lambda q, k, v: ring_attention(q, k, v, mesh=mesh, is_causal=True,
                                      block_q=2, block_k=2),
-      lambda q, k, v: attn.dot_product_attention(q, k, v, is_causal=True,
-                                                 implementation="xla"),
+      _fwd_bwd(lambda q, k, v: attn.dot_product_attention(
+          q, k, v, is_causal=True, implementation="xla"), q, k, v),
       (q, k, v), "qkv", np_out=numpy_attention(q, k, v, mask=numpy_mask(
           B, N, T, T, is_causal=True)))
 
@@ -273,8 +282,8 @@ def check_ring() -> Dict[str, Dict[str, float]]:
   explicit = jax.make_mesh((2, 4), ("data", "seq"))
   results["explicit_axes_mesh"] = _compare(
       lambda q, k, v: ring_attention(q, k, v, mesh=explicit, is_causal=True),
-      lambda q, k, v: attn.dot_product_attention(q, k, v, is_causal=True,
-                                                 implementation="xla"),
+      _fwd_bwd(lambda q, k, v: attn.dot_product_attention(
+          q, k, v, is_causal=True, implementation="xla"), q, k, v),
       (q, k, v), "qkv")
 
   # By name in a Flax model, the mesh taken from jax.set_mesh.
@@ -292,8 +301,8 @@ def check_ring() -> Dict[str, Dict[str, float]]:
 
   with jax.set_mesh(make_mesh(data=2, seq=4)):
     results["flax_by_name"] = _compare(
-        apply("ring(block_q=4, block_k=4)"), apply("xla"), (params,),
-        ("params",))
+        apply("ring(block_q=4, block_k=4)"), _fwd_bwd(apply("xla"), params),
+        (params,), ("params",))
   return results
 
 
@@ -374,7 +383,7 @@ def check_mesh() -> Dict[str, object]:
   results["errors"] = errors
 
   mesh = parallel.make_mesh(data=4, seq=2)
-  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  x = np.arange(16, dtype=np.float32)              # e.g. labels [B]
   tokens = np.arange(16 * 8, dtype=np.int32).reshape(16, 8)
   batch = parallel.shard_batch({"x": x, "tokens": tokens}, mesh,
                                sequence=True)
@@ -436,17 +445,11 @@ def check_distributed(port: int, process_id: int,
   args = [jax.make_array_from_callback(a.shape, rep, lambda i, a=a: a[i])
           for a in (q, k, v)]
 
-  def fwd_bwd(fn):
-    def f(*a):
-      out, vjp = jax.vjp(fn, *a)
-      return out, vjp(jnp.cos(out))
-    return jax.jit(f)
-
-  out, grads = fwd_bwd(lambda q, k, v: ring_attention(
-      q, k, v, mesh=ring_mesh, is_causal=True, block_q=2, block_k=2))(*args)
+  out, grads = _fwd_bwd(lambda q, k, v: ring_attention(
+      q, k, v, mesh=ring_mesh, is_causal=True, block_q=2, block_k=2), *args)
   out, grads = multihost_utils.process_allgather((out, grads), tiled=True)
-  ref, ref_grads = fwd_bwd(lambda q, k, v: attn.dot_product_attention(
-      q, k, v, is_causal=True, implementation="xla"))(q, k, v)
+  ref, ref_grads = _fwd_bwd(lambda q, k, v: attn.dot_product_attention(
+      q, k, v, is_causal=True, implementation="xla"), q, k, v)
   results["ring_out_err"] = _max_rel_err(out, ref)
   results["ring_grad_err"] = max(_max_rel_err(g, r)
                                  for g, r in zip(grads, ref_grads))

@@ -232,6 +232,9 @@ def test_error_column_exact_zeroish_approximation_bounded():
           causal=r["causal"], mode=r["mode"])
     assert r["flops_per_s"] == pytest.approx(r["flops"]
                                              / r["time_median_s"])
+    assert r["roofline_flops_per_s"] > 0
+    assert r["roofline_frac"] == pytest.approx(
+        r["flops_per_s"] / r["roofline_flops_per_s"])
 
 
 def test_failing_cells_are_recorded_and_the_sweep_continues():

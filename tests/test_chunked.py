@@ -117,7 +117,7 @@ def _case(mode, B=2, T=37, S=53):
   return bias, kw
 
 
-MODES = ["plain", "causal", "bias", "keybias", "mask", "lengths", "window",
+MODES = ["plain", "causal", "bias", "keybias+lengths", "mask+window",
          "causal+window", "segments", "causal+bias+mask+lengths+window"]
 
 
@@ -180,12 +180,11 @@ def test_vjp_matches_numpy_finite_differences():
     np.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("T,S", [(16, 70), (70, 16)])
-def test_causal_cross_attention(T, S):
-  """T != S with causal masking (rows past S see all keys; top-left)."""
-  q, k, v = _qkv(B=1, T=T, S=S)
-  out, _ = out_and_grads("chunked", q, k, v, None, jnp.zeros((1, T, 4, 8)),
-                         is_causal=True)
+def test_causal_cross_attention_more_queries_than_keys():
+  """T > S with causal masking: positions are top-left aligned (as xla)."""
+  q, k, v = _qkv(B=1, T=70, S=16)
+  out = dot_product_attention(q, k, v, is_causal=True,
+                              implementation="chunked", **BLOCKS)
   assert_close(out, reference(q, k, v, is_causal=True), 2e-5)
 
 
@@ -317,7 +316,7 @@ def test_temp_memory_targets():
   assert _temp_bytes(fwd_bwd, 8192) <= 2**30
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(B=st.integers(1, 2), T=st.integers(1, 40), S=st.integers(1, 40),
        group=st.sampled_from([1, 2]), K=st.integers(1, 2),
        block_q=st.integers(3, 16), block_k=st.integers(3, 16),

@@ -5,10 +5,11 @@ Each kernel from ``attn.get_attention(name)`` is dropped into
 and must give the same output as Flax's own ``dot_product_attention`` with the
 same parameters: without a mask, with a causal + key-padding mask, with
 dropout (our dropout draws the same keep-mask as Flax's for the same key), and
-with ``sow_weights`` (the sown weights equal Flax's). Everything runs inside a
+with ``sow_weights`` (the sown weights equal Flax's; kernels that never
+materialise weights sow nothing). Everything runs inside a
 one-device mesh so that sequence-parallel kernels (``ring``) find their axis. Kernels that cannot do
-dropout or return weights must refuse with a ``ValueError``; the ``softmax``
-and ``xla`` kernels must support everything.
+dropout must refuse it with a ``ValueError``; the ``softmax`` and ``xla``
+kernels must support everything.
 """
 
 import jax
@@ -114,10 +115,11 @@ def test_linen_multi_head_attention(name):
   def sown(m):
     _, state = m.apply(params, x, mask=mask, sow_weights=True,
                        deterministic=True, mutable=["intermediates"])
-    return state["intermediates"]["attention_weights"]
+    return state.get("intermediates", {}).get("attention_weights")
 
   want = sown(flax_default)
-  got = _refuses(name, lambda: sown(ours), "weights")
+  got = sown(ours)
+  assert got is not None or name not in FULL_SUPPORT
   if got is not None:
     assert len(got) == 1 and got[0].shape == (B, HEADS, T, T)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
@@ -152,10 +154,11 @@ def test_nnx_multi_head_attention(name):
   def sown(m):
     _, state = nnx.capture(m, nnx.Intermediate)(
         x, mask=mask, deterministic=True, sow_weights=True)
-    return state["attention_weights"]
+    return state.get("attention_weights")
 
   want = sown(flax_default)
-  got = _refuses(name, lambda: sown(ours), "weights")
+  got = sown(ours)
+  assert got is not None or name not in FULL_SUPPORT
   if got is not None:
     got, want = jax.tree.leaves(got), jax.tree.leaves(want)
     assert len(got) == 1 and got[0].shape == (B, HEADS, T, T)

@@ -91,9 +91,9 @@ def test_unknown_name_lists_registered_names_and_aliases():
 def test_unknown_option_lists_the_kernels_options():
   with pytest.raises(ValueError, match=r"'softmax' has no option\(s\) "
                      r"\['num_features'\]; its options are: \['implementation'"
-                     r", 'block_q', 'block_k'\]"):
+                     r", 'block_q', 'block_k', 'scale'\]"):
     attn.get_attention("softmax(num_features=3)")
-  with pytest.raises(ValueError, match="options are: none"):
+  with pytest.raises(ValueError, match=r"options are: \['scale'\]"):
     attn.get_attention("xla(block_q=3)")
   # Runtime keyword arguments are per call, never spec options.
   with pytest.raises(ValueError, match=r"no option\(s\) \['is_causal'\]"):
@@ -155,7 +155,7 @@ class TestFlaxCompatibleWrapper:
     with pytest.raises(ValueError, match="dropout_rng"):
       fn(q, k, v, dropout_rate=0.5)
 
-  def test_kernel_without_dropout_or_weights_raises(self, temp_registry):
+  def test_kernel_without_dropout_or_weights(self, temp_registry):
     seen = {}
 
     def plain(query, key, value, bias=None, mask=None, *, deterministic=True):
@@ -163,6 +163,8 @@ class TestFlaxCompatibleWrapper:
       return value
 
     temp_registry("_test_plain", plain)
+    with pytest.raises(ValueError, match="options are: none"):
+      attn.get_attention("_test_plain(deterministic=False)")
     fn = attn.get_attention("_test_plain")
     q, k, v = _qkv()
     fn(q, k, v, dropout_rate=0.1, deterministic=True, is_causal=False,
@@ -174,5 +176,21 @@ class TestFlaxCompatibleWrapper:
          deterministic=False)
     with pytest.raises(ValueError, match="does not accept is_causal"):
       fn(q, k, v, is_causal=True)
-    with pytest.raises(ValueError, match="cannot return its weights"):
-      fn(q, k, v, module=object())
+
+    class Recorder:
+      sown = []
+
+      def sow(self, *args):
+        self.sown.append(args)
+
+    module = Recorder()
+    np.testing.assert_array_equal(fn(q, k, v, module=module), v)
+    assert not module.sown          # no return_weights argument: nothing sown
+    out = attn.get_attention("xla")(q, k, v, module=module)
+    assert [a[:2] for a in module.sown] == [
+        ("intermediates", "attention_weights")]
+    np.testing.assert_allclose(
+        module.sown[0][2], attn.dot_product_attention(
+            q, k, v, return_weights=True)[1], rtol=1e-6)
+    np.testing.assert_allclose(out, attn.dot_product_attention(q, k, v),
+                               rtol=1e-6)

@@ -15,8 +15,7 @@ Stable API, used by several variant modules:
   block patterns, Longformer global keys) without any ``[T, S]`` array;
   :func:`dense_rows_one_head` is exact attention of a few query rows over all
   keys (global tokens).
-* :func:`window_blocks`, :func:`block_positions`, :func:`gather_blocks`,
-  :func:`pad_axis0`, :func:`intersect_windows`, :func:`align_keys` are the
+* :func:`window_blocks`, :func:`gather_blocks`, :func:`pad_axis0`, :func:`intersect_windows`, :func:`align_keys` are the
   small blocking utilities behind them.
 
 Everything static (block tables, key positions) is NumPy at trace time.
@@ -200,30 +199,15 @@ def window_blocks(T: int, S: int, block: int, window: Tuple[int, int],
   return np.where((table >= 0) & (table < n_k), table, -1)
 
 
-def block_positions(key_blocks: np.ndarray, block: int, S: int) -> np.ndarray:
-  """Key-block table ``[Q, Cb]`` -> key positions ``[Q, Cb·block]``.
+def gather_blocks(x: Array, block: int, fill=0) -> Array:
+  """``x[S, ...]`` -> ``[ceil(S/block) + 1, block, ...]`` key blocks.
 
-  ``-1`` marks a missing block or a position ``>= S``.
+  The tail is padded with ``fill`` and one extra all-``fill`` block is
+  appended: index it (``ceil(S/block)``) for "no block".
   """
-  pos = key_blocks[:, :, None] * block + np.arange(block)
-  pos = np.where((key_blocks[:, :, None] >= 0) & (pos < S), pos, -1)
-  return pos.reshape(key_blocks.shape[0], -1)
-
-
-def gather_blocks(x: Optional[Array], key_blocks: np.ndarray, block: int,
-                  fill=0) -> Optional[Array]:
-  """``x[S, ...]`` -> ``[Q, Cb·block, ...]``: the key blocks of each row.
-
-  Gathers whole blocks (``-1`` entries and positions past ``S`` read
-  ``fill``), so XLA copies contiguous ``block``-row slices.
-  """
-  if x is None:
-    return None
   n_k = -(-x.shape[0] // block)
-  xb = pad_axis0(x, (n_k + 1) * block, fill)      # block n_k: all fill
-  xb = xb.reshape((n_k + 1, block) + x.shape[1:])
-  got = xb[np.where(key_blocks < 0, n_k, key_blocks)]
-  return got.reshape((key_blocks.shape[0], -1) + x.shape[1:])
+  xb = pad_axis0(x, (n_k + 1) * block, fill)
+  return xb.reshape((n_k + 1, block) + x.shape[1:])
 
 
 def sparse_rows_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
@@ -243,9 +227,12 @@ def sparse_rows_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
   * the keys at positions ``global_keys`` (every query block; not subject
     to the window; excluded from the block part so none counts twice),
 
-  both further restricted by causality, ``kv_valid`` and segment ids. Only
-  ``[T, C]`` scores exist with ``C = block·Cb + G``: time and memory
-  ``O(T·C)``, never ``[T, S]``.
+  both further restricted by causality, ``kv_valid`` and segment ids.
+
+  The query blocks are processed one at a time by ``jax.lax.map``: each step
+  gathers its ``C = block·Cb + G`` keys and forms ``[block, C]`` scores, so
+  time is ``O(T·C)``, the working set per step is independent of ``T`` (it
+  stays in cache) and no ``[T, S]`` array ever exists.
 
   Args:
     q_TH: ``[T, H]``; k_SH: ``[S, H]``; v_SD: ``[S, Dv]``.
@@ -265,57 +252,63 @@ def sparse_rows_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
   T, H = q_TH.shape
   S = k_SH.shape[0]
   n_q = key_blocks.shape[0]
+  n_k = -(-S // block)
   glob = np.zeros(0, np.int64) if global_keys is None else np.asarray(
       global_keys)
+  key_ok_S = jnp.asarray(~np.isin(np.arange(S), glob))
+  if kv_valid is not None:
+    key_ok_S = key_ok_S & kv_valid
+  k_blocks, v_blocks = gather_blocks(k_SH, block), gather_blocks(v_SD, block)
+  ok_blocks = gather_blocks(key_ok_S, block, False)   # False past S too
+  seg_blocks = None if kv_segment is None else gather_blocks(kv_segment, block)
+  table_QC = jnp.asarray(np.where(key_blocks < 0, n_k, key_blocks), jnp.int32)
   q_QbH = pad_axis0(q_TH, n_q * block).reshape(n_q, block, H)
-  q_pos = jnp.arange(n_q * block).reshape(n_q, block, 1)
-  q_seg = pad_axis0(q_segment, n_q * block)
+  q_seg_Qb = None if q_segment is None else pad_axis0(
+      q_segment, n_q * block).reshape(n_q, block)
+  kg_GH, vg_GD = k_SH[glob], v_SD[glob]
+  kg_ok = None if kv_valid is None else kv_valid[glob]
+  kg_seg = None if kv_segment is None else kv_segment[glob]
 
-  def allowed(k_pos, static_ok, kv_ok, kv_seg, windowed):
-    """[Q, b, C] mask for key positions k_pos ([Q, 1, C] or [1, 1, C])."""
-    ok = jnp.asarray(static_ok)
-    if kv_ok is not None:
-      ok = ok & kv_ok
+  def positional(ok_bC, q_pos_b, k_pos_C, q_seg_b, k_seg_C, windowed):
+    q_pos_b, k_pos_C = q_pos_b[:, None], k_pos_C[None, :]
     if is_causal:
-      ok = ok & (k_pos <= q_pos)
+      ok_bC = ok_bC & (k_pos_C <= q_pos_b)
     if windowed and window is not None:
-      ok = ok & (k_pos >= q_pos - window[0]) & (k_pos <= q_pos + window[1])
-    if q_seg is not None:
-      ok = ok & (q_seg.reshape(n_q, block, 1) == kv_seg)
-    return ok
+      ok_bC = ok_bC & (k_pos_C >= q_pos_b - window[0]) & (
+          k_pos_C <= q_pos_b + window[1])
+    if q_seg_b is not None:
+      ok_bC = ok_bC & (q_seg_b[:, None] == k_seg_C[None, :])
+    return ok_bC
 
-  # Block part: positions are static; global keys are masked out here.
-  pos_QC = block_positions(key_blocks, block, S)
-  static_ok = ((pos_QC >= 0) & ~np.isin(pos_QC, glob))[:, None, :]
-  kv_ok = gather_blocks(kv_valid, key_blocks, block, False)
-  kv_seg = gather_blocks(kv_segment, key_blocks, block)
-  mask_QbC = allowed(jnp.asarray(pos_QC)[:, None, :], static_ok,
-                     None if kv_ok is None else kv_ok[:, None, :],
-                     None if kv_seg is None else kv_seg[:, None, :], True)
-  k_QCH = gather_blocks(k_SH, key_blocks, block)
-  v_QCD = gather_blocks(v_SD, key_blocks, block)
-  scores_QbC = jnp.einsum("qbh,qch->qbc", q_QbH, k_QCH,
-                          preferred_element_type=F32)
-  if glob.size:
-    kg_GH, vg_GD = k_SH[glob], v_SD[glob]
-    mask_QbG = allowed(
-        jnp.asarray(glob)[None, None, :], np.ones((1, 1, glob.size), bool),
-        None if kv_valid is None else kv_valid[glob][None, None, :],
-        None if kv_segment is None else kv_segment[glob][None, None, :],
-        False)
-    scores_QbG = jnp.einsum("qbh,gh->qbg", q_QbH, kg_GH,
-                            preferred_element_type=F32)
-    scores_QbC = jnp.concatenate([scores_QbC, scores_QbG], axis=-1)
-    mask_QbC = jnp.concatenate(
-        [jnp.broadcast_to(mask_QbC, scores_QbC.shape[:2] + mask_QbC.shape[2:]),
-         jnp.broadcast_to(mask_QbG, scores_QbG.shape)], axis=-1)
-  probs_QbC = masked_softmax(scores_QbC * scale, mask_QbC).astype(v_SD.dtype)
-  C = k_QCH.shape[1]
-  out_QbD = jnp.einsum("qbc,qcd->qbd", probs_QbC[..., :C], v_QCD,
-                       preferred_element_type=F32)
-  if glob.size:
-    out_QbD = out_QbD + jnp.einsum("qbg,gd->qbd", probs_QbC[..., C:], vg_GD,
-                                   preferred_element_type=F32)
+  def one_block(args):
+    q_bH, row_Cb, q_seg_b, i = args
+    q_pos_b = i * block + jnp.arange(block)
+    k_pos_C = (row_Cb[:, None] * block + jnp.arange(block)).reshape(-1)
+    k_CH = k_blocks[row_Cb].reshape(-1, H)
+    v_CD = v_blocks[row_Cb].reshape(k_CH.shape[0], -1)
+    k_seg_C = None if seg_blocks is None else seg_blocks[row_Cb].reshape(-1)
+    mask_bC = positional(ok_blocks[row_Cb].reshape(1, -1), q_pos_b, k_pos_C,
+                         q_seg_b, k_seg_C, True)
+    scores_bC = jnp.einsum("bh,ch->bc", q_bH, k_CH,
+                           preferred_element_type=F32)
+    values_CD = v_CD
+    if glob.size:
+      ok_bG = jnp.ones((1, glob.size), bool) if kg_ok is None else kg_ok[None]
+      mask_bG = positional(ok_bG, q_pos_b, jnp.asarray(glob), q_seg_b,
+                           kg_seg, False)
+      scores_bG = jnp.einsum("bh,gh->bg", q_bH, kg_GH,
+                             preferred_element_type=F32)
+      scores_bC = jnp.concatenate([scores_bC, scores_bG], axis=-1)
+      mask_bC = jnp.concatenate(
+          [jnp.broadcast_to(mask_bC, (block, k_CH.shape[0])),
+           jnp.broadcast_to(mask_bG, (block, glob.size))], axis=-1)
+      values_CD = jnp.concatenate([v_CD, vg_GD], axis=0)
+    probs_bC = masked_softmax(scores_bC * scale, mask_bC)
+    return jnp.einsum("bc,cd->bd", probs_bC.astype(v_SD.dtype), values_CD,
+                      preferred_element_type=F32)
+
+  out_QbD = jax.lax.map(one_block,
+                        (q_QbH, table_QC, q_seg_Qb, jnp.arange(n_q)))
   return out_QbD.reshape(n_q * block, -1)[:T]
 
 

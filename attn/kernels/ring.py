@@ -153,6 +153,7 @@ class _RingConfig:
   kv_padded: bool
   block_q: int
   block_k: int
+  bias_psum_axes: Tuple[str, ...] = ()
 
   @property
   def ring_size(self) -> int:
@@ -451,21 +452,24 @@ def _backward_body(cfg, arrays):
   grads = {"q": dq.astype(ex["q"].dtype), "k": dk.astype(k.dtype),
            "v": dv.astype(v.dtype)}
   if bias is not None:
-    grads["bias"] = _reduce_bias_grad(cfg, dbias, bias.shape).astype(
-        bias.dtype)
+    if cfg.bias_psum_axes:
+      dbias = lax.psum(dbias, cfg.bias_psum_axes)
+    grads["bias"] = dbias.astype(bias.dtype)
   return grads
 
 
-def _reduce_bias_grad(cfg, dbias, shape):
-  """psum of the bias gradient over mesh axes the bias is broadcast along."""
-  axes = []
-  if shape[0] == 1 and cfg.batch_axis is not None:
-    axes.append(cfg.batch_axis)
-  if shape[1] == 1 and cfg.head_axis is not None:
-    axes.append(cfg.head_axis)
-  if shape[2] == 1:
-    axes.append(cfg.seq_axis)
-  return lax.psum(dbias, tuple(axes)) if axes else dbias
+def _bias_psum_axes(bias_shape, batch_axis, head_axis, seq_axis):
+  """Mesh axes a ``[B|1, N|1, T|1, S]`` bias is broadcast along.
+
+  Devices on those axes hold different batch rows / heads / queries, so
+  their bias-gradient contributions are summed with ``psum``.
+  """
+  if bias_shape is None:
+    return ()
+  axes = (batch_axis if bias_shape[0] == 1 else None,
+          head_axis if bias_shape[1] == 1 else None,
+          seq_axis if bias_shape[2] == 1 else None)
+  return tuple(a for a in axes if a is not None)
 
 
 def _specs(cfg, arrays) -> Dict[str, P]:
@@ -519,7 +523,10 @@ def _like(cfg, x, primal):
   """
   if not _explicit(cfg.mesh):
     return x
-  return jax.sharding.reshard(x, jax.typeof(primal).sharding)
+  sharding = jax.typeof(primal).sharding
+  if sharding.mesh.empty:  # an array outside any mesh: replicate it
+    sharding = NamedSharding(cfg.mesh, P())
+  return jax.sharding.reshard(x, sharding)
 
 
 def _forward(cfg, arrays):
@@ -680,12 +687,15 @@ def ring_attention(query: Array, key: Array, value: Array,
       "kv_segment_ids": _pad_axis(inputs.kv_segment_ids, 1, s_pad),
   }
   arrays = {name: x for name, x in arrays.items() if x is not None}
+  batch_axis = _mesh_axis(mesh, data_axis, B)
+  head_axis = _mesh_axis(mesh, model_axis, N, K)
   cfg = _RingConfig(
-      mesh=mesh, seq_axis=seq_axis,
-      batch_axis=_mesh_axis(mesh, data_axis, B),
-      head_axis=_mesh_axis(mesh, model_axis, N, K),
-      scale=scale, is_causal=inputs.is_causal, window=inputs.window,
-      kv_valid=S, kv_padded=s_pad != S, block_q=bq, block_k=bk)
+      mesh=mesh, seq_axis=seq_axis, batch_axis=batch_axis,
+      head_axis=head_axis, scale=scale, is_causal=inputs.is_causal,
+      window=inputs.window, kv_valid=S, kv_padded=s_pad != S, block_q=bq,
+      block_k=bk, bias_psum_axes=_bias_psum_axes(
+          None if inputs.bias is None else inputs.bias.shape, batch_axis,
+          head_axis, seq_axis))
   out = _ring(cfg, arrays)
   if t_pad != T:
     out = out[:, :T]

@@ -75,11 +75,13 @@ def sinkhorn_normalize(logits_IJ: Array, allowed_IJ: Array,
   columns without an allowed entry stay 0. With every entry allowed, ``P``
   approaches a doubly stochastic matrix as ``n_iters`` grows.
   """
+  def normalize(x, axis):
+    lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
+    return jnp.where(allowed_IJ, x - lse, MASK_VALUE)
+
   x = jnp.where(allowed_IJ, logits_IJ, MASK_VALUE)
-  for _ in range(n_iters):
-    for axis in (1, 0):
-      lse = jax.nn.logsumexp(x, axis=axis, keepdims=True)
-      x = jnp.where(allowed_IJ, x - lse, MASK_VALUE)
+  x = jax.lax.fori_loop(0, n_iters,
+                        lambda _, x: normalize(normalize(x, 1), 0), x)
   return jnp.where(allowed_IJ, jnp.exp(x), 0.0)
 
 

@@ -1,0 +1,335 @@
+"""Tests for attn.models: shapes, causality, caching, padding, variants."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attn
+from attn import registry
+from attn.models import (EncoderClassifier, RNNSeq2Seq, Seq2SeqTransformer,
+                         TransformerEncoder, TransformerLM, ViT,
+                         attention_rollout, attention_weights, cls_saliency)
+
+KEY = jax.random.key(0)
+# Tiny shared shapes: eager JAX compiles each op once per shape.
+B, T, D, V = 2, 6, 16, 11
+TINY = dict(emb_dim=D, num_heads=2, num_layers=1, mlp_dim=32)
+
+
+def tokens(seed, shape=(B, T)):
+  return jax.random.randint(jax.random.key(seed), shape, 1, V)
+
+
+def count(tree):
+  return sum(a.size for a in jax.tree.leaves(tree))
+
+
+def tiny_lm(**kw):
+  return TransformerLM(vocab_size=V, max_len=12, **{**TINY, **kw})
+
+
+# --------------------------------------------------------------------------
+# TransformerLM
+
+
+def test_lm_parameter_count_and_shapes():
+  lm = tiny_lm(num_layers=2, positional="learned")
+  variables = lm.init(KEY, tokens(0))
+  layer = 4 * (D * D + D) + 2 * 2 * D + (D * 32 + 32) + (32 * D + D)
+  assert count(variables) == V * D + 12 * D + 2 * layer + 2 * D + D * V + V
+  logits = lm.apply(variables, tokens(0))
+  chex.assert_shape(logits, (B, T, V))
+  assert logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("positional", ["learned", "rope"])
+def test_lm_output_at_t_ignores_later_tokens(positional):
+  lm = tiny_lm(positional=positional)
+  x = tokens(1)
+  variables = lm.init(KEY, x)
+  y = x.at[:, 4:].set((x[:, 4:] + 3) % V)
+  a, b = lm.apply(variables, x), lm.apply(variables, y)
+  np.testing.assert_allclose(a[:, :4], b[:, :4], atol=1e-6)
+  assert not np.allclose(a[:, 4:], b[:, 4:], atol=1e-3)
+
+
+def test_lm_cached_decoding_gives_full_forward_logits():
+  lm = tiny_lm(num_kv_heads=1, positional="learned", decode=True)
+  x = tokens(2)
+  variables = lm.init(KEY, x)
+  full = lm.clone(decode=False).apply({"params": variables["params"]}, x)
+  step = jax.jit(lambda c, t: lm.apply({"params": variables["params"],
+                                        "cache": c}, t, mutable=["cache"]))
+  cache, outs = variables["cache"], []
+  for t in range(T):
+    logits, upd = step(cache, x[:, t:t + 1])
+    cache = upd["cache"]
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+
+
+def test_generate_greedy_and_top_k_against_full_forward():
+  lm = tiny_lm(positional="rope")
+  prompt = tokens(3, (B, 3))
+  variables = lm.init(KEY, prompt)
+  greedy = lm.generate(variables["params"], prompt, 5, KEY, temperature=0.0)
+  chex.assert_shape(greedy, (B, 8))
+  np.testing.assert_array_equal(greedy[:, :3], prompt)
+  logits = lm.apply(variables, greedy)
+  np.testing.assert_array_equal(greedy[:, 3:],
+                                jnp.argmax(logits[:, 2:-1], -1))
+  np.testing.assert_array_equal(
+      lm.generate(variables, prompt, 5, jax.random.key(7), top_k=1), greedy)
+  sampled = lm.generate(variables, prompt, 5, jax.random.key(8), top_k=3,
+                        temperature=2.0)
+  np.testing.assert_array_equal(
+      sampled, lm.generate(variables, prompt, 5, jax.random.key(8), top_k=3,
+                           temperature=2.0))
+  logits = np.asarray(lm.apply(variables, sampled))
+  top3 = np.argsort(logits[:, 2:-1], axis=-1)[..., -3:]
+  assert np.all((top3 == np.asarray(sampled)[:, 3:, None]).any(-1))
+
+
+def test_generate_rejects_bad_arguments():
+  lm = tiny_lm()
+  prompt = tokens(0, (B, 3))
+  params = lm.init(KEY, prompt)["params"]
+  with pytest.raises(ValueError, match="max_len"):
+    lm.generate(params, prompt, 10, KEY)
+  with pytest.raises(ValueError, match="top_k"):
+    lm.generate(params, prompt, 2, KEY, top_k=0)
+
+
+def test_lm_sows_causal_weights_for_every_layer():
+  lm = tiny_lm(num_layers=2)
+  x = tokens(4)
+  variables = lm.init(KEY, x)
+  _, state = lm.apply(variables, x, mutable=["intermediates"])
+  found = attention_weights(state)
+  assert [path for path, _ in found] == ["decoder/layer_0/attention",
+                                         "decoder/layer_1/attention"]
+  for _, w in found:
+    chex.assert_shape(w, (B, 2, T, T))
+    np.testing.assert_allclose(np.sum(w, -1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(np.triu(np.asarray(w), 1), 0.0)
+
+
+def test_lm_dropout_only_in_training():
+  lm = tiny_lm(dropout_rate=0.3, attention_dropout_rate=0.3)
+  x = tokens(5)
+  variables = lm.init(KEY, x)
+  eval_logits = lm.apply(variables, x)
+  train = lambda seed: lm.apply(variables, x, train=True,  # pylint: disable=g-long-lambda
+                                rngs={"dropout": jax.random.key(seed)})
+  np.testing.assert_array_equal(train(1), train(1))
+  assert not np.allclose(train(1), eval_logits)
+  assert not np.allclose(train(1), train(2))
+
+
+def test_lm_bfloat16_and_post_ln():
+  x = tokens(6)
+  lm = tiny_lm(dtype=jnp.bfloat16, pre_ln=False)
+  variables = lm.init(KEY, x)
+  assert "final_norm" not in variables["params"]["decoder"]
+  logits = lm.apply(variables, x)
+  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+  ref = tiny_lm(pre_ln=False).apply(variables, x)
+  np.testing.assert_allclose(logits, ref, atol=0.2)
+
+
+@pytest.mark.parametrize("transform", [jax.jit, lambda f: f],
+                         ids=["jit", "eager"])
+def test_lm_under_jit_and_eager(transform):
+  lm = tiny_lm()
+  x = tokens(7)
+  variables = lm.init(KEY, x)
+  np.testing.assert_allclose(transform(lm.apply)(variables, x),
+                             jax.jit(lm.apply)(variables, x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Encoders, classifier, seq2seq
+
+
+@pytest.mark.parametrize("positional,equivariant", [("none", True),
+                                                    ("rope", False)])
+def test_encoder_permutation_equivariance(positional, equivariant):
+  enc = TransformerEncoder(num_layers=2, num_heads=2, mlp_dim=32,
+                           positional=positional)
+  x = jax.random.normal(KEY, (B, T, D))
+  perm = np.array([3, 0, 5, 1, 4, 2])
+  variables = enc.init(KEY, x)
+  diff = np.max(np.abs(enc.apply(variables, x)[:, perm]
+                       - enc.apply(variables, x[:, perm])))
+  assert (diff < 1e-5) == equivariant, diff
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+def test_classifier_padding_does_not_leak(pooling):
+  clf = EncoderClassifier(vocab_size=V, num_classes=3, pooling=pooling,
+                          max_len=8, **TINY)
+  x = tokens(8)
+  valid = jnp.array([[True] * T, [True] * 4 + [False] * 2])
+  variables = clf.init(KEY, x, padding_mask=valid)
+  logits = clf.apply(variables, x, padding_mask=valid)
+  chex.assert_shape(logits, (B, 3))
+  changed_pad = x.at[1, 4:].set((x[1, 4:] + 1) % V)
+  np.testing.assert_allclose(clf.apply(variables, changed_pad,
+                                       padding_mask=valid), logits, atol=1e-6)
+  changed_real = x.at[1, 0].set((x[1, 0] + 1) % V)
+  assert not np.allclose(clf.apply(variables, changed_real,
+                                   padding_mask=valid)[1], logits[1])
+
+
+def test_seq2seq_causal_decoder_cross_attention_and_padding():
+  model = Seq2SeqTransformer(vocab_size=V, output_vocab_size=7, max_len=8,
+                             **TINY)
+  src, dec = tokens(9), tokens(10) % 7
+  valid = jnp.array([[True] * T, [True] * 3 + [False] * 3])
+  variables = model.init(KEY, src, dec, padding_mask=valid)
+  assert {"encoder", "decoder"} <= set(variables["params"])
+  logits = model.apply(variables, src, dec, padding_mask=valid)
+  chex.assert_shape(logits, (B, T, 7))
+  later = dec.at[:, 3:].set((dec[:, 3:] + 1) % 7)
+  np.testing.assert_allclose(model.apply(variables, src, later,
+                                         padding_mask=valid)[:, :3],
+                             logits[:, :3], atol=1e-6)
+  pad_changed = src.at[1, 3:].set((src[1, 3:] + 1) % V)
+  np.testing.assert_allclose(model.apply(variables, pad_changed, dec,
+                                         padding_mask=valid), logits,
+                             atol=1e-6)
+  src_changed = src.at[:, 0].set((src[:, 0] + 1) % V)
+  assert not np.allclose(model.apply(variables, src_changed, dec,
+                                     padding_mask=valid), logits)
+  _, state = model.apply(variables, src, dec, padding_mask=valid,
+                         mutable=["intermediates"])
+  paths = [p for p, _ in attention_weights(state)]
+  assert paths == ["encoder/layer_0/attention",
+                   "decoder/layer_0/self_attention",
+                   "decoder/layer_0/cross_attention"]
+
+
+# --------------------------------------------------------------------------
+# ViT and attention rollout
+
+
+def np_rollout(weights):
+  out = np.eye(weights[0].shape[-1])[None]
+  for w in weights:
+    a = np.asarray(w, np.float64).mean(1)
+    a = 0.5 * a + 0.5 * np.eye(a.shape[-1])
+    a /= a.sum(-1, keepdims=True)
+    out = np.einsum("bij,bjk->bik", a, out)
+  return out
+
+
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
+def test_vit_shapes_weights_and_rollout(positional):
+  vit = ViT(num_classes=3, patch_size=2, positional=positional,
+            **{**TINY, "num_layers": 2})
+  images = jax.random.normal(KEY, (B, 4, 6, 3))
+  variables = vit.init(KEY, images)
+  n_pos = 6 * D if positional == "learned" else 0
+  assert count(variables) - n_pos == count(
+      ViT(num_classes=3, patch_size=2, positional="none",
+          **{**TINY, "num_layers": 2}).init(KEY, images))
+  logits, state = vit.apply(variables, images, mutable=["intermediates"])
+  chex.assert_shape(logits, (B, 3))
+  weights = [w for _, w in attention_weights(state)]
+  assert len(weights) == 2
+  chex.assert_shape(weights, (B, 2, 7, 7))
+  rollout = attention_rollout(weights)
+  np.testing.assert_allclose(rollout, np_rollout(weights), atol=1e-5)
+  np.testing.assert_allclose(np.sum(rollout, -1), 1.0, atol=1e-5)
+  saliency = cls_saliency(rollout, (2, 3))
+  np.testing.assert_allclose(saliency.reshape(B, 6), rollout[:, 0, 1:])
+
+
+def test_vit_rejects_bad_patch_size():
+  with pytest.raises(ValueError, match="patch_size"):
+    ViT(num_classes=3, patch_size=4, **TINY).init(KEY, jnp.zeros((1, 6, 6,
+                                                                   3)))
+
+
+# --------------------------------------------------------------------------
+# RNN encoder-decoder
+
+
+@pytest.mark.parametrize("style,attention,mode", [
+    ("bahdanau", "additive", "global"), ("luong", "general", "global"),
+    ("luong", "dot", "local_p")])
+def test_rnn_seq2seq_causal_and_padding(style, attention, mode):
+  model = RNNSeq2Seq(vocab_size=V, emb_dim=8, hidden_dim=D, style=style,
+                     attention=attention, luong_mode=mode)
+  src, dec = tokens(11), tokens(12)
+  valid = jnp.array([[True] * T, [True] * 4 + [False] * 2])
+  variables = model.init(KEY, src, dec, padding_mask=valid)
+  logits, state = model.apply(variables, src, dec, padding_mask=valid,
+                              mutable=["intermediates"])
+  chex.assert_shape(logits, (B, T, V))
+  (path, weights), = attention_weights(state)
+  assert path.endswith(("additive", "luong"))
+  np.testing.assert_array_equal(np.asarray(weights)[1, ..., 4:], 0.0)
+  later = dec.at[:, 3:].set((dec[:, 3:] + 1) % V)
+  np.testing.assert_allclose(model.apply(variables, src, later,
+                                         padding_mask=valid)[:, :3],
+                             logits[:, :3], atol=1e-6)
+  pad_changed = src.at[1, 4:].set((src[1, 4:] + 1) % V)
+  np.testing.assert_allclose(model.apply(variables, pad_changed, dec,
+                                         padding_mask=valid), logits,
+                             atol=1e-6)
+
+
+def test_rnn_rejects_relative_positional():
+  with pytest.raises(ValueError, match="absolute positional"):
+    RNNSeq2Seq(vocab_size=V, positional="rope").init(KEY, tokens(0),
+                                                     tokens(1))
+
+
+# --------------------------------------------------------------------------
+# Every registered variant in every model
+
+
+VARIANTS = [n for n in attn.list_attention()
+            if not (n == "cudnn" and jax.devices()[0].platform != "gpu")]
+IMAGES = jax.random.normal(KEY, (B, 4, 6, 3))
+VALID = jnp.array([[True] * T, [True] * 4 + [False] * 2])
+
+MODELS = {
+    "lm": (lambda a: tiny_lm(attention=a), (tokens(0),), {}),
+    "classifier": (lambda a: EncoderClassifier(
+        vocab_size=V, num_classes=3, max_len=8, attention=a, **TINY),
+                   (tokens(0),), {"padding_mask": VALID}),
+    "seq2seq": (lambda a: Seq2SeqTransformer(
+        vocab_size=V, max_len=8, attention=a, **TINY),
+                (tokens(0), tokens(1)), {"padding_mask": VALID}),
+    "vit": (lambda a: ViT(num_classes=3, patch_size=2, attention=a, **TINY),
+            (IMAGES,), {}),
+    "rnn": (lambda a: RNNSeq2Seq(vocab_size=V, emb_dim=8, hidden_dim=D,
+                                 style="luong", attention=a),
+            (tokens(0), tokens(1)), {"padding_mask": VALID}),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_in_every_model(variant):
+  """Traces (``eval_shape``) each model with the variant: parameters, masks,
+  causal/cross checks and output shapes, without compiling. The kernels'
+  numerics are tested with the kernels; models' numerics with softmax."""
+  entry = registry.get_entry(variant)
+  for name, (make, args, kwargs) in MODELS.items():
+    must_fail = (name in ("lm", "seq2seq") and not entry.causal) or (
+        name in ("seq2seq", "rnn") and not entry.cross)
+    try:
+      out, variables = jax.eval_shape(make(variant).init_with_output, KEY,
+                                      *args, **kwargs)
+    except ValueError as e:
+      assert str(e), f"{variant} in {name}: empty ValueError"
+      continue
+    assert not must_fail, f"{variant} in {name} should raise ValueError"
+    expected = {"lm": (B, T, V), "classifier": (B, 3), "seq2seq": (B, T, V),
+                "vit": (B, 3), "rnn": (B, T, V)}[name]
+    assert out.shape == expected and out.dtype == jnp.float32, (name, out)
+    assert "params" in variables
