@@ -71,13 +71,24 @@ def reference(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False,
   return np.einsum("bnts,bsnd->btnd", w, v)
 
 
+def chunked_fwd(q, k, v, bias=None, **kwargs):
+  """Jitted forward of ``implementation="chunked"`` (small test blocks)."""
+  blocks = {**BLOCKS, **{n: kwargs.pop(n) for n in BLOCKS if n in kwargs}}
+  return jax.jit(lambda q, k, v, bias: dot_product_attention(
+      q, k, v, bias, implementation="chunked", **blocks, **kwargs))(
+          q, k, v, bias)
+
+
 def out_and_grads(impl, q, k, v, bias, cotangent, **kwargs):
-  """``(out, (dq, dk, dv, dbias))`` of one implementation, jitted."""
-  extra = BLOCKS if impl == "chunked" else {}
+  """``(out, (dq, dk, dv, dbias))``, jitted; impl "jax_nn" = jax.nn's."""
 
   def f(q, k, v, bias):
+    if impl == "jax_nn":
+      return jax.nn.dot_product_attention(q, k, v, bias, implementation="xla",
+                                          **kwargs)
+    options = {**BLOCKS, **kwargs} if impl == "chunked" else kwargs
     return dot_product_attention(q, k, v, bias, implementation=impl,
-                                 **extra, **kwargs)
+                                 **options)
 
   @jax.jit
   def run(q, k, v, bias, cotangent):
@@ -148,15 +159,12 @@ def test_matches_jax_nn_gqa(num_kv_heads):
   bias = _normal(3, (1, 4, 45, 45))
   cotangent = _normal(4, (2, 45, 4, 16))
 
-  def jax_nn(q, k, v, bias):
-    return jax.nn.dot_product_attention(q, k, v, bias, is_causal=True,
-                                        implementation="xla")
-
-  ref_out, vjp = jax.vjp(jax_nn, q, k, v, bias)
+  ref_out, ref_grads = out_and_grads("jax_nn", q, k, v, bias, cotangent,
+                                     is_causal=True)
   out, grads = out_and_grads("chunked", q, k, v, bias, cotangent,
                              is_causal=True)
   assert_close(out, ref_out, 2e-5)
-  for g, r in zip(grads, vjp(cotangent)):
+  for g, r in zip(grads, ref_grads):
     assert_close(g, r, 5e-5)
 
 
@@ -183,8 +191,7 @@ def test_vjp_matches_numpy_finite_differences():
 def test_causal_cross_attention_more_queries_than_keys():
   """T > S with causal masking: positions are top-left aligned (as xla)."""
   q, k, v = _qkv(B=1, T=70, S=16)
-  out = dot_product_attention(q, k, v, is_causal=True,
-                              implementation="chunked", **BLOCKS)
+  out = chunked_fwd(q, k, v, is_causal=True)
   assert_close(out, reference(q, k, v, is_causal=True), 2e-5)
 
 
@@ -210,8 +217,7 @@ def test_large_logits_stay_finite():
   """Logits around 1e4 in bf16: no overflow, no NaN, same as float64."""
   q, k, v = _qkv(B=1, T=24, S=24, dtype=jnp.bfloat16)
   q = q * 300
-  out = dot_product_attention(q, k, v, is_causal=True,
-                              implementation="chunked", **BLOCKS)
+  out = chunked_fwd(q, k, v, is_causal=True)
   assert bool(jnp.all(jnp.isfinite(out)))
   assert_close(out, reference(q, k, v, is_causal=True), 3e-2)
 
@@ -240,8 +246,7 @@ def test_fully_masked_rows_are_zero_with_zero_grads():
 def test_window_without_visible_keys():
   """A window that leaves late query rows no key gives zeros, not NaN."""
   q, k, v = _qkv(B=1, T=60, S=20)
-  out = dot_product_attention(q, k, v, local_window_size=(3, 0),
-                              implementation="chunked", **BLOCKS)
+  out = chunked_fwd(q, k, v, local_window_size=(3, 0))
   ref = reference(q, k, v, local_window_size=(3, 0))
   assert_close(out, ref, 2e-5)
   np.testing.assert_array_equal(np.asarray(out)[:, 23:], 0.0)
@@ -273,12 +278,9 @@ def test_skipped_blocks_are_never_read(kw, finite_rows):
   q, k, v = _qkv(B=1, T=64, S=64, N=2, K=2, H=8, Dv=8)
   v = v.at[:, 48:].set(jnp.nan)
 
-  def f(q, k, v):
-    return dot_product_attention(q, k, v, implementation="chunked",
-                                 block_q=16, block_k=16, **kw)
-
-  out, vjp = jax.vjp(f, q, k, v)
-  dq = vjp(jnp.ones_like(out))[0]
+  out, (dq, _, _, _) = out_and_grads(
+      "chunked", q, k, v, None, jnp.ones((1, 64, 2, 8)), block_q=16,
+      block_k=16, **kw)
   assert bool(jnp.all(jnp.isfinite(out[:, finite_rows])))
   assert bool(jnp.all(jnp.isfinite(dq[:, finite_rows])))
   assert not bool(jnp.all(jnp.isfinite(out)))   # the poison is real
@@ -331,8 +333,7 @@ def test_random_shapes_and_masks(B, T, S, group, K, block_q, block_k, causal,
   kv_len = jnp.full((B,), int(round(kv_fraction * S)), jnp.int32)
   kw = dict(is_causal=causal, local_window_size=window,
             key_value_seq_lengths=kv_len)
-  out = dot_product_attention(q, k, v, implementation="chunked",
-                              block_q=block_q, block_k=block_k, **kw)
+  out = chunked_fwd(q, k, v, block_q=block_q, block_k=block_k, **kw)
   assert out.shape == (B, T, N, 4)
   assert_close(out, reference(q, k, v, **kw), 3e-5)
 
@@ -364,14 +365,15 @@ def test_traced_scale_and_unbatched_inputs():
     assert out.shape == (20, 4, 8)
     return jnp.sum(out ** 2)
 
-  grad = jax.grad(loss)(jnp.float32(0.3), "chunked")
-  assert_close(grad, jax.grad(loss)(jnp.float32(0.3), "xla"), 1e-4)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  assert_close(grad(jnp.float32(0.3), "chunked"),
+               grad(jnp.float32(0.3), "xla"), 1e-4)
 
 
 def test_registry_spec_options_reach_the_kernel():
   q, k, v = _qkv(B=1, T=33, S=33)
   fn = attn.get_attention("chunked(block_q=8, block_k=16)")
-  out = fn(q, k, v, is_causal=True)
+  out = jax.jit(lambda q, k, v: fn(q, k, v, is_causal=True))(q, k, v)
   assert_close(out, reference(q, k, v, is_causal=True), 2e-5)
   with pytest.raises(ValueError, match="block_q must be a positive int"):
     attn.get_attention("chunked(block_q=0)")(q, k, v)

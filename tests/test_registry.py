@@ -178,7 +178,8 @@ class TestFlaxCompatibleWrapper:
       fn(q, k, v, is_causal=True)
 
     class Recorder:
-      sown = []
+      def __init__(self):
+        self.sown = []
 
       def sow(self, *args):
         self.sown.append(args)

@@ -53,9 +53,12 @@ def test_ring_memory_on_8_devices_at_64k_is_a_sixth_of_chunked():
   # Per-device inputs and output are 1/8 of the single-device ones.
   assert mem["ring_seq8"]["argument"] * 8 == mem["chunked_1device"]["argument"]
   assert ring * 6 <= chunked, mem
+  # The ring's own scaling: per-device memory is O(T/8) plus one receive
+  # buffer, not O(T) (measured about 0.26 of the one-device ring).
+  assert ring * 3 <= mem["ring_seq1"]["total"], mem
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(batch=st.integers(1, 2), t=st.integers(1, 13), s=st.integers(1, 13),
        kv_heads=st.sampled_from([1, 2]), causal=st.booleans(),
        block_q=st.integers(1, 5), block_k=st.integers(1, 5),
@@ -90,28 +93,16 @@ def test_gradients_match_xla_on_one_device():
     return lambda *a: jnp.sum(jnp.sin(fn(*a)))
 
   mesh = _one_device_mesh()
-  grads = jax.grad(loss(lambda q, k, v, b: ring_attention(
+  grads = jax.jit(jax.grad(loss(lambda q, k, v, b: ring_attention(
       q, k, v, b, mesh=mesh, block_q=3, block_k=4, **kw)),
-                   argnums=(0, 1, 2, 3))(q, k, v, bias)
-  ref = jax.grad(loss(lambda q, k, v, b: attn.dot_product_attention(
-      q, k, v, b, implementation="xla", **kw)), argnums=(0, 1, 2, 3))(
+                           argnums=(0, 1, 2, 3)))(q, k, v, bias)
+  ref = jax.jit(jax.grad(loss(lambda q, k, v, b: attn.dot_product_attention(
+      q, k, v, b, implementation="xla", **kw)), argnums=(0, 1, 2, 3)))(
           q, k, v, bias)
   for g, r in zip(grads, ref):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=F32_TOL)
   # Example 1 sees no key at all: zero, finite gradients.
   assert np.all(np.asarray(grads[0][1]) == 0.0)
-
-
-def test_bfloat16_inputs_stay_bfloat16_and_close():
-  rng = np.random.default_rng(2)
-  q, k, v = (_normal(rng, 1, 16, 2, 8).astype(jnp.bfloat16) for _ in range(3))
-  out = ring_attention(q, k, v, mesh=_one_device_mesh(), is_causal=True,
-                       block_q=4, block_k=4)
-  ref = helpers.numpy_attention(q, k, v, mask=helpers.numpy_mask(
-      1, 2, 16, 16, is_causal=True))
-  assert out.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float64), ref,
-                             atol=BF16_TOL)
 
 
 def test_registered_by_name_and_needs_a_seq_mesh():

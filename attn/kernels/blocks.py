@@ -15,7 +15,8 @@ Stable API, used by several variant modules:
   block patterns, Longformer global keys) without any ``[T, S]`` array;
   :func:`dense_rows_one_head` is exact attention of a few query rows over all
   keys (global tokens).
-* :func:`window_blocks`, :func:`gather_blocks`, :func:`pad_axis0`, :func:`intersect_windows`, :func:`align_keys` are the
+* :func:`map_chunks`, :func:`window_blocks`, :func:`gather_blocks`,
+  :func:`pad_axis0`, :func:`intersect_windows`, :func:`align_keys` are the
   small blocking utilities behind them.
 
 Everything static (block tables, key positions) is NumPy at trace time.
@@ -150,6 +151,22 @@ def pad_axis0(x: Optional[Array], length: int, value=0) -> Optional[Array]:
     return x[:length]
   pad = [(0, length - n)] + [(0, 0)] * (x.ndim - 1)
   return jnp.pad(x, pad, constant_values=value)
+
+
+def map_chunks(fn: Callable[[Array], Array], x_T: Array,
+               chunk: int) -> Array:
+  """``fn`` applied to consecutive ``chunk``-row pieces of ``x_T[T, ...]``.
+
+  ``fn([c, ...]) -> [c, D]`` must treat rows independently; the pieces run
+  one after another under ``jax.lax.map`` so the working set stays
+  ``O(chunk)`` (cache-resident) however long ``T`` is. Returns ``[T, D]``.
+  """
+  T = x_T.shape[0]
+  c = max(1, min(chunk, T))
+  n = -(-T // c)
+  pieces = pad_axis0(x_T, n * c).reshape((n, c) + x_T.shape[1:])
+  out = jax.lax.map(fn, pieces)
+  return out.reshape((n * c,) + out.shape[2:])[:T]
 
 
 def align_keys(key: Array, value: Array, kv_valid: Optional[Array], T: int):

@@ -5,30 +5,58 @@ map ``φ(x) = elu(x) + 1``, so attention factorises::
 
     out_t = φ(q_t)ᵀ Σ_s φ(k_s) v_sᵀ  /  φ(q_t)ᵀ Σ_s φ(k_s)
 
-Bidirectional: two ``O(T·H·Dv)`` contractions. Causal: the sums run over
-``s <= t``; they are computed in chunks (an exclusive prefix sum of per-chunk
-states plus a masked ``[c, c]`` product inside each chunk), so memory stays
-``O(T)`` in the sequence length. :func:`feature_attention_one_head` is shared
-with the Performer kernel.
+:func:`feature_attention_one_head` (shared with the Performer kernel) streams
+over chunks of ``c`` tokens with ``jax.lax.scan``: bidirectional, one scan
+accumulates the state ``Σ φ(k) vᵀ [M, Dv]`` and then the queries are mapped
+chunk by chunk; causal, one scan carries the state of all previous chunks
+and adds the masked ``[c, c]`` product inside the chunk. Time ``O(T)``,
+memory ``O(T)`` in the length, and the working set of a step does not grow
+with ``T``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from attn.kernels import blocks, common
+from attn.kernels.common import MASK_VALUE
 from attn.registry import register_attention
 
 Array = jax.Array
 F32 = jnp.float32
 
 
+class FeatureMap(NamedTuple):
+  """A positive feature map ``φ`` for kernelised attention (one head).
+
+  Attributes:
+    query: ``q_cH -> φ(q) [c, M]`` (float32, >= 0). A positive factor per
+      row cancels in the attention ratio.
+    key: ``(k_cH, valid_c, stab) -> φ(k) [c, M]`` (float32, >= 0), zero rows
+      where ``valid_c`` is False. ``stab`` is a running stabiliser: features
+      of the form ``exp(l - stab)`` use it, others ignore it.
+    key_max: ``(k_cH, valid_c) -> scalar``: the largest ``l`` over valid
+      keys of the chunk (``MASK_VALUE`` if none), or a constant for feature
+      maps that need no stabiliser.
+  """
+  query: Callable[[Array], Array]
+  key: Callable[[Array, Array, Array], Array]
+  key_max: Callable[[Array, Array], Array]
+
+
 def elu_feature_map(x: Array) -> Array:
   """``φ(x) = elu(x) + 1`` in float32 (strictly positive)."""
   return jax.nn.elu(x.astype(F32)) + 1.0
+
+
+ELU_FEATURES = FeatureMap(
+    query=elu_feature_map,
+    key=lambda k, valid, stab: jnp.where(valid[:, None], elu_feature_map(k),
+                                         0.0),
+    key_max=lambda k, valid: jnp.zeros((), F32))
 
 
 def _safe_divide(num: Array, den: Array) -> Array:
@@ -37,60 +65,90 @@ def _safe_divide(num: Array, den: Array) -> Array:
   return jnp.where(ok[..., None], num / jnp.where(ok, den, 1.0)[..., None], 0)
 
 
-def feature_attention_one_head(phi_q_TM: Array, phi_k_SM: Array, v_SD: Array,
-                               *, is_causal: bool, chunk_size: int) -> Array:
+def feature_attention_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
+                               kv_valid_S: Optional[Array],
+                               features: FeatureMap, *, is_causal: bool,
+                               chunk_size: int) -> Array:
   """Normalised kernel attention ``φ(Q) φ(K)ᵀ V / φ(Q) φ(K)ᵀ 1``, one head.
 
   Args:
-    phi_q_TM: non-negative query features ``[T, M]``.
-    phi_k_SM: non-negative key features ``[S, M]``; rows of keys that must
-      not be attended are zero.
-    v_SD: values ``[S, Dv]``.
+    q_TH: ``[T, H]``; k_SH: ``[S, H]``; v_SD: ``[S, Dv]``.
+    kv_valid_S: bool ``[S]`` or ``None``; invalid keys are never attended.
+    features: the feature map ``φ``.
     is_causal: sums only over ``s <= t`` (needs ``S == T``).
-    chunk_size: chunk length of the causal prefix sums. Memory is
-      ``O(T·c + (T/c)·M·Dv)``, time ``O(T·(c + M)·Dv)``.
+    chunk_size: tokens per scan step ``c``. Time ``O(T·M·(H + Dv + c))``,
+      memory ``O(T·Dv + c·(M + c))`` forward.
 
   Returns:
     ``[T, Dv]`` float32; zeros for a query whose normaliser is 0.
+
+  Keys are absorbed chunk by chunk into ``state = (Σ φ(k) vᵀ, Σ φ(k))``
+  scaled by ``exp(-m)`` for the running stabiliser ``m``; when a chunk
+  raises ``m`` the state is rescaled, as in online softmax.
   """
-  v_SD = v_SD.astype(F32)
+  T, S, Dv = q_TH.shape[0], k_SH.shape[0], v_SD.shape[-1]
+  if is_causal and S != T:
+    raise ValueError(f"causal feature attention needs S == T, got S={S}, "
+                     f"T={T}")
+  c = max(1, min(chunk_size, max(T, S)))
+  n_q, n_k = -(-T // c), -(-S // c)
+  chunks = lambda x, n, fill=0: blocks.pad_axis0(x, n * c, fill).reshape(
+      (n, c) + x.shape[1:])
+  valid = jnp.ones((S,), bool) if kv_valid_S is None else kv_valid_S
+  k_ncH, v_ncD = chunks(k_SH, n_k), chunks(v_SD.astype(F32), n_k)
+  ok_nc = chunks(valid, n_k, False)
+  M = features.query(q_TH[:1]).shape[-1]
+  init = (jnp.zeros((M, Dv), F32), jnp.zeros((M,), F32),
+          jnp.asarray(MASK_VALUE, F32))
+
+  def absorb(state, k_cH, ok_c):
+    """Rescales the state to the new stabiliser; returns it and φ(k)."""
+    kv_MD, z_M, m = state
+    m_new = jax.lax.stop_gradient(
+        jnp.maximum(m, features.key_max(k_cH, ok_c)))
+    rescale = jnp.exp(m - m_new)
+    phi_k = features.key(k_cH, ok_c, m_new)
+    return kv_MD * rescale, z_M * rescale, m_new, phi_k
+
   if not is_causal:
-    kv_MD = jnp.einsum("sm,sd->md", phi_k_SM, v_SD)
-    z_M = jnp.sum(phi_k_SM, axis=0)
-    num_TD = jnp.einsum("tm,md->td", phi_q_TM, kv_MD)
-    return _safe_divide(num_TD, phi_q_TM @ z_M)
-  T, M = phi_q_TM.shape
-  if phi_k_SM.shape[0] != T:
-    raise ValueError(f"causal feature attention needs S == T, got "
-                     f"S={phi_k_SM.shape[0]}, T={T}")
-  c = max(1, min(chunk_size, T))
-  n = -(-T // c)
-  chunks = lambda x: blocks.pad_axis0(x, n * c).reshape((n, c) + x.shape[1:])
-  q_ncM, k_ncM, v_ncD = chunks(phi_q_TM), chunks(phi_k_SM), chunks(v_SD)
-  # State of all previous chunks: exclusive prefix sum of per-chunk states.
-  kv_nMD = jnp.einsum("ncm,ncd->nmd", k_ncM, v_ncD)
-  z_nM = jnp.sum(k_ncM, axis=1)
-  kv_before = jnp.cumsum(kv_nMD, axis=0) - kv_nMD
-  z_before = jnp.cumsum(z_nM, axis=0) - z_nM
-  # Inside a chunk: the masked [c, c] quadratic form.
+    def add_keys(state, xs):
+      kv_MD, z_M, m, phi_k = absorb(state, *xs[:2])
+      return (kv_MD + phi_k.T @ xs[2], z_M + jnp.sum(phi_k, axis=0), m), None
+
+    (kv_MD, z_M, _), _ = jax.lax.scan(add_keys, init, (k_ncH, ok_nc, v_ncD))
+
+    def read(q_cH):
+      phi_q = features.query(q_cH)
+      return _safe_divide(phi_q @ kv_MD, phi_q @ z_M)
+
+    out = jax.lax.map(read, chunks(q_TH, n_q))
+    return out.reshape(n_q * c, Dv)[:T]
+
   tril_cc = jnp.tril(jnp.ones((c, c), bool))
-  w_ncc = jnp.where(tril_cc, jnp.einsum("nim,njm->nij", q_ncM, k_ncM), 0.0)
-  num = (jnp.einsum("ncm,nmd->ncd", q_ncM, kv_before)
-         + jnp.einsum("nij,njd->nid", w_ncc, v_ncD))
-  den = jnp.einsum("ncm,nm->nc", q_ncM, z_before) + jnp.sum(w_ncc, axis=-1)
-  return _safe_divide(num, den).reshape(n * c, -1)[:T]
+
+  def step(state, xs):
+    q_cH, k_cH, ok_c, v_cD = xs
+    kv_MD, z_M, m, phi_k = absorb(state, k_cH, ok_c)
+    phi_q = features.query(q_cH)
+    w_cc = jnp.where(tril_cc, phi_q @ phi_k.T, 0.0)
+    num = phi_q @ kv_MD + w_cc @ v_cD
+    den = phi_q @ z_M + jnp.sum(w_cc, axis=-1)
+    new_state = (kv_MD + phi_k.T @ v_cD, z_M + jnp.sum(phi_k, axis=0), m)
+    return new_state, _safe_divide(num, den)
+
+  _, out = jax.lax.scan(step, init, (chunks(q_TH, n_q), k_ncH, ok_nc, v_ncD))
+  return out.reshape(n_q * c, Dv)[:T]
 
 
 def kernelized_attention(name: str, inputs: common.AttentionInputs,
-                         features, *, chunk_size: int) -> Array:
+                         features: FeatureMap, *, chunk_size: int) -> Array:
   """Runs feature attention for validated inputs, handling masks and GQA.
 
   Args:
     name: variant name for error messages.
     inputs: canonical inputs (bias / segment ids already rejected).
-    features: ``features(q_TH, k_SH, kv_valid_S) -> (phi_q_TM, phi_k_SM)``
-      for one head; must return zero rows for invalid keys.
-    chunk_size: causal chunk length.
+    features: the feature map ``φ``.
+    chunk_size: tokens per scan step.
 
   Returns:
     ``[B, T, N, Dv]`` (or ``[T, N, Dv]``) in the input dtype.
@@ -104,8 +162,7 @@ def kernelized_attention(name: str, inputs: common.AttentionInputs,
     key, value, kv_valid = blocks.align_keys(key, value, kv_valid, T)
 
   def one_head(q_TH, k_SH, v_SD, kv_valid_S):
-    phi_q, phi_k = features(q_TH, k_SH, kv_valid_S)
-    return feature_attention_one_head(phi_q, phi_k, v_SD,
+    return feature_attention_one_head(q_TH, k_SH, v_SD, kv_valid_S, features,
                                       is_causal=inputs.is_causal,
                                       chunk_size=chunk_size)
 
@@ -113,18 +170,11 @@ def kernelized_attention(name: str, inputs: common.AttentionInputs,
   return blocks.finish(out, inputs, q_valid)
 
 
-def _elu_features(q_TH: Array, k_SH: Array, kv_valid_S: Optional[Array]):
-  phi_k = elu_feature_map(k_SH)
-  if kv_valid_S is not None:
-    phi_k = jnp.where(kv_valid_S[:, None], phi_k, 0.0)
-  return elu_feature_map(q_TH), phi_k
-
-
 @register_attention(
     "linear", exact=False, causal=True, padding=True, cross=True,
     complexity="time O((T+S)·H·Dv) (causal: O(T·(c+H)·Dv)), memory O(T+S)",
     description="linear attention with feature map elu(x)+1 "
-    "(Katharopoulos et al. 2020); causal via chunked prefix sums")
+    "(Katharopoulos et al. 2020); causal via a chunked scan of prefix sums")
 def linear_attention(query, key, value, bias=None, mask=None, *,
                      chunk_size: int = 128, is_causal: bool = False,
                      query_seq_lengths=None, key_value_seq_lengths=None,
@@ -141,7 +191,7 @@ def linear_attention(query, key, value, bias=None, mask=None, *,
     value: ``[B, S, K, Dv]``.
     bias: not supported (``ValueError``).
     mask: padding mask ``[B, 1, 1, S]`` / ``[B, 1, T, 1]`` only.
-    chunk_size: option, chunk length of the causal prefix sums.
+    chunk_size: option, tokens per scan step ``c``.
     is_causal: sum over ``s <= t`` (absolute positions; for ``S != T`` the
       keys are padded/truncated to ``T``).
     query_seq_lengths / key_value_seq_lengths: int ``[B]``.
@@ -149,14 +199,14 @@ def linear_attention(query, key, value, bias=None, mask=None, *,
 
   Returns:
     ``[B, T, N, Dv]`` in the input dtype; computed in float32. Time
-    ``O(B·N·(T+S)·H·Dv)``, memory ``O(B·N·(T+S)·(H+Dv))``; causal adds
-    ``O(T·c)`` for the in-chunk products. Queries with no valid key output
-    zeros.
+    ``O(B·N·(T+S)·H·Dv)`` (causal adds ``O(B·N·T·c·(H+Dv))`` for the
+    in-chunk products), memory ``O(B·N·(T+S)·(H+Dv))``. Queries with no valid
+    key output zeros.
   """
   inputs = common.canonicalize(
       query, key, value, bias, mask, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids)
   blocks.check_supported("linear", inputs, causal=True, segments=False)
-  return kernelized_attention("linear", inputs, _elu_features,
+  return kernelized_attention("linear", inputs, ELU_FEATURES,
                               chunk_size=chunk_size)

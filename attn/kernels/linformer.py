@@ -23,6 +23,8 @@ from attn.registry import register_attention
 
 Array = jax.Array
 F32 = jnp.float32
+# Queries per lax.map step: keeps the [chunk, k] scores in cache.
+QUERY_CHUNK = 256
 
 
 def linformer_param_shapes(query_shape, key_shape, *, k: int = 256,
@@ -46,15 +48,20 @@ def linformer_one_head(q_TH: Array, k_SH: Array, v_SD: Array, e_kS: Array,
   """Linformer for one head: ``softmax(scale · q (E k)ᵀ) (F v)``, ``[T, Dv]``.
 
   ``e_kS`` / ``f_kS`` are already cut to the key length ``S``; invalid keys
-  and values are zeroed before projecting. Returns float32.
+  and values are zeroed before projecting; queries are processed in chunks
+  of ``QUERY_CHUNK``. Returns float32.
   """
   if kv_valid_S is not None:
     k_SH = jnp.where(kv_valid_S[:, None], k_SH, 0)
     v_SD = jnp.where(kv_valid_S[:, None], v_SD, 0)
   kp_kH = jnp.einsum("ks,sh->kh", e_kS, k_SH, preferred_element_type=F32)
   vp_kD = jnp.einsum("ks,sd->kd", f_kS, v_SD, preferred_element_type=F32)
-  scores_Tk = jnp.einsum("th,kh->tk", q_TH.astype(F32), kp_kH) * scale
-  return masked_softmax(scores_Tk, None) @ vp_kD
+
+  def read(q_cH):
+    scores_ck = jnp.einsum("ch,kh->ck", q_cH.astype(F32), kp_kH) * scale
+    return masked_softmax(scores_ck, None) @ vp_kD
+
+  return blocks.map_chunks(read, q_TH, QUERY_CHUNK)
 
 
 @register_attention(

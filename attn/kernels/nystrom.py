@@ -25,6 +25,8 @@ from attn.registry import register_attention
 
 Array = jax.Array
 F32 = jnp.float32
+# Queries per lax.map step: keeps the [chunk, m] scores in cache.
+QUERY_CHUNK = 256
 
 
 def segment_means(x_TH: Array, valid_T: Optional[Array],
@@ -74,18 +76,23 @@ def nystrom_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
   """Nyström approximation of ``softmax(scale · q kᵀ) v``, one head.
 
   Landmarks are segment means over the valid queries / keys; invalid keys
-  get zero weight. Returns ``[T, Dv]`` float32.
+  get zero weight. ``F`` is applied in query chunks of ``QUERY_CHUNK``.
+  Returns ``[T, Dv]`` float32.
   """
   q_TH, k_SH = q_TH.astype(F32), k_SH.astype(F32)
   ql_mH, q_has = segment_means(q_TH, q_valid_T, num_landmarks)
   kl_mH, k_has = segment_means(k_SH, kv_valid_S, num_landmarks)
-  f_Tm = masked_softmax(q_TH @ kl_mH.T * scale, k_has[None, :])
   a_mm = masked_softmax(ql_mH @ kl_mH.T * scale,
                         q_has[:, None] & k_has[None, :])
   b_mask = None if kv_valid_S is None else kv_valid_S[None, :]
   b_mS = masked_softmax(ql_mH @ k_SH.T * scale, b_mask)
   bv_mD = jnp.einsum("ms,sd->md", b_mS, v_SD.astype(F32))
-  return f_Tm @ (iterative_pinv(a_mm, pinv_iterations) @ bv_mD)
+  w_mD = iterative_pinv(a_mm, pinv_iterations) @ bv_mD
+
+  def read(q_cH):
+    return masked_softmax(q_cH @ kl_mH.T * scale, k_has[None, :]) @ w_mD
+
+  return blocks.map_chunks(read, q_TH, QUERY_CHUNK)
 
 
 @register_attention(

@@ -44,28 +44,35 @@ def orthogonal_features(rng: Array, num_features: int, dim: int) -> Array:
   return directions[:num_features] * norms[:, None]
 
 
-def favor_features(x_TH: Array, w_MH: Array, scale, *, is_query: bool,
-                   valid_T: Optional[Array] = None) -> Array:
-  """Positive random features ``exp(W x̂ - |x̂|²/2 - c)``, one head ``[T, M]``.
+def favor_feature_map(w_MH: Array, scale) -> linear.FeatureMap:
+  """FAVOR+ positive features ``exp(W x̂ - |x̂|²/2 - c)``, ``x̂ = x·√scale``.
 
   ``c`` is a stabiliser that cancels in the attention ratio: the per-row max
-  for queries, the max over all valid keys for keys (a constant shared by
-  every key). The ``1/√M`` factor cancels too and is dropped. Invalid keys
-  (``valid_T == False``) get zero rows.
+  for queries, the running max over keys for keys (see
+  :func:`attn.kernels.linear.feature_attention_one_head`). The ``1/√M``
+  factor cancels too and is dropped. Invalid keys get zero rows.
   """
-  x_TH = x_TH.astype(F32) * jnp.sqrt(jnp.asarray(scale, F32))
-  logits_TM = (jnp.einsum("th,mh->tm", x_TH, w_MH)
-               - 0.5 * jnp.sum(x_TH * x_TH, axis=-1, keepdims=True))
-  if is_query:
-    stab = jnp.max(logits_TM, axis=-1, keepdims=True)
-    return jnp.exp(logits_TM - jax.lax.stop_gradient(stab))
-  if valid_T is None:
-    return jnp.exp(logits_TM - jax.lax.stop_gradient(jnp.max(logits_TM)))
-  valid_T1 = valid_T[:, None]
-  stab = jax.lax.stop_gradient(jnp.max(jnp.where(valid_T1, logits_TM,
-                                                 MASK_VALUE)))
-  return jnp.where(valid_T1, jnp.exp(jnp.where(valid_T1, logits_TM - stab,
-                                               0.0)), 0.0)
+  root = jnp.sqrt(jnp.asarray(scale, F32))
+
+  def logits(x_cH):
+    x_cH = x_cH.astype(F32) * root
+    return (jnp.einsum("ch,mh->cm", x_cH, w_MH)
+            - 0.5 * jnp.sum(x_cH * x_cH, axis=-1, keepdims=True))
+
+  def query(q_cH):
+    l_cM = logits(q_cH)
+    return jnp.exp(l_cM - jax.lax.stop_gradient(
+        jnp.max(l_cM, axis=-1, keepdims=True)))
+
+  def key(k_cH, valid_c, stab):
+    ok = valid_c[:, None]
+    return jnp.where(ok, jnp.exp(jnp.where(ok, logits(k_cH) - stab, 0.0)),
+                     0.0)
+
+  def key_max(k_cH, valid_c):
+    return jnp.max(jnp.where(valid_c[:, None], logits(k_cH), MASK_VALUE))
+
+  return linear.FeatureMap(query=query, key=key, key_max=key_max)
 
 
 @register_attention(
@@ -95,7 +102,7 @@ def performer_attention(query, key, value, bias=None, mask=None, *,
     mask: padding mask ``[B, 1, 1, S]`` / ``[B, 1, T, 1]`` only.
     num_features: option ``M``, number of random features.
     seed: option, seeds ``W`` when no ``rng`` is passed (deterministic).
-    chunk_size: option, chunk length of the causal prefix sums.
+    chunk_size: option, tokens per scan step.
     scale: option, softmax temperature (default ``1/sqrt(H)``).
     is_causal: sum over ``s <= t`` (chunked prefix sums).
     query_seq_lengths / key_value_seq_lengths: int ``[B]``.
@@ -104,8 +111,8 @@ def performer_attention(query, key, value, bias=None, mask=None, *,
 
   Returns:
     ``[B, T, N, Dv]`` in the input dtype; computed in float32. Time
-    ``O(B·N·(T+S)·M·(H+Dv))``, memory ``O(B·N·(T+S)·M)`` (causal: plus
-    ``O(T/c·M·Dv + T·c)``).
+    ``O(B·N·(T+S)·M·(H+Dv))`` (causal adds ``O(B·N·T·c·(M+Dv))``), memory
+    ``O(B·N·(T+S)·(H+Dv))`` plus ``O(c·M)`` per scan step.
   """
   inputs = common.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
@@ -119,10 +126,6 @@ def performer_attention(query, key, value, bias=None, mask=None, *,
     rng = jax.random.PRNGKey(seed)
   w_MH = orthogonal_features(rng, num_features, inputs.query.shape[-1])
 
-  def features(q_TH, k_SH, kv_valid_S):
-    return (favor_features(q_TH, w_MH, inputs.scale, is_query=True),
-            favor_features(k_SH, w_MH, inputs.scale, is_query=False,
-                           valid_T=kv_valid_S))
-
-  return linear.kernelized_attention("performer", inputs, features,
-                                     chunk_size=chunk_size)
+  return linear.kernelized_attention(
+      "performer", inputs, favor_feature_map(w_MH, inputs.scale),
+      chunk_size=chunk_size)

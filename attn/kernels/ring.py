@@ -58,7 +58,10 @@ from attn.registry import register_attention
 
 Array = jax.Array
 
-DEFAULT_BLOCK = 512
+# Chunk size inside a ring step. Each device already holds only T/n
+# positions; 256 keeps the per-head score chunk (256 x 256 float32) small
+# next to the O(T/n) buffers (see the README's memory table).
+DEFAULT_BLOCK = 256
 
 
 # --------------------------------------------------------------------------
@@ -639,7 +642,7 @@ def ring_attention(query: Array, key: Array, value: Array,
     data_axis / model_axis: mesh axes for batch / heads, used when present
       and they divide ``B`` / both head counts; otherwise replicated.
     scale: Python float, defaults to ``1/sqrt(H)``.
-    block_q / block_k: chunk sizes inside each ring step (default 512,
+    block_q / block_k: chunk sizes inside each ring step (default 256,
       clipped to the per-device length).
     is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size,
     segment_ids: as in :func:`attn.dot_product_attention`.

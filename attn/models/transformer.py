@@ -336,17 +336,22 @@ class TransformerLM(nn.Module):
                     temperature=temperature, top_k=top_k)
 
 
-def sample_logits(logits: Array, rng: Array, temperature: float,
+def sample_logits(logits: Array, rng: Array, temperature,
                   top_k: Optional[int]) -> Array:
   """``logits[B, V]`` -> int32 ``[B]``: argmax if ``temperature == 0``, else
-  a sample from ``softmax(logits / temperature)`` over the ``top_k`` best."""
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
+  a sample from ``softmax(logits / temperature)`` over the ``top_k`` best.
+
+  ``temperature`` may be a traced scalar (one compilation for all values).
+  """
+  logits = logits.astype(jnp.float32)
+  greedy = jnp.argmax(logits, axis=-1)
   if top_k is not None:
     kth_best = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth_best, -jnp.inf, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  sampled = jax.random.categorical(
+      rng, logits / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
 def generate(model: TransformerLM, params, prompt: Array, max_new_tokens: int,
@@ -390,12 +395,12 @@ def generate(model: TransformerLM, params, prompt: Array, max_new_tokens: int,
                      f"got {top_k}")
   variables = params if "params" in params else {"params": params}
   return _generate(model.clone(decode=True, parent=None), variables, prompt,
-                   rng, max_new_tokens, float(temperature), top_k)
+                   rng, jnp.float32(temperature), max_new_tokens, top_k)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _generate(decoder: TransformerLM, variables, prompt, rng, max_new_tokens,
-              temperature, top_k):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _generate(decoder: TransformerLM, variables, prompt, rng, temperature,
+              max_new_tokens, top_k):
   B, P = prompt.shape
   cache_shapes = jax.eval_shape(
       decoder.init, jax.random.key(0),
