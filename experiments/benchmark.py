@@ -780,10 +780,10 @@ def plot_vs_t(rows: List[Dict[str, Any]], path: str, *, value: str,
   groups: Dict[Tuple, List[Dict[str, Any]]] = {}
   for r in rows:
     groups.setdefault(_setting_key(r), []).append(r)
-  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups) + 2, 4),
-                           squeeze=False)
+  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups) + 1.5, 4),
+                           squeeze=False, layout="constrained")
   names = list(dict.fromkeys(r["variant"] for r in rows))
-  colors = plt.get_cmap("tab20")
+  colors = plt.get_cmap("tab10")
   styles = ("-", "--", ":", "-.")
   handles = {}
   for ax, (key, group) in zip(axes[0], groups.items()):
@@ -794,7 +794,7 @@ def plot_vs_t(rows: List[Dict[str, Any]], path: str, *, value: str,
       if not pts:
         continue
       line, = ax.plot(*zip(*pts), marker="o", markersize=3,
-                      color=colors(i % 20), linestyle=styles[i // 20 % 4],
+                      color=colors(i % 10), linestyle=styles[i // 10 % 4],
                       label=name)
       handles[name] = line
     ax.set_xscale("log", base=2)
@@ -805,9 +805,8 @@ def plot_vs_t(rows: List[Dict[str, Any]], path: str, *, value: str,
     ax.set_title(_setting_title(dict(zip(SETTING_KEYS, key))), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
   if handles:
-    fig.legend(list(handles.values()), list(handles), loc="center right",
-               fontsize=7)
-  fig.tight_layout(rect=(0, 0, 1 - 1.8 / (5 * len(groups) + 2), 1))
+    fig.legend(list(handles.values()), list(handles),
+               loc="outside right center", fontsize=7)
   fig.savefig(path, dpi=90)
   plt.close(fig)
 

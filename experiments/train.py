@@ -129,6 +129,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by "
                       f"the data-parallel size {mesh.shape['data']}")
   problem = problems.make_problem(config, task)
+  # Everything that runs the model happens under the mesh, so kernels that
+  # need it (ring attention over the "seq" axis) find it.
+  with jax.set_mesh(mesh):
+    return _run(config, workdir, task, mesh, problem)
+
+
+def _host_batch(task, mesh, step, batch_size):
+  """This host's rows of global batch ``step``, as global sharded arrays.
+
+  The global batch is a pure function of (seed, step); each host keeps only
+  the rows its devices hold (parallel.host_batch_slice), so hosts never train
+  on the same examples.
+  """
+  start, size = parallel.host_batch_slice(batch_size, mesh)
+  batch = task.batch("train", step, batch_size)
+  rows = {k: v[start:start + size] for k, v in batch.items()}
+  return parallel.shard_batch(rows, mesh)
+
+
+def _run(config, workdir, task, mesh, problem):
+  """The loop proper (called under ``jax.set_mesh(mesh)``)."""
   init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   first = task.batch("train", 0, config.batch_size)
   params = problem.init(init_rng, first)
@@ -146,40 +167,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     state = jax.device_put(state, parallel.replicated(mesh))
   metrics_io.truncate_metrics(workdir, start)
   writer = metrics_io.MetricWriter(workdir)
-  data_sharding = parallel.data_sharding(mesh)
   train_step = jax.jit(functools.partial(_train_step, problem, tx,
                                          dropout_rng), donate_argnums=(0,))
   progress = metrics_io.Progress(start, config.num_train_steps,
                                  config.log_every_steps)
-  history = []
   try:
-    with jax.set_mesh(mesh):
-      for step in range(start, config.num_train_steps):
-        batch = jax.device_put(task.batch("train", step, config.batch_size),
-                               data_sharding)
-        state, metrics = train_step(state, batch)
-        metrics = jax.device_get(metrics)
-        _check_finite(step + 1, metrics, ckpt)
-        done = step + 1
-        progress.update(done, float(metrics["loss"]))
-        if done % config.log_every_steps == 0 or done == config.num_train_steps:
-          writer.write(done, "train", metrics)
-        is_eval = (done % config.eval_every_steps == 0
-                   or done == config.num_train_steps)
-        if is_eval:
-          valid = evaluate(problem, state["params"], task, "valid", config)
-          writer.write(done, "valid", valid)
-          history.append((done, valid))
-          logging.info("step %d valid %s", done, _fmt(valid))
-          ckpt.save(done, state, valid)
-        elif done % config.checkpoint_every_steps == 0:
-          ckpt.save(done, state)
-        if (config.figures.every_steps and config.figures.enabled
-            and done % config.figures.every_steps == 0):
-          problem.draw(state["params"], task, workdir, step=done)
-      progress.close()
-      result = _final_evaluation(problem, task, ckpt, state, config, workdir,
-                                 writer)
+    for step in range(start, config.num_train_steps):
+      batch = _host_batch(task, mesh, step, config.batch_size)
+      state, metrics = train_step(state, batch)
+      metrics = jax.device_get(metrics)
+      _check_finite(step + 1, metrics, ckpt)
+      done = step + 1
+      progress.update(done, float(metrics["loss"]))
+      if done % config.log_every_steps == 0 or done == config.num_train_steps:
+        writer.write(done, "train", metrics)
+      is_eval = (done % config.eval_every_steps == 0
+                 or done == config.num_train_steps)
+      if is_eval:
+        valid = evaluate(problem, state["params"], task, "valid", config)
+        writer.write(done, "valid", valid)
+        logging.info("step %d valid %s", done, _fmt(valid))
+        ckpt.save(done, state, valid)
+      elif done % config.checkpoint_every_steps == 0:
+        ckpt.save(done, state)
+      if (config.figures.every_steps and config.figures.enabled
+          and done % config.figures.every_steps == 0):
+        problem.draw(state["params"], task, workdir, step=done)
+    progress.close()
+    result = _final_evaluation(problem, task, ckpt, state, config, workdir,
+                               writer)
   finally:
     progress.close()
     writer.close()

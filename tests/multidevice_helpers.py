@@ -7,13 +7,15 @@ process only calls :func:`run_helper` / :func:`run_processes` and reads the
 JSON the script prints on its last line. Importing this module does not
 import JAX.
 
-Modes (``python tests/multidevice_helpers.py MODE ...``)::
+Modes (``python -m tests.multidevice_helpers MODE ...`` from the repo root)::
 
     ring          ring attention vs single-device attention (8 devices)
     memory        XLA memory analysis at T=65536, ring vs chunked (8 devices)
     mesh          attn.parallel on 8 devices (+ initialize_distributed no-op)
     distributed   one process of a 2-process group (--port, --process_id)
 """
+# JAX, attn and NumPy are imported inside the functions that run in the
+# child processes. pylint: disable=g-import-not-at-top
 
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ from typing import Dict, List
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Variables JAX's cluster auto-detection reads; scrubbed so the children
 # behave like a plain single machine.
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri",
-                "KUBERNETES_SERVICE_HOST", "TPU_WORKER_HOSTNAMES")
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
+                "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST",
+                "TPU_WORKER_HOSTNAMES")
 
 
 def _env(devices: int) -> Dict[str, str]:
@@ -44,7 +47,7 @@ def _last_json(stdout: str):
   return json.loads(stdout.strip().splitlines()[-1])
 
 
-def run_helper(*args: str, devices: int = 8, timeout: int = 300):
+def run_helper(*args: str, devices: int = 8, timeout: int = 600):
   """Runs this script in a fresh process; returns its JSON result."""
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), *args],
                         env=_env(devices), cwd=REPO, capture_output=True,
@@ -62,7 +65,7 @@ def free_port() -> int:
 
 
 def run_processes(num_processes: int = 2, devices_per_process: int = 2,
-                  timeout: int = 240) -> List[dict]:
+                  timeout: int = 400) -> List[dict]:
   """Starts a real ``jax.distributed`` group on localhost; one JSON each."""
   port = free_port()
   procs = [subprocess.Popen(
@@ -95,7 +98,7 @@ def numpy_attention(q, k, v, bias=None, mask=None):
 
   Rows with no visible key give zeros.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   B, T, N, H = q.shape
   K = k.shape[2]
@@ -119,7 +122,7 @@ def numpy_attention(q, k, v, bias=None, mask=None):
 def numpy_mask(B, N, T, S, *, is_causal=False, q_lengths=None,
                kv_lengths=None, segment_ids=None, window=None, mask=None):
   """Boolean ``[B, N, T, S]`` mask built with explicit loops over examples."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
   out = np.ones((B, N, T, S), bool)
   t = np.arange(T)[:, None]
   s = np.arange(S)[None, :]
@@ -143,8 +146,8 @@ def numpy_mask(B, N, T, S, *, is_causal=False, q_lengths=None,
 
 def _max_rel_err(a, b) -> float:
   """max |a - b| / max(1, max |b|) over all leaves of two pytrees."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
   errs = []
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -154,8 +157,8 @@ def _max_rel_err(a, b) -> float:
 
 def _fwd_bwd(fn, *args):
   """``(fn(*args), vjp(cos(3 · out)))`` under one ``jax.jit``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
 
   def f(*a):
     out, vjp = jax.vjp(fn, *a)
@@ -171,8 +174,8 @@ def _compare(ring_fn, reference, args, names, *, np_out=None):
   Returns ``{"out": err, "d<name>": err, ..., "nonfinite": 0 or 1,
   "numpy_out": err}`` with :func:`_max_rel_err` errors.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
   out, grads = _fwd_bwd(ring_fn, *args)
   ref, ref_grads = reference
   errs = {"out": _max_rel_err(out, ref)}
@@ -187,13 +190,13 @@ def _compare(ring_fn, reference, args, names, *, np_out=None):
 
 def check_ring() -> Dict[str, Dict[str, float]]:
   """Ring attention vs ``attn.dot_product_attention`` on 8 CPU devices."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import attn  # pylint: disable=g-import-not-at-top
-  from attn.kernels.ring import ring_attention  # pylint: disable=g-import-not-at-top
-  from attn.parallel import make_mesh  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import flax.linen as nn
+  import attn
+  from attn.kernels.ring import ring_attention
+  from attn.parallel import make_mesh
 
   assert jax.device_count() == 8, jax.devices()
   rng = np.random.default_rng(0)
@@ -232,6 +235,14 @@ def check_ring() -> Dict[str, Dict[str, float]]:
       (q, k, v), "qkv", np_out=numpy_attention(q, k, v, mask=numpy_mask(
           B, N, T, T, is_causal=True, q_lengths=np.asarray(ql),
           kv_lengths=np.asarray(kl))))
+
+  # One query, three keys: both lengths shorter than the ring (padding).
+  q1, k1, v1 = normal(B, 1, N, H), normal(B, 3, K, H), normal(B, 3, K, H)
+  results["shorter_than_ring"] = _compare(
+      lambda q, k, v: ring_attention(q, k, v, mesh=mesh),
+      _fwd_bwd(lambda q, k, v: attn.dot_product_attention(
+          q, k, v, implementation="xla"), q1, k1, v1),
+      (q1, k1, v1), "qkv", np_out=numpy_attention(q1, k1, v1))
 
   # Cross attention with a learned bias and a padding mask; heads on "model".
   B, T, S = 2, 24, 40
@@ -308,7 +319,7 @@ def check_ring() -> Dict[str, Dict[str, float]]:
 
 def _memory(fn, *args) -> Dict[str, float]:
   """XLA's per-device memory analysis of ``jit(fn)``, in MiB."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   m = jax.jit(fn).lower(*args).compile().memory_analysis()
   mib = 2.0 ** 20
   total = (m.argument_size_in_bytes + m.output_size_in_bytes
@@ -326,10 +337,10 @@ def check_memory(length: int, dtype: str, backward: bool, heads: int = 8,
   nothing is allocated. ``ring_seq1`` is the ring kernel on a one-device
   mesh (a single-device blockwise kernel with the same chunking).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import attn  # pylint: disable=g-import-not-at-top
-  from attn.kernels.ring import ring_attention  # pylint: disable=g-import-not-at-top
-  from attn.parallel import make_mesh  # pylint: disable=g-import-not-at-top
+  import jax
+  import attn
+  from attn.kernels.ring import ring_attention
+  from attn.parallel import make_mesh
 
   x = jax.ShapeDtypeStruct((1, length, heads, head_dim), dtype)
   mesh8 = make_mesh(data=1, seq=8)
@@ -355,13 +366,13 @@ def check_memory(length: int, dtype: str, backward: bool, heads: int = 8,
 
 def check_mesh() -> Dict[str, object]:
   """attn.parallel on 8 devices; starts with the single-process no-op."""
-  from attn import parallel  # pylint: disable=g-import-not-at-top
+  from attn import parallel
   results = {"initialize_no_args": parallel.initialize_distributed(),
              "initialize_one_process": parallel.initialize_distributed(
                  num_processes=1)}
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from ml_collections import ConfigDict  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  from ml_collections import ConfigDict
   results["process_count"] = jax.process_count()
   results["device_count"] = jax.device_count()
   shapes = {}
@@ -406,16 +417,16 @@ def check_mesh() -> Dict[str, object]:
 def check_distributed(port: int, process_id: int,
                       num_processes: int) -> Dict[str, object]:
   """One process of a localhost group: data parallel sums + ring attention."""
-  from attn import parallel  # pylint: disable=g-import-not-at-top
+  from attn import parallel
   started = parallel.initialize_distributed(f"127.0.0.1:{port}",
                                             num_processes, process_id)
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  import attn  # pylint: disable=g-import-not-at-top
-  from attn.kernels.ring import ring_attention  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  import attn
+  from attn.kernels.ring import ring_attention
 
   results = {"started": started, "process_index": jax.process_index(),
              "process_count": jax.process_count(),

@@ -19,7 +19,9 @@ TINY = dict(emb_dim=D, num_heads=2, num_layers=1, mlp_dim=32)
 
 
 def tokens(seed, shape=(B, T)):
-  return jax.random.randint(jax.random.key(seed), shape, 1, V)
+  """NumPy-made ids: jax.random would compile a sampler per shape."""
+  return jnp.asarray(np.random.RandomState(seed).randint(1, V, shape),
+                     jnp.int32)
 
 
 def count(tree):
@@ -31,38 +33,46 @@ def tiny_lm(**kw):
 
 
 # --------------------------------------------------------------------------
-# TransformerLM
+# TransformerLM: one model shared by the tests below (GQA, RoPE, 2 layers).
 
 
-def test_lm_parameter_count_and_shapes():
-  lm = tiny_lm(num_layers=2, positional="learned")
-  variables = lm.init(KEY, tokens(0))
-  layer = 4 * (D * D + D) + 2 * 2 * D + (D * 32 + 32) + (32 * D + D)
-  assert count(variables) == V * D + 12 * D + 2 * layer + 2 * D + D * V + V
+@pytest.fixture(scope="module")
+def lm_and_variables():
+  lm = tiny_lm(num_layers=2, num_kv_heads=1, positional="rope")
+  return lm, lm.init(KEY, tokens(0))
+
+
+def test_lm_parameter_count_and_shapes(lm_and_variables):
+  lm, variables = lm_and_variables
+  attention = 2 * (D * D + D) + 2 * (D * 8 + 8)  # q, out; k, v: one kv head
+  layer = attention + 2 * 2 * D + (D * 32 + 32) + (32 * D + D)
+  assert count(variables) == V * D + 2 * layer + 2 * D + D * V + V
   logits = lm.apply(variables, tokens(0))
   chex.assert_shape(logits, (B, T, V))
   assert logits.dtype == jnp.float32
+  learned = tiny_lm(positional="learned").init(KEY, tokens(0))
+  assert learned["params"]["embedding"]["positional"]["embedding"].shape == (
+      12, D)
 
 
-@pytest.mark.parametrize("positional", ["learned", "rope"])
-def test_lm_output_at_t_ignores_later_tokens(positional):
-  lm = tiny_lm(positional=positional)
+def test_lm_output_at_t_ignores_later_tokens(lm_and_variables):
+  lm, variables = lm_and_variables
   x = tokens(1)
-  variables = lm.init(KEY, x)
   y = x.at[:, 4:].set((x[:, 4:] + 3) % V)
   a, b = lm.apply(variables, x), lm.apply(variables, y)
   np.testing.assert_allclose(a[:, :4], b[:, :4], atol=1e-6)
   assert not np.allclose(a[:, 4:], b[:, 4:], atol=1e-3)
 
 
-def test_lm_cached_decoding_gives_full_forward_logits():
-  lm = tiny_lm(num_kv_heads=1, positional="learned", decode=True)
+def test_lm_cached_decoding_gives_full_forward_logits(lm_and_variables):
+  lm, variables = lm_and_variables
   x = tokens(2)
-  variables = lm.init(KEY, x)
-  full = lm.clone(decode=False).apply({"params": variables["params"]}, x)
-  step = jax.jit(lambda c, t: lm.apply({"params": variables["params"],
-                                        "cache": c}, t, mutable=["cache"]))
-  cache, outs = variables["cache"], []
+  full = lm.apply(variables, x)
+  decoder = lm.clone(decode=True)
+  cache = decoder.init(KEY, x)["cache"]
+  step = jax.jit(lambda c, t: decoder.apply(  # pylint: disable=g-long-lambda
+      {"params": variables["params"], "cache": c}, t, mutable=["cache"]))
+  outs = []
   for t in range(T):
     logits, upd = step(cache, x[:, t:t + 1])
     cache = upd["cache"]
@@ -70,41 +80,41 @@ def test_lm_cached_decoding_gives_full_forward_logits():
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
 
 
-def test_generate_greedy_and_top_k_against_full_forward():
-  lm = tiny_lm(positional="rope")
+def test_generate_greedy_and_top_k_against_full_forward(lm_and_variables):
+  lm, variables = lm_and_variables
   prompt = tokens(3, (B, 3))
-  variables = lm.init(KEY, prompt)
-  greedy = lm.generate(variables["params"], prompt, 5, KEY, temperature=0.0)
-  chex.assert_shape(greedy, (B, 8))
+  # temperature is traced and top_k static: one compilation for both calls.
+  greedy = lm.generate(variables["params"], prompt, 3, KEY, temperature=0.0,
+                       top_k=3)
+  chex.assert_shape(greedy, (B, T))
   np.testing.assert_array_equal(greedy[:, :3], prompt)
-  full = jax.jit(lm.apply)  # one compilation for both full forwards
-  logits = full(variables, greedy)
+  logits = lm.apply(variables, greedy)
   np.testing.assert_array_equal(greedy[:, 3:],
                                 jnp.argmax(logits[:, 2:-1], -1))
-  sampled = lm.generate(variables, prompt, 5, jax.random.key(8), top_k=3,
-                        temperature=2.0)
-  np.testing.assert_array_equal(
-      sampled, lm.generate(variables, prompt, 5, jax.random.key(8), top_k=3,
-                           temperature=2.0))
-  logits = np.asarray(full(variables, sampled))
+  sample = lambda seed: lm.generate(  # pylint: disable=g-long-lambda
+      variables, prompt, 3, jax.random.key(seed), top_k=3, temperature=2.0)
+  sampled = sample(8)
+  np.testing.assert_array_equal(sampled, sample(8))
+  assert not all(np.array_equal(sampled, sample(s)) for s in range(9, 13))
+  logits = np.asarray(lm.apply(variables, sampled))
   top3 = np.argsort(logits[:, 2:-1], axis=-1)[..., -3:]
   assert np.all((top3 == np.asarray(sampled)[:, 3:, None]).any(-1))
 
 
-def test_generate_rejects_bad_arguments():
-  lm = tiny_lm()
+def test_generate_rejects_bad_arguments(lm_and_variables):
+  lm, variables = lm_and_variables
   prompt = tokens(0, (B, 3))
-  params = lm.init(KEY, prompt)["params"]
   with pytest.raises(ValueError, match="max_len"):
-    lm.generate(params, prompt, 10, KEY)
+    lm.generate(variables, prompt, 10, KEY)
   with pytest.raises(ValueError, match="top_k"):
-    lm.generate(params, prompt, 2, KEY, top_k=0)
+    lm.generate(variables, prompt, 2, KEY, top_k=0)
+  with pytest.raises(ValueError, match="temperature"):
+    lm.generate(variables, prompt, 2, KEY, temperature=-1.0)
 
 
-def test_lm_sows_causal_weights_for_every_layer():
-  lm = tiny_lm(num_layers=2)
+def test_lm_sows_causal_weights_for_every_layer(lm_and_variables):
+  lm, variables = lm_and_variables
   x = tokens(4)
-  variables = lm.init(KEY, x)
   _, state = lm.apply(variables, x, mutable=["intermediates"])
   found = attention_weights(state)
   assert [path for path, _ in found] == ["decoder/layer_0/attention",
@@ -115,10 +125,10 @@ def test_lm_sows_causal_weights_for_every_layer():
     np.testing.assert_array_equal(np.triu(np.asarray(w), 1), 0.0)
 
 
-def test_lm_dropout_only_in_training():
-  lm = tiny_lm(dropout_rate=0.3, attention_dropout_rate=0.3)
+def test_lm_dropout_only_in_training(lm_and_variables):
+  lm, variables = lm_and_variables
+  lm = lm.clone(dropout_rate=0.3, attention_dropout_rate=0.3)
   x = tokens(5)
-  variables = lm.init(KEY, x)
   eval_logits = lm.apply(variables, x)
   train = jax.jit(lambda seed: lm.apply(  # pylint: disable=g-long-lambda
       variables, x, train=True, rngs={"dropout": jax.random.key(seed)}))
@@ -127,25 +137,29 @@ def test_lm_dropout_only_in_training():
   assert not np.allclose(train(1), train(2))
 
 
-def test_lm_bfloat16_and_post_ln():
+def test_lm_post_ln_in_bfloat16(lm_and_variables):
+  lm, variables = lm_and_variables
+  lm = lm.clone(pre_ln=False)
   x = tokens(6)
-  lm = tiny_lm(dtype=jnp.bfloat16, pre_ln=False)
-  variables = lm.init(KEY, x)
-  assert "final_norm" not in variables["params"]["decoder"]
-  logits = jax.jit(lm.apply)(variables, x)
-  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
-  ref = jax.jit(tiny_lm(pre_ln=False).apply)(variables, x)
-  np.testing.assert_allclose(logits, ref, atol=0.2)
+  params = {"params": {**variables["params"], "decoder": {
+      k: v for k, v in variables["params"]["decoder"].items()
+      if k != "final_norm"}}}
+  chex.assert_trees_all_equal_structs(params, lm.init(KEY, x))
+  logits = lm.apply(params, x)
+  bf16 = jax.jit(lm.clone(dtype=jnp.bfloat16).apply)(params, x)
+  assert bf16.dtype == jnp.float32 and np.all(np.isfinite(bf16))
+  np.testing.assert_allclose(bf16, logits, atol=0.25)
+  assert not np.allclose(logits, lm_and_variables[0].apply(variables, x),
+                         atol=1e-2)
 
 
 @pytest.mark.parametrize("transform", [jax.jit, lambda f: f],
                          ids=["jit", "eager"])
-def test_lm_under_jit_and_eager(transform):
-  lm = tiny_lm()
+def test_lm_under_jit_and_eager(lm_and_variables, transform):
+  lm, variables = lm_and_variables
   x = tokens(7)
-  variables = lm.init(KEY, x)
   np.testing.assert_allclose(transform(lm.apply)(variables, x),
-                             jax.jit(lm.apply)(variables, x), atol=1e-5)
+                             lm.apply(variables, x), atol=1e-5)
 
 
 # --------------------------------------------------------------------------
@@ -157,7 +171,7 @@ def test_lm_under_jit_and_eager(transform):
 def test_encoder_permutation_equivariance(positional, equivariant):
   enc = TransformerEncoder(num_layers=2, num_heads=2, mlp_dim=32,
                            positional=positional)
-  x = jax.random.normal(KEY, (B, T, D))
+  x = jnp.asarray(np.random.RandomState(0).randn(B, T, D), jnp.float32)
   perm = np.array([3, 0, 5, 1, 4, 2])
   variables = enc.init(KEY, x)
   diff = np.max(np.abs(enc.apply(variables, x)[:, perm]
@@ -165,7 +179,7 @@ def test_encoder_permutation_equivariance(positional, equivariant):
   assert (diff < 1e-5) == equivariant, diff
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_classifier_padding_does_not_leak(pooling):
   clf = EncoderClassifier(vocab_size=V, num_classes=3, pooling=pooling,
                           max_len=8, **TINY)
@@ -228,7 +242,7 @@ def np_rollout(weights):
 def test_vit_shapes_weights_and_rollout(positional):
   vit = ViT(num_classes=3, patch_size=2, positional=positional,
             **{**TINY, "num_layers": 2})
-  images = jax.random.normal(KEY, (B, 4, 6, 3))
+  images = IMAGES
   variables = vit.init(KEY, images)
   n_pos = 6 * D if positional == "learned" else 0
   assert count(variables) - n_pos == count(
@@ -257,8 +271,7 @@ def test_vit_rejects_bad_patch_size():
 
 
 @pytest.mark.parametrize("style,attention,mode", [
-    ("bahdanau", "additive", "global"), ("luong", "general", "global"),
-    ("luong", "dot", "local_p")])
+    ("bahdanau", "additive", "global"), ("luong", "dot", "local_p")])
 def test_rnn_seq2seq_causal_and_padding(style, attention, mode):
   model = RNNSeq2Seq(vocab_size=V, emb_dim=8, hidden_dim=D, style=style,
                      attention=attention, luong_mode=mode)
@@ -292,7 +305,7 @@ def test_rnn_rejects_relative_positional():
 
 VARIANTS = [n for n in attn.list_attention()
             if not (n == "cudnn" and jax.devices()[0].platform != "gpu")]
-IMAGES = jax.random.normal(KEY, (B, 4, 6, 3))
+IMAGES = jnp.asarray(np.random.RandomState(0).randn(B, 4, 6, 3), jnp.float32)
 VALID = jnp.array([[True] * T, [True] * 4 + [False] * 2])
 
 MODELS = {

@@ -33,7 +33,8 @@ def test_ring_on_8_devices_matches_single_device_attention():
   """Shards of 2/4/8, causal and not, padding, bias/mask, bf16, Flax."""
   results = helpers.run_helper("ring")
   expected = {f"seq{n}_{c}" for n in (2, 4, 8) for c in ("full", "causal")}
-  expected |= {"padding_lengths", "cross_bias_mask", "segments_window_bias",
+  expected |= {"padding_lengths", "shorter_than_ring", "cross_bias_mask",
+               "segments_window_bias",
                "bf16_causal", "explicit_axes_mesh", "flax_by_name"}
   assert set(results) == expected
   failures = []

@@ -153,15 +153,17 @@ def test_all_registered_with_metadata():
   for spec in SPECS:
     for shape, init in attention_param_shapes(spec, (B, T, N, H),
                                               (B, T, K, H)).values():
-      made = jax.eval_shape(init, jax.random.PRNGKey(0), shape)
+      made = jax.eval_shape(functools.partial(init, shape=shape),
+                            jax.random.PRNGKey(0))
       assert made.shape == tuple(shape)
 
 
 KV_LENGTHS, Q_LENGTHS = jnp.array([11, 16]), jnp.array([5, 16])
 
 
-@pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("spec,dtype", [
+    (spec, dtype) for spec in SPECS for dtype in (jnp.float32, jnp.bfloat16)
+    if dtype == jnp.float32 or "shared_qk" not in spec])  # one bf16 reformer
 def test_shape_dtype_finite(spec, dtype):
   q, k, v = _inputs(dtype=dtype)
   out = _call(spec, q, k, v, key_value_seq_lengths=KV_LENGTHS,
@@ -295,7 +297,7 @@ def np_sparse_mask(t, s, pattern, stride, num_summary, causal):
   return m & (j <= i) if causal else m
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(pattern=st.sampled_from(["strided", "fixed"]), causal=st.booleans(),
        t=st.integers(1, 19), s=st.integers(1, 19), stride=st.integers(1, 6),
        summary=st.integers(1, 6), length=st.integers(1, 19))
@@ -551,8 +553,7 @@ def np_reformer(q, k, v, rotations, *, chunk, shared, causal):
 
 
 @pytest.mark.parametrize("shared,causal,t,s", [
-    (False, False, 16, 16), (False, False, 10, 14), (True, False, 16, 16),
-    (True, True, 16, 16)])
+    (False, False, 10, 14), (True, False, 16, 16), (True, True, 16, 16)])
 def test_reformer_matches_loop_reference(shared, causal, t, s):
   q, k, v = _inputs(b=1, t=t, s=s, n=1, k=1, seed=19)
   spec = (f"reformer(chunk_size=4, n_buckets=4, n_hashes=3, "
@@ -578,18 +579,25 @@ def test_reformer_is_deterministic_per_seed():
   # (the reference test above shows that a given rng seeds the rotations)
   q, k, v = _inputs(seed=21)
   spec = "reformer(chunk_size=4, n_buckets=4)"
-  a = _call(spec, q, k, v)
-  np.testing.assert_array_equal(a, _call(spec, q, k, v))
-  assert not np.allclose(a, _call(spec[:-1] + ", seed=1)", q, k, v))
+  kwargs = {"key_value_seq_lengths": KV_LENGTHS,
+            "query_seq_lengths": Q_LENGTHS}
+  a = _call(spec, q, k, v, **kwargs)
+  np.testing.assert_array_equal(a, _call(spec, q, k, v, **kwargs))
+  assert not np.allclose(a, _call(spec[:-1] + ", seed=1)", q, k, v, **kwargs))
 
 
 def test_reformer_more_hashes_approximate_better():
-  # clustered keys: LSH finds the relevant cluster more often with more rounds
-  q, k, v = _inputs(b=4, t=64, s=64, seed=22)
-  exact = np_attention(q * 3, k * 3, v)
-  errors = [np.abs(_call(f"reformer(chunk_size=8, n_hashes={n})",
-                         q * 3, k * 3, v) - exact).mean() for n in (1, 4)]
-  assert errors[1] < 0.8 * errors[0]
+  # sharp scores: a query's mass sits on few keys, which more hash rounds
+  # find more often (n_hashes=2 is the default of the spec)
+  q, k, v = _inputs(seed=1)
+  kwargs = {"key_value_seq_lengths": KV_LENGTHS,
+            "query_seq_lengths": Q_LENGTHS}
+  exact = np_attention(q * 3, k * 3, v, _lengths_mask(KV_LENGTHS, T))
+  exact[0, 5:] = 0
+  errors = [np.abs(_call(spec, q * 3, k * 3, v, **kwargs) - exact).mean()
+            for spec in ("reformer(chunk_size=4, n_buckets=4)",
+                         "reformer(chunk_size=4, n_buckets=4, n_hashes=8)")]
+  assert errors[1] < 0.5 * errors[0]
 
 
 def test_lsh_buckets_are_angular():

@@ -497,6 +497,8 @@ def chunked_attention(inputs: AttentionInputs, *,
   G = N // K
   bq, nq = block_size(T, block_q, DEFAULT_BLOCK_Q, "block_q")
   bk, nk = block_size(S, block_k, DEFAULT_BLOCK_K, "block_k")
+  if S == 0:                            # no keys: every row is fully masked
+    return jnp.zeros((B, T, N, Dv), inputs.query.dtype)
   Tp, Sp = bq * nq, bk * nk
   # Scale q once (as Flax does) instead of every score block; a traced scale
   # stays differentiable because this happens outside the custom VJP.

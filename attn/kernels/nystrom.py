@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from attn.kernels import blocks, common
+from attn.kernels.common import MASK_VALUE
 from attn.kernels.exact import masked_softmax
 from attn.registry import register_attention
 
 Array = jax.Array
 F32 = jnp.float32
-# Queries per lax.map step: keeps the [chunk, m] scores in cache.
+# Tokens per lax.map / lax.scan step: keeps [chunk, m] scores in cache.
 QUERY_CHUNK = 256
 
 
@@ -69,6 +70,40 @@ def iterative_pinv(a_MN: Array, iterations: int) -> Array:
   return z
 
 
+def landmark_readout(ql_mH: Array, k_SH: Array, v_SD: Array,
+                     kv_valid_S: Optional[Array], *, scale,
+                     chunk: int) -> Array:
+  """``B V = softmax(scale · Q̃ Kᵀ) V`` for ``m`` landmark queries, ``[m, Dv]``.
+
+  Streams over key chunks with an online softmax (running max and sum), so
+  the ``[m, S]`` matrix is never stored. Invalid keys get zero weight; a
+  landmark with no valid key reads zeros.
+  """
+  S, m = k_SH.shape[0], ql_mH.shape[0]
+  c = max(1, min(chunk, S))
+  n = -(-S // c)
+  valid = jnp.ones((S,), bool) if kv_valid_S is None else kv_valid_S
+  pieces = lambda x, fill=0: blocks.pad_axis0(x, n * c, fill).reshape(
+      (n, c) + x.shape[1:])
+
+  def step(state, xs):
+    run_max, run_sum, acc_mD = state
+    k_cH, v_cD, ok_c = xs
+    s_mc = jnp.where(ok_c[None, :], ql_mH @ k_cH.astype(F32).T * scale,
+                     MASK_VALUE)
+    new_max = jax.lax.stop_gradient(jnp.maximum(run_max, jnp.max(s_mc, -1)))
+    p_mc = jnp.where(ok_c[None, :], jnp.exp(s_mc - new_max[:, None]), 0.0)
+    rescale = jnp.exp(run_max - new_max)
+    return (new_max, run_sum * rescale + jnp.sum(p_mc, -1),
+            acc_mD * rescale[:, None] + p_mc @ v_cD.astype(F32)), None
+
+  init = (jnp.full((m,), MASK_VALUE, F32), jnp.zeros((m,), F32),
+          jnp.zeros((m, v_SD.shape[-1]), F32))
+  (_, total, acc_mD), _ = jax.lax.scan(
+      step, init, (pieces(k_SH), pieces(v_SD), pieces(valid, False)))
+  return acc_mD / jnp.where(total > 0, total, 1.0)[:, None]
+
+
 def nystrom_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
                      q_valid_T: Optional[Array], kv_valid_S: Optional[Array],
                      *, num_landmarks: int, pinv_iterations: int,
@@ -76,7 +111,8 @@ def nystrom_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
   """Nyström approximation of ``softmax(scale · q kᵀ) v``, one head.
 
   Landmarks are segment means over the valid queries / keys; invalid keys
-  get zero weight. ``F`` is applied in query chunks of ``QUERY_CHUNK``.
+  get zero weight. ``F`` and ``B`` are applied in chunks of ``QUERY_CHUNK``
+  tokens.
   Returns ``[T, Dv]`` float32.
   """
   q_TH, k_SH = q_TH.astype(F32), k_SH.astype(F32)
@@ -84,9 +120,8 @@ def nystrom_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
   kl_mH, k_has = segment_means(k_SH, kv_valid_S, num_landmarks)
   a_mm = masked_softmax(ql_mH @ kl_mH.T * scale,
                         q_has[:, None] & k_has[None, :])
-  b_mask = None if kv_valid_S is None else kv_valid_S[None, :]
-  b_mS = masked_softmax(ql_mH @ k_SH.T * scale, b_mask)
-  bv_mD = jnp.einsum("ms,sd->md", b_mS, v_SD.astype(F32))
+  bv_mD = landmark_readout(ql_mH, k_SH, v_SD, kv_valid_S, scale=scale,
+                           chunk=QUERY_CHUNK)
   w_mD = iterative_pinv(a_mm, pinv_iterations) @ bv_mD
 
   def read(q_cH):

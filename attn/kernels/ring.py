@@ -601,12 +601,13 @@ def _block(block: Optional[int], length: int, n: int, name: str) -> int:
   return min(block, -(-length // n))
 
 
-def _pad_axis(x, axis: int, size: int, value=0):
-  if x is None or x.shape[axis] in (1, size):
+def _pad_axis(x, axis: int, size: int, broadcast: bool = False):
+  """Zero-pads ``axis`` to ``size``; with ``broadcast``, size 1 stays 1."""
+  if x is None or x.shape[axis] == size or (broadcast and x.shape[axis] == 1):
     return x
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
+  return jnp.pad(x, pad)
 
 
 def ring_attention(query: Array, key: Array, value: Array,
@@ -682,8 +683,10 @@ def ring_attention(query: Array, key: Array, value: Array,
       "q": _pad_axis(inputs.query, 1, t_pad),
       "k": _pad_axis(inputs.key, 1, s_pad),
       "v": _pad_axis(inputs.value, 1, s_pad),
-      "bias": _pad_axis(_pad_axis(inputs.bias, 2, t_pad), 3, s_pad),
-      "mask": _pad_axis(_pad_axis(inputs.mask, 2, t_pad), 3, s_pad),
+      "bias": _pad_axis(_pad_axis(inputs.bias, 2, t_pad, True), 3, s_pad,
+                        True),
+      "mask": _pad_axis(_pad_axis(inputs.mask, 2, t_pad, True), 3, s_pad,
+                        True),
       "q_lengths": inputs.q_lengths,
       "kv_lengths": kv_lengths,
       "q_segment_ids": _pad_axis(inputs.q_segment_ids, 1, t_pad),
