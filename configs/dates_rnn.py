@@ -12,5 +12,5 @@ def get_config():
   c.model.score = "additive"        # Bahdanau
   c.model.positional = "none"
   c.model.options.style = "bahdanau"
-  c.num_train_steps = 3000
+  c.num_train_steps = 1500
   return c

@@ -945,7 +945,7 @@ def main(argv: Sequence[str],
   else:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
-    command = list(sys.argv)
+    command = ["python", "-m", "experiments.benchmark"] + sys.argv[1:]
   config = config_from_flags(flag_values)
   rows = run_benchmark(config)
   paths = write_outputs(rows, config, command)

@@ -196,14 +196,16 @@ def reformer_attention(query, key, value, bias=None, mask=None, *,
     shared_qk: keys are the unit-normalised queries (``key`` values unused,
       ``S`` must equal ``T``); a token attends to itself only when nothing
       else is available. Required for ``is_causal``.
-    seed: seeds the rotations when ``rng`` is None.
+    seed: when ``rng`` is None the rotations are
+      ``numpy.random.default_rng(seed).standard_normal(...)``.
     scale: multiplier of ``q·k``, default ``1/sqrt(H)``.
     is_causal: strictly causal LSH attention (``shared_qk=True`` only):
       itself plus the ``chunk_size`` most recent earlier same-bucket tokens.
     query_seq_lengths / key_value_seq_lengths: int ``[B]`` valid lengths.
     segment_ids / local_window_size: not supported (``ValueError``).
-    rng: PRNG key for the random rotations ``[H, n_hashes, n_buckets/2]``
-      (shared by batch and heads); deterministic for a fixed key/seed.
+    rng: PRNG key; the rotations ``[H, n_hashes, n_buckets/2]`` (shared by
+      batch and heads) are ``jax.random.normal(rng, ...)``. Deterministic for
+      a fixed key or seed.
 
   Returns:
     ``[B, T, N, Dv]``. Time ``O(n_hashes·(T·(c + n_buckets)·H + T log T))``,
@@ -233,9 +235,12 @@ def reformer_attention(query, key, value, bias=None, mask=None, *,
   if int(n_buckets) < 2 or int(n_buckets) % 2:
     raise ValueError(f"reformer: n_buckets must be even and >= 2, got "
                      f"{n_buckets}")
-  key_ = jax.random.PRNGKey(seed) if rng is None else rng
-  rotations = jax.random.normal(key_, (H, int(n_hashes), int(n_buckets) // 2),
-                                F32)
+  shape = (H, int(n_hashes), int(n_buckets) // 2)
+  if rng is None:  # a trace-time constant: no random-number op in the graph
+    rotations = jnp.asarray(
+        np.random.default_rng(int(seed)).standard_normal(shape), F32)
+  else:
+    rotations = jax.random.normal(rng, shape, F32)
 
   def one_head(q_TH, k_SH, v_SD, valid_S):
     return _reformer_head(q_TH, k_SH, v_SD, valid_S, rotations,

@@ -22,6 +22,7 @@ sows every layer's attention weights when called with
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import flax.linen as nn
@@ -47,7 +48,7 @@ def attention_weights(intermediates) -> list[tuple[str, Array]]:
     for name, sub in tree.items():
       if name == "attention_weights":
         found.extend((path, w) for w in sub)
-      elif isinstance(sub, dict) or hasattr(sub, "items"):
+      elif isinstance(sub, Mapping):
         walk(sub, f"{path}/{name}" if path else name)
 
   walk(intermediates.get("intermediates", intermediates), "")
@@ -253,6 +254,8 @@ class TokenEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Array, *, deterministic: bool = True) -> Array:
+    """int ``tokens[B, T]`` -> ``[B, T, emb_dim]`` (dropout unless
+    ``deterministic``)."""
     x = nn.Embed(self.vocab_size, self.emb_dim, dtype=self.dtype,
                  name="embed")(tokens)
     x = PositionalEmbedding(self.positional, self.max_len, decode=self.decode,

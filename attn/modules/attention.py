@@ -46,11 +46,6 @@ class ResolvedAttention:
   takes_rng: bool
   takes_params: bool
 
-  @property
-  def name(self) -> str:
-    return self.entry.name if self.entry else getattr(self.fn, "__name__",
-                                                      "custom attention")
-
 
 def _explicit_params(fn) -> tuple:
   try:
@@ -59,35 +54,45 @@ def _explicit_params(fn) -> tuple:
     return ()
 
 
+def _registered(spec: str) -> ResolvedAttention:
+  entry = registry.get_entry(registry.parse_spec(spec)[0])
+  explicit = _explicit_params(entry.fn)
+  return ResolvedAttention(
+      fn=registry.get_attention(spec), spec=spec, entry=entry,
+      takes_rng="rng" in explicit, takes_params="params" in explicit)
+
+
 def resolve_attention(attention: Union[str, Callable[..., Array]]
                       ) -> ResolvedAttention:
   """Registry spec or callable -> :class:`ResolvedAttention`.
+
+  A callable from :func:`attn.get_attention` is recognised by its spec; any
+  other callable is a user ``attention_fn`` (wrapped so Flax's keyword
+  arguments work) that gets ``rng``/``params`` only if it names them.
 
   Raises:
     ValueError: unknown name/option (the message lists what exists) or a
       value that is neither a string nor callable.
   """
   if isinstance(attention, str):
-    spec = attention
-  elif callable(attention):
-    spec = getattr(attention, "attn_name", None)
-    if spec is None:
-      explicit = _explicit_params(attention)
-      return ResolvedAttention(
-          fn=registry.flax_compatible(attention, name=getattr(
-              attention, "__name__", "custom attention")),
-          spec=None, entry=None, takes_rng="rng" in explicit,
-          takes_params="params" in explicit)
-  else:
+    return _registered(attention)
+  if not callable(attention):
     raise ValueError(f"attention must be a registry spec string or a "
                      f"callable, got {attention!r}; registered: "
                      f"{registry.list_attention()}")
-  name, _ = registry.parse_spec(spec)
-  entry = registry.get_entry(name)
-  explicit = _explicit_params(entry.fn)
+  spec = getattr(attention, "attn_name", None)
+  if spec is not None:
+    try:
+      return _registered(spec)
+    except ValueError:  # wrapped by flax_compatible, but not registered
+      return ResolvedAttention(fn=attention, spec=None, entry=None,
+                               takes_rng=False, takes_params=False)
+  explicit = _explicit_params(attention)
   return ResolvedAttention(
-      fn=registry.get_attention(spec), spec=spec, entry=entry,
-      takes_rng="rng" in explicit, takes_params="params" in explicit)
+      fn=registry.flax_compatible(
+          attention, name=getattr(attention, "__name__", "custom attention")),
+      spec=None, entry=None, takes_rng="rng" in explicit,
+      takes_params="params" in explicit)
 
 
 # What a module may ask of a kernel -> the registry flag that allows it.

@@ -1,0 +1,228 @@
+"""The training loop on simulated devices and real processes, in subprocesses.
+
+JAX fixes its device count when it initialises, so every training run that
+needs N simulated CPU devices (``--xla_force_host_platform_device_count=N``)
+runs in a fresh process: the pytest process calls :func:`run_jobs` or
+:func:`run_main_processes` and reads what the children print and write.
+Importing this module does not import JAX.
+
+As a script (from the repo root)::
+
+    python -m tests.scale_training_helpers '<JSON list of jobs>'
+
+runs the jobs one after another in one process (with as many devices as
+``XLA_FLAGS`` gives it) and prints ``{"device_count": n, "jobs": [...]}`` as
+JSON on its last line. A job is a dict:
+
+    workdir      run directory
+    overrides    {"dotted.config.field": value} on top of :data:`TINY`
+    copy_from    copy this finished/interrupted workdir to ``workdir`` first
+    stop_at      raise :class:`Interrupted` when the train batch of this step
+                 is requested (a killed run; its checkpoints stay)
+    params_out   write the latest checkpoint's parameters here (``.npz``)
+    params_only  skip training; only restore and write ``params_out``
+
+and its result is ``{"records": metrics.jsonl, "train_steps_loaded": [...],
+"interrupted": bool, "latest_step": int}``.
+"""
+# JAX, attn and the experiments are imported inside the functions that run in
+# the child processes. pylint: disable=g-import-not-at-top
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any, Dict, List, Sequence
+
+from tests.multidevice_helpers import REPO, _env as child_env, free_port
+
+CONFIG = "associative_recall"
+# A config small enough for several runs in a test: one-layer Transformer LM
+# (causal self-attention over 18 tokens), 4 steps, evaluation and a
+# checkpoint every 2 steps, dropout on so that the dropout masks must not
+# depend on the device count either. Used as overrides of configs/<CONFIG>.py
+# both in-process (:func:`make_config`) and as --config.* flags.
+TINY: Dict[str, Any] = {
+    "model.num_layers": 1, "model.emb_dim": 32, "model.mlp_dim": 64,
+    "model.num_heads": 4, "model.dropout_rate": 0.1,
+    "batch_size": 8, "num_train_steps": 4, "warmup_steps": 1,
+    "eval_every_steps": 2, "checkpoint_every_steps": 2, "log_every_steps": 1,
+    "num_eval_examples": 8, "eval_batch_size": 8, "figures.enabled": False,
+}
+
+
+def config_flags(overrides: Dict[str, Any]) -> List[str]:
+  """``{"a.b": 1}`` -> ``["--config.a.b=1"]`` for experiments.main."""
+  return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
+
+
+def run_jobs(jobs: Sequence[dict], devices: int) -> subprocess.Popen:
+  """Starts this script on ``jobs`` with ``devices`` simulated CPU devices.
+
+  Returns the running process; pass it to :func:`result`.
+  """
+  return subprocess.Popen(
+      [sys.executable, "-m", "tests.scale_training_helpers", json.dumps(jobs)],
+      env=child_env(devices), cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+def result(proc: subprocess.Popen, timeout: int = 400) -> dict:
+  """Waits for a :func:`run_jobs` process; its JSON result."""
+  out, err = proc.communicate(timeout=timeout)
+  if proc.returncode:
+    raise RuntimeError(f"{proc.args[-1]} failed (rc={proc.returncode}):\n"
+                       f"{out[-3000:]}\n{err[-6000:]}")
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def run_main_processes(workdir: str, overrides: Dict[str, Any],
+                       num_processes: int = 2, devices_per_process: int = 2
+                       ) -> List[subprocess.Popen]:
+  """Starts ``python -m experiments.main`` as a ``jax.distributed`` group.
+
+  One process per id on a loopback coordinator, each with
+  ``devices_per_process`` simulated CPU devices and gloo CPU collectives,
+  all training into the same ``workdir``. Returns the running processes;
+  pass them to :func:`finish`.
+  """
+  port = free_port()
+  env = dict(child_env(devices_per_process),
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  return [subprocess.Popen(
+      [sys.executable, "-m", "experiments.main",
+       f"--config={os.path.join(REPO, 'configs', CONFIG + '.py')}",
+       f"--workdir={workdir}", *config_flags(overrides),
+       f"--coordinator_address=127.0.0.1:{port}",
+       f"--num_processes={num_processes}", f"--process_id={i}"],
+      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(num_processes)]
+
+
+def finish(procs: Sequence[subprocess.Popen], timeout: int = 400
+           ) -> List[str]:
+  """Waits for :func:`run_main_processes`; each one's stdout."""
+  outs = []
+  try:
+    for i, proc in enumerate(procs):
+      out, err = proc.communicate(timeout=timeout)
+      if proc.returncode:
+        raise RuntimeError(f"process {i} failed (rc={proc.returncode}):\n"
+                           f"{out[-3000:]}\n{err[-6000:]}")
+      outs.append(out)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  return outs
+
+
+def load_params(path: str) -> Dict[str, Any]:
+  """The ``{key path: array}`` a job wrote to ``params_out``."""
+  import numpy as np
+  with np.load(path) as f:
+    return dict(f)
+
+
+# ---------------------------------------------------------------------------
+# Everything below runs inside the child processes.
+
+
+class Interrupted(Exception):
+  """Raised in place of a train batch: simulates a killed run."""
+
+
+def make_config(overrides: Dict[str, Any]):
+  """configs/<CONFIG>.py with :data:`TINY` and ``overrides``, validated."""
+  import importlib
+  from experiments import config_validation
+  config = importlib.import_module(f"configs.{CONFIG}").get_config()
+  for key, value in {**TINY, **overrides}.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config_validation.prepare(config)
+
+
+def latest_params(config, workdir: str):
+  """``(step, {key path: np.ndarray})`` of ``workdir``'s latest checkpoint.
+
+  Restored onto this process's mesh (``config.mesh``) the way
+  ``train_and_evaluate`` restores it.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from attn import parallel
+  from experiments import config_validation, problems, train
+  from experiments.checkpoints import Checkpointer
+  task = config_validation.make_task(config)
+  problem = problems.make_problem(config, task)
+  mesh = parallel.make_mesh(**config.mesh)
+  with jax.set_mesh(mesh):
+    params = problem.init(jax.random.key(0),
+                          task.batch("train", 0, config.batch_size))
+    tx = train.make_optimizer(config)
+    state = jax.device_put({"step": jnp.zeros((), jnp.int32),
+                            "params": params, "opt_state": tx.init(params)},
+                           parallel.replicated(mesh))
+    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
+                        best_metric=problem.best_metric,
+                        best_mode=problem.best_mode)
+    try:
+      step, state = ckpt.restore_latest(state)
+    finally:
+      ckpt.close()
+  flat, _ = jax.tree_util.tree_flatten_with_path(state["params"])
+  return step, {jax.tree_util.keystr(path): np.asarray(x) for path, x in flat}
+
+
+def run_job(job: dict) -> dict:
+  """Runs one job (see the module docstring) in this process."""
+  import numpy as np
+  from experiments import metrics_io, tasks, train
+  config = make_config(job.get("overrides", {}))
+  workdir = job["workdir"]
+  if job.get("copy_from"):
+    shutil.copytree(job["copy_from"], workdir)
+  loaded, interrupted = [], False
+  if not job.get("params_only"):
+    cls = type(tasks.get_task(config.task.name))
+    original = cls.batch
+
+    def batch(self, split, step, batch_size):
+      if split == "train":
+        if step == job.get("stop_at"):
+          raise Interrupted(f"simulated kill before step {step}")
+        loaded.append(int(step))
+      return original(self, split, step, batch_size)
+
+    cls.batch = batch
+    try:
+      train.train_and_evaluate(config, workdir)
+    except Interrupted:
+      interrupted = True
+    finally:
+      cls.batch = original
+  step, params = latest_params(config, workdir)
+  if job.get("params_out"):
+    np.savez(job["params_out"], **params)
+  return {"records": metrics_io.read_metrics(workdir),
+          "train_steps_loaded": loaded, "interrupted": interrupted,
+          "latest_step": step}
+
+
+def main(argv: Sequence[str]) -> None:
+  import jax
+  jobs = json.loads(argv[1])
+  results = [run_job(job) for job in jobs]
+  print(json.dumps({"device_count": jax.device_count(), "jobs": results}))
+
+
+if __name__ == "__main__":
+  main(sys.argv)

@@ -1,0 +1,136 @@
+"""The training loop scaled out gives the single-device run.
+
+``experiments.train.train_and_evaluate`` on 8 simulated CPU devices (data
+parallel, and ring attention over a ``seq`` axis), resumed from an 8-device
+checkpoint on 4 and on 1 device, and as two real ``jax.distributed``
+processes of ``python -m experiments.main``: each must reproduce the
+metrics.jsonl curve and final parameters of one uninterrupted run on one
+device, to float tolerance. Runs with other device counts happen in
+subprocesses (tests/scale_training_helpers.py); the one-device runs happen
+in this process, while the subprocesses work.
+"""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from tests import scale_training_helpers as helpers
+
+# Differences come only from the order of float32 reductions (the gradient
+# all-reduce, the ring's online softmax), carried through 4 AdamW steps.
+RTOL, ATOL = 2e-4, 2e-5
+ONE_DEVICE = {"mesh.data": 1}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Every run of this module: ``{name: job result}`` (+ device counts)."""
+  if jax.device_count() != 1:
+    pytest.skip("the one-device reference runs need a one-device process")
+  root = tmp_path_factory.mktemp("scale")
+  path = lambda name: str(root / name)  # noqa: E731
+  eight = helpers.run_jobs([
+      {"workdir": path("killed8"), "overrides": {"mesh.data": 8},
+       "stop_at": 2},
+      {"workdir": path("dp8"), "overrides": {"mesh.data": 8},
+       "params_out": path("dp8.npz")},
+      {"workdir": path("ring"), "params_out": path("ring.npz"),
+       "overrides": {"mesh.data": 2, "mesh.seq": 4,
+                     "model.attention": "ring"}},
+  ], devices=8)
+  group = helpers.run_main_processes(path("two_processes"), {"mesh.data": -1})
+  out = {"one": helpers.run_job({"workdir": path("one"),
+                                 "overrides": ONE_DEVICE,
+                                 "params_out": path("one.npz")})}
+  eight = helpers.result(eight)
+  out.update(zip(["killed8", "dp8", "ring"], eight["jobs"]))
+  four = helpers.run_jobs([
+      {"workdir": path("resumed4"), "copy_from": path("killed8"),
+       "overrides": {"mesh.data": 4}, "params_out": path("resumed4.npz")}],
+                          devices=4)
+  out["resumed1"] = helpers.run_job({
+      "workdir": path("resumed1"), "copy_from": path("killed8"),
+      "overrides": ONE_DEVICE, "params_out": path("resumed1.npz")})
+  out["stdout_two_processes"] = helpers.finish(group)
+  out["two_processes"] = helpers.run_job({
+      "workdir": path("two_processes"), "overrides": ONE_DEVICE,
+      "params_only": True, "params_out": path("two_processes.npz")})
+  four = helpers.result(four)
+  out["resumed4"] = four["jobs"][0]
+  out["device_counts"] = {"eight": eight["device_count"],
+                          "four": four["device_count"]}
+  out["params"] = {name: helpers.load_params(p) for name, p in (
+      (os.path.basename(p)[:-4], p) for p in glob.glob(path("*.npz")))}
+  out["root"] = root
+  return out
+
+
+def assert_same_curve(got, want):
+  """Same (step, split) records with the same metrics, to float tolerance."""
+  assert [(r["step"], r["split"]) for r in got] == [
+      (r["step"], r["split"]) for r in want]
+  for g, w in zip(got, want):
+    assert sorted(g) == sorted(w), (g, w)
+    keys = sorted(k for k in w if k not in ("step", "split"))
+    np.testing.assert_allclose([g[k] for k in keys], [w[k] for k in keys],
+                               rtol=RTOL, atol=ATOL, err_msg=str((g, w)))
+
+
+def assert_same_params(got, want):
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=ATOL,
+                               err_msg=name)
+
+
+def test_reference_run_trains(runs):
+  """The one-device run the others are compared with: 4 steps, 2 evals."""
+  records = runs["one"]["records"]
+  assert [(r["step"], r["split"]) for r in records] == [
+      (1, "train"), (2, "train"), (2, "valid"), (3, "train"), (4, "train"),
+      (4, "valid"), (4, "test")]
+  losses = [r["loss"] for r in records if r["split"] == "train"]
+  assert all(np.isfinite(losses)) and len(set(losses)) == 4
+  assert runs["one"]["latest_step"] == 4
+
+
+def test_data_parallel_on_8_devices_matches_1_device(runs):
+  assert runs["device_counts"]["eight"] == 8
+  assert_same_curve(runs["dp8"]["records"], runs["one"]["records"])
+  assert_same_params(runs["params"]["dp8"], runs["params"]["one"])
+
+
+def test_checkpoint_from_8_devices_resumes_on_4_and_on_1(runs):
+  killed = runs["killed8"]
+  assert killed["interrupted"] and killed["latest_step"] == 2
+  assert runs["device_counts"]["four"] == 4
+  for name in ("resumed4", "resumed1"):
+    resumed = runs[name]
+    # Steps 0 and 1 came from the 8-device checkpoint, not from retraining
+    # (step 0's batch is also read once to initialise the model).
+    assert 1 not in resumed["train_steps_loaded"], name
+    assert resumed["train_steps_loaded"][-2:] == [2, 3], name
+    assert_same_curve(resumed["records"], runs["one"]["records"])
+    assert_same_params(runs["params"][name], runs["params"]["one"])
+
+
+def test_two_processes_train_like_one(runs):
+  """2 x experiments.main, 2 devices each, one shared workdir."""
+  assert all("Finished. Best checkpoint: step 4." in out
+             for out in runs["stdout_two_processes"])
+  # One curve, written once: only process 0 writes metrics and TensorBoard.
+  assert_same_curve(runs["two_processes"]["records"], runs["one"]["records"])
+  events = glob.glob(str(runs["root"] / "two_processes" / "tensorboard" /
+                         "events.out.tfevents.*"))
+  assert len(events) == 1, events
+  assert runs["two_processes"]["latest_step"] == 4
+  assert_same_params(runs["params"]["two_processes"], runs["params"]["one"])
+
+
+def test_ring_attention_in_training_loop_matches_softmax(runs):
+  """attention=ring on a 2 (data) x 4 (seq) mesh vs softmax on one device."""
+  assert_same_curve(runs["ring"]["records"], runs["one"]["records"])
+  assert_same_params(runs["params"]["ring"], runs["params"]["one"])
