@@ -9,7 +9,7 @@ from configs import base
 def get_config():
   c = base.get_base_config()
   c.task.name = "digits_vit"
-  c.task.options.augment = False
+  c.task.options.augment = True
   c.model.arch = "vit"
   c.model.num_layers = 2
   c.model.emb_dim = 64
@@ -20,9 +20,9 @@ def get_config():
   c.model.options.pooling = "cls"
   c.model.dropout_rate = 0.1
   c.batch_size = 64
-  c.num_train_steps = 2000
+  c.num_train_steps = 4000
   c.learning_rate = 2e-3
-  c.eval_every_steps = 250
-  c.checkpoint_every_steps = 250
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
   c.num_eval_examples = 400
   return c

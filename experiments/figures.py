@@ -265,8 +265,8 @@ def _heatmap(ax, w, title: str = "", x_labels=None, y_labels=None,
 
 
 def _tokens(task, ids) -> List[str]:
-  """One printable label per id (``·`` for padding)."""
-  return [task.decode([int(t)]) or "·" for t in ids]
+  """One printable label per id (``·`` for padding, ``␣`` for a space)."""
+  return [(task.decode([int(t)]) or "·").replace(" ", "␣") for t in ids]
 
 
 def _fmt(facts: Dict[str, Any]) -> str:
@@ -611,6 +611,7 @@ def heads_figure(ctx: Context) -> Dict[str, Any]:
   _, weights = seq2seq_attention(trained, inputs)
   n = int(np.sum(inputs[0] != 0))
   labels = _tokens(task, inputs[0, :n])
+  letters = np.array([c.isalpha() for c in labels])
   enc = [(p, w[0, :, :n, :n]) for p, w in weights.items()
          if _place(p) == "encoder_self"]
   L, N = len(enc), enc[0][1].shape[0]
@@ -620,10 +621,9 @@ def heads_figure(ctx: Context) -> Dict[str, Any]:
     for h in range(N):
       _heatmap(axes[l, h], w_NTS[h], f"{path} head {h}", labels, labels,
                vmax=1)
-      # Mean offset (key − query) weighted by attention: which way it looks.
-      offset = float(np.sum(w_NTS[h] * (np.arange(n)[None] -
-                                        np.arange(n)[:, None])) / n)
-      facts[f"mean_offset[layer{l}/head{h}]"] = offset
+      # Share of the head's attention that lands on letters.
+      facts[f"mass_on_letters[layer{l}/head{h}]"] = float(
+          np.mean(np.sum(w_NTS[h][:, letters], axis=-1)))
   fig.suptitle(f"dates encoder self-attention, every head: "
                f"{task.decode(inputs[0])!r}", fontsize=9)
   fig.tight_layout()
@@ -671,57 +671,84 @@ def dates_alignment_figure(ctx: Context) -> Dict[str, Any]:
 def _char_class(ch: str) -> str:
   if ch.isdigit():
     return "digit"
-  if ch.isalpha():
-    return "upper case" if ch.isupper() else "lower case"
-  return "punctuation / space"
-
-
-def _silhouette(x_VD: np.ndarray, labels: Sequence[str]) -> float:
-  from sklearn.metrics import silhouette_score  # pylint: disable=g-import-not-at-top
-  return float(silhouette_score(x_VD, list(labels), metric="cosine"))
+  return "letter" if ch.isalpha() else "punctuation / space"
 
 
 def _pca_2d(x_VD: np.ndarray) -> tuple:
+  """``(coordinates [V, 2], fraction of the variance they explain)``."""
   centred = x_VD - x_VD.mean(0)
   u, s, _ = np.linalg.svd(centred, full_matrices=False)
   return u[:, :2] * s[:2], float(np.sum(s[:2] ** 2) / np.sum(s ** 2))
 
 
+def _cosine(x_VD: np.ndarray) -> np.ndarray:
+  unit = x_VD / np.linalg.norm(x_VD, axis=-1, keepdims=True)
+  return unit @ unit.T
+
+
 def embeddings_figure(ctx: Context) -> Dict[str, Any]:
-  """The dates model's source character embeddings, PCA to 2-D."""
+  """The dates model's source character embeddings before and after
+  training: PCA to 2-D, and how similar the two cases of a letter become."""
   trained = ctx.model("dates")
   task = trained.problem.task
   ids = np.arange(3, task.spec()["vocab_size"])        # skip pad/bos/eos
   chars = [task.decode([i]) for i in ids]
   classes = [_char_class(c) for c in chars]
+  pairs = [(chars.index(c), chars.index(c.upper())) for c in chars
+           if c.islower() and c.upper() in chars]
   table = lambda p: np.asarray(  # pylint: disable=g-long-lambda
       p["source_embedding"]["embed"]["embedding"])[ids]
   facts: Dict[str, Any] = {}
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
-  colours = dict(zip(sorted(set(classes)), ("C0", "C1", "C2", "C3")))
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4.4),
+                           gridspec_kw={"width_ratios": [1.0, 1.0, 0.9]})
+  colours = {"digit": "C0", "letter": "C1", "punctuation / space": "C2"}
+  same_case = {}
   for ax, (when, params) in zip(axes, (("initialisation", trained.init_params),
                                        ("after training", trained.params))):
     x = table(params)
     xy, explained = _pca_2d(x)
-    sil = _silhouette(x, classes)
-    facts[f"silhouette[{when}]"] = sil
-    facts[f"pca_variance_explained[{when}]"] = explained
+    cos = _cosine(x)
+    same = np.array([cos[a, b] for a, b in pairs])
+    other = np.mean([cos[a, b] for a, _ in pairs for _, b in pairs
+                     if (a, b) not in pairs])
+    same_case[when] = same
+    facts[f"cos_same_letter[{when}]"] = float(same.mean())
+    facts[f"cos_different_letters[{when}]"] = float(other)
+    digits = np.array(classes) == "digit"
+    facts[f"digit_norm_over_letter_norm[{when}]"] = float(
+        np.linalg.norm(x[digits], axis=-1).mean()
+        / np.linalg.norm(x[np.array(classes) == "letter"], axis=-1).mean())
+    for a, b in pairs:
+      ax.plot(xy[[a, b], 0], xy[[a, b], 1], color="0.8", linewidth=0.6,
+              zorder=0)
     for cls, colour in colours.items():
       pts = xy[[c == cls for c in classes]]
       ax.scatter(pts[:, 0], pts[:, 1], s=12, color=colour, label=cls)
     for (px, py), ch in zip(xy, chars):
       ax.annotate(ch if ch != " " else "␣", (px, py), fontsize=7,
                   xytext=(2, 2), textcoords="offset points")
-    ax.set_title(f"{when}: PCA (first 2 components, {explained:.0%} of "
-                 f"variance)\nsilhouette of the 4 classes: {sil:.2f}",
-                 fontsize=9)
+    ax.set_title(f"{when}: PCA to 2-D ({explained:.0%} of the variance)
+"
+                 "grey lines join the two cases of a letter", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
   axes[0].legend(fontsize=7)
+  letters = [chars[a] for a, _ in pairs]
+  order = np.argsort(same_case["after training"])
+  for when, marker in (("initialisation", "x"), ("after training", "o")):
+    axes[2].plot(same_case[when][order], range(len(pairs)), marker,
+                 label=f"{when} (mean {same_case[when].mean():.2f})")
+  axes[2].axvline(facts["cos_different_letters[after training]"],
+                  color="gray", linestyle=":",
+                  label="different letters, trained")
+  axes[2].set_yticks(range(len(pairs)),
+                     [f"{letters[i]}/{letters[i].upper()}" for i in order],
+                     fontsize=6)
+  axes[2].set(xlabel="cosine similarity", title="cos(lower case, upper case)")
+  axes[2].title.set_fontsize(9)
+  axes[2].legend(fontsize=7)
   fig.tight_layout()
   facts["path"] = ctx.save(fig, "embeddings")
-  facts["test_sequence_accuracy"] = trained.test.get("sequence_accuracy",
-                                                     float("nan"))
   return facts
 
 
@@ -944,6 +971,9 @@ def make_figures(output_dir: str = DEFAULT_OUTPUT_DIR, *, fast: bool = False,
 # Command line
 
 
+_RUN_FLAGS = ("reverse", "dates", "digits_vit")    # --<run>_workdir
+
+
 def define_flags(flag_values: flags.FlagValues) -> None:
   """Defines this command's flags on ``flag_values``."""
   fv = flag_values
@@ -956,7 +986,7 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_string("workdir_root", None, "Where the training runs go "
                       f"(default {DEFAULT_WORKDIR_ROOT}; a temporary "
                       "directory with --fast).", flag_values=fv)
-  for run in ("reverse", "dates", "digits_vit"):
+  for run in _RUN_FLAGS:
     flags.DEFINE_string(f"{run}_workdir", None, f"An existing {run} run "
                         f"(configs/{run}.py) to load instead of "
                         f"<workdir_root>/{run}.", flag_values=fv)
@@ -965,18 +995,34 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                       "benchmark.", flag_values=fv)
 
 
+def config_from_flags(fv: flags.FlagValues) -> ml_collections.ConfigDict:
+  """The keyword arguments of :func:`make_figures` given by the flags."""
+  return ml_collections.ConfigDict(dict(
+      output_dir=fv.output_dir, fast=fv.fast, only=tuple(fv.only),
+      workdir_root=fv.workdir_root, benchmark_json=fv.benchmark_json,
+      workdirs={run: fv[f"{run}_workdir"].value for run in _RUN_FLAGS
+                if fv[f"{run}_workdir"].value}))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` for unknown figure names or a missing file."""
+  unknown = sorted(set(config.only) - set(FIGURES))
+  if unknown:
+    raise ValueError(f"unknown figure(s) {unknown}; figures: {list(FIGURES)}")
+  if config.benchmark_json and not os.path.exists(config.benchmark_json):
+    raise ValueError(f"--benchmark_json={config.benchmark_json}: no such "
+                     "file")
+
+
 def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
          ) -> None:
+  """Parses nothing itself: ``flag_values`` -> :func:`make_figures`."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
   logging.set_verbosity(logging.WARNING)      # no Orbax INFO chatter
-  fv = flag_values
-  workdirs = {run: fv[f"{run}_workdir"].value
-              for run in ("reverse", "dates", "digits_vit")
-              if fv[f"{run}_workdir"].value}
-  make_figures(fv.output_dir, fast=fv.fast, only=fv.only,
-               workdir_root=fv.workdir_root, workdirs=workdirs,
-               benchmark_json=fv.benchmark_json)
+  config = config_from_flags(flag_values)
+  validate_config(config)
+  make_figures(**config.to_dict())
 
 
 if __name__ == "__main__":

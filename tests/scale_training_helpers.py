@@ -35,7 +35,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from tests.multidevice_helpers import REPO, _env as child_env, free_port
 
@@ -59,14 +59,29 @@ def config_flags(overrides: Dict[str, Any]) -> List[str]:
   return [f"--config.{k}={v}" for k, v in {**TINY, **overrides}.items()]
 
 
-def run_jobs(jobs: Sequence[dict], devices: int) -> subprocess.Popen:
+def _child_env(devices: int, cache_dir: Optional[str]) -> Dict[str, str]:
+  """Environment of a child with ``devices`` CPU devices.
+
+  With ``cache_dir``, JAX's persistent compilation cache is shared by the
+  children: runs of the same program on the same device count compile once.
+  """
+  env = child_env(devices)
+  if cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
+def run_jobs(jobs: Sequence[dict], devices: int,
+             cache_dir: Optional[str] = None) -> subprocess.Popen:
   """Starts this script on ``jobs`` with ``devices`` simulated CPU devices.
 
   Returns the running process; pass it to :func:`result`.
   """
   return subprocess.Popen(
       [sys.executable, "-m", "tests.scale_training_helpers", json.dumps(jobs)],
-      env=child_env(devices), cwd=REPO, stdout=subprocess.PIPE,
+      env=_child_env(devices, cache_dir), cwd=REPO, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
 
 
@@ -80,7 +95,8 @@ def result(proc: subprocess.Popen, timeout: int = 400) -> dict:
 
 
 def run_main_processes(workdir: str, overrides: Dict[str, Any],
-                       num_processes: int = 2, devices_per_process: int = 2
+                       num_processes: int = 2, devices_per_process: int = 1,
+                       cache_dir: Optional[str] = None
                        ) -> List[subprocess.Popen]:
   """Starts ``python -m experiments.main`` as a ``jax.distributed`` group.
 
@@ -90,7 +106,7 @@ def run_main_processes(workdir: str, overrides: Dict[str, Any],
   pass them to :func:`finish`.
   """
   port = free_port()
-  env = dict(child_env(devices_per_process),
+  env = dict(_child_env(devices_per_process, cache_dir),
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
   return [subprocess.Popen(
       [sys.executable, "-m", "experiments.main",
@@ -152,8 +168,9 @@ def make_config(overrides: Dict[str, Any]):
 def latest_params(config, workdir: str):
   """``(step, {key path: np.ndarray})`` of ``workdir``'s latest checkpoint.
 
-  Restored onto this process's mesh (``config.mesh``) the way
-  ``train_and_evaluate`` restores it.
+  Restored replicated onto this process's mesh (``config.mesh``), as
+  ``train_and_evaluate`` restores it, from an abstract target (nothing is
+  initialised).
   """
   import jax
   import jax.numpy as jnp
@@ -163,21 +180,27 @@ def latest_params(config, workdir: str):
   from experiments.checkpoints import Checkpointer
   task = config_validation.make_task(config)
   problem = problems.make_problem(config, task)
+  tx = train.make_optimizer(config)
   mesh = parallel.make_mesh(**config.mesh)
-  with jax.set_mesh(mesh):
-    params = problem.init(jax.random.key(0),
-                          task.batch("train", 0, config.batch_size))
-    tx = train.make_optimizer(config)
-    state = jax.device_put({"step": jnp.zeros((), jnp.int32),
-                            "params": params, "opt_state": tx.init(params)},
-                           parallel.replicated(mesh))
-    ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
-                        best_metric=problem.best_metric,
-                        best_mode=problem.best_mode)
-    try:
-      step, state = ckpt.restore_latest(state)
-    finally:
-      ckpt.close()
+
+  def init_state(rng):
+    params = problem.init(rng, task.batch("train", 0, config.batch_size))
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params)}
+
+  replicated = parallel.replicated(mesh)
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
+                      best_metric=problem.best_metric,
+                      best_mode=problem.best_mode)
+  try:
+    with jax.set_mesh(mesh):
+      target = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                         sharding=replicated),
+          jax.eval_shape(init_state, jax.random.key(0)))
+      step, state = ckpt.restore_latest(target)
+  finally:
+    ckpt.close()
   flat, _ = jax.tree_util.tree_flatten_with_path(state["params"])
   return step, {jax.tree_util.keystr(path): np.asarray(x) for path, x in flat}
 

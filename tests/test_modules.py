@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +13,7 @@ from attn import registry
 from attn.modules import (AdditiveAttention, AttentionPooling,
                           GlimpseAttention, LuongAttention,
                           MultiHeadAttention, PositionalEmbedding)
+from tests.reference import reference_attention
 
 KEY = jax.random.key(0)
 # One set of shapes throughout: eager JAX compiles each op once per shape.
@@ -37,26 +37,26 @@ def np_softmax(logits, mask=None):
   return e / np.where(s == 0, 1.0, s)
 
 
-def np_mha(p, x, kv=None, mask=None, causal=False):
-  """float64 reference for MultiHeadAttention (GQA by repeating kv heads)."""
+def np_project(p, x, kv=None):
+  """float64 projections q ``[B,T,N,H]``, k, v ``[B,S,K,H]``."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
   x = np.asarray(x, np.float64)
   kv = x if kv is None else np.asarray(kv, np.float64)
-  q = np.einsum("btd,dnh->btnh", x, p["query"]["kernel"]) + p["query"]["bias"]
-  k = np.einsum("bsd,dkh->bskh", kv, p["key"]["kernel"]) + p["key"]["bias"]
-  v = np.einsum("bsd,dkh->bskh", kv, p["value"]["kernel"]) + p["value"]["bias"]
-  N, K = q.shape[2], k.shape[2]
-  k, v = np.repeat(k, N // K, axis=2), np.repeat(v, N // K, axis=2)
-  s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
-  T, S = s.shape[-2:]
-  full = np.ones(s.shape, bool)
-  if mask is not None:
-    full &= np.broadcast_to(mask, s.shape)
+  proj = lambda name, inp: (np.einsum("btd,dnh->btnh", inp, p[name]["kernel"])  # pylint: disable=g-long-lambda
+                            + p[name]["bias"])
+  return proj("query", x), proj("key", kv), proj("value", kv)
+
+
+def np_mha(p, x, kv=None, mask=None, causal=False):
+  """float64 reference output of MultiHeadAttention (GQA included)."""
+  q, k, v = np_project(p, x, kv)
+  shape_TS = (q.shape[1], k.shape[1])
+  full = np.ones(shape_TS, bool) if mask is None else np.asarray(mask)
   if causal:
-    full &= np.tril(np.ones((T, S), bool))
-  w = np_softmax(s, full)
-  o = np.einsum("bnts,bsnh->btnh", w, v)
-  return np.einsum("btnh,nhd->btd", o, p["out"]["kernel"]) + p["out"]["bias"]
+    full = full & np.tril(np.ones(shape_TS, bool))
+  o, _ = reference_attention(q, k, v, mask=full)
+  out = np.asarray(p["out"]["kernel"], np.float64)
+  return np.einsum("btnh,nhd->btd", o, out) + np.asarray(p["out"]["bias"])
 
 
 # --------------------------------------------------------------------------
@@ -171,13 +171,8 @@ def test_weights_sown_only_when_intermediates_mutable():
   out, state = mha.apply(variables, x, mutable=["intermediates"])
   (weights,) = state["intermediates"]["attention_weights"]
   assert weights.shape == (B, 4, T, T)
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
-  q = np.einsum("btd,dnh->bnth", x, p["query"]["kernel"]) + p["query"]["bias"
-                                                                  ][:, None]
-  k = np.einsum("btd,dnh->bnth", x, p["key"]["kernel"]) + p["key"]["bias"][
-      :, None]
-  ref = np_softmax(q @ k.transpose(0, 1, 3, 2) / 2.0, np.tril(np.ones((T, T),
-                                                                     bool)))
+  q, k, v = np_project(variables["params"], x)
+  _, ref = reference_attention(q, k, v, mask=np.tril(np.ones((T, T), bool)))
   np.testing.assert_allclose(weights, ref, atol=1e-5)
   np.testing.assert_allclose(out, mha.apply(variables, x), atol=1e-6)
 
@@ -217,39 +212,6 @@ def test_rng_kernel_gets_attention_stream_only_when_not_deterministic():
   assert seen[-3] is None and seen[-2] is not None and seen[-1] is None
   np.testing.assert_allclose(det, b, atol=1e-6)
   assert not np.allclose(a, det)
-
-
-# --------------------------------------------------------------------------
-# Our kernels inside Flax's own attention modules
-
-
-@pytest.mark.parametrize("name", ["softmax", "xla"])
-def test_kernels_are_flax_linen_attention_fns(name):
-  x = normal(9, (B, T, D))
-  mask = nn.make_causal_mask(jnp.ones((B, T)), dtype=jnp.bool_)
-  ref = nn.MultiHeadDotProductAttention(num_heads=4)
-  ours = nn.MultiHeadDotProductAttention(num_heads=4,
-                                         attention_fn=attn.get_attention(name))
-  variables = ref.init(KEY, x)
-  out, state = ours.apply(variables, x, mask=mask, sow_weights=True,
-                          mutable=["intermediates"])
-  np.testing.assert_allclose(out, ref.apply(variables, x, mask=mask),
-                             atol=1e-5)
-  (weights,) = state["intermediates"]["attention_weights"]
-  assert weights.shape == (B, 4, T, T)
-  np.testing.assert_allclose(np.triu(weights[0, 0], 1), 0.0)
-
-
-def test_kernels_are_flax_nnx_attention_fns():
-  x = normal(10, (B, T, D))
-  make = lambda **kw: nnx.MultiHeadAttention(  # pylint: disable=g-long-lambda
-      num_heads=4, in_features=D, decode=False, rngs=nnx.Rngs(0), **kw)
-  ref, ours = make(), make(attention_fn=attn.get_attention("softmax"))
-  np.testing.assert_allclose(ours(x, is_causal=True), ref(x, is_causal=True),
-                             atol=1e-5)
-  ours(x, sow_weights=True)
-  (weights,) = ours.attention_weights.value
-  np.testing.assert_allclose(np.sum(weights, -1), 1.0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------
@@ -305,9 +267,8 @@ def test_luong_local_p_matches_reference():
   qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
   for b, length in enumerate([9, 6]):
     for t in range(4):
-      gate = 1 / (1 + np.exp(-(np.tanh(qn[b, t] @ p["w_p"]["kernel"])
-                               @ p["v_p"]["kernel"])[0]))
-      centre = (length - 1) * gate
+      gate = 1 / (1 + np.exp(-np.tanh(qn[b, t] @ p["w_p"]) @ p["v_p"]))
+      centre = length * gate
       s = np.arange(9)
       inside = (np.abs(s - centre) <= 2) & (s < length)
       align = np_softmax(qn[b, t] @ p["w"] @ kn[b].T, inside)

@@ -5,15 +5,13 @@ parallel, and ring attention over a ``seq`` axis), resumed from an 8-device
 checkpoint on 4 and on 1 device, and as two real ``jax.distributed``
 processes of ``python -m experiments.main``: each must reproduce the
 metrics.jsonl curve and final parameters of one uninterrupted run on one
-device, to float tolerance. Runs with other device counts happen in
-subprocesses (tests/scale_training_helpers.py); the one-device runs happen
-in this process, while the subprocesses work.
+device, to float tolerance. Every run happens in a subprocess with its own
+device count (tests/scale_training_helpers.py).
 """
 
 import glob
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -27,11 +25,16 @@ ONE_DEVICE = {"mesh.data": 1}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """Every run of this module: ``{name: job result}`` (+ device counts)."""
-  if jax.device_count() != 1:
-    pytest.skip("the one-device reference runs need a one-device process")
+  """Every run of this module: ``{name: job result}`` and more.
+
+  Two rounds of concurrent subprocesses sharing one compilation cache:
+  8 devices (interrupted, data-parallel and ring runs) beside the
+  two-process group; then 1 device (the reference, a resume, and the
+  group's checkpoint) beside 4 devices (a resume).
+  """
   root = tmp_path_factory.mktemp("scale")
   path = lambda name: str(root / name)  # noqa: E731
+  cache = path("compilation_cache")
   eight = helpers.run_jobs([
       {"workdir": path("killed8"), "overrides": {"mesh.data": 8},
        "stop_at": 2},
@@ -40,30 +43,32 @@ def runs(tmp_path_factory):
       {"workdir": path("ring"), "params_out": path("ring.npz"),
        "overrides": {"mesh.data": 2, "mesh.seq": 4,
                      "model.attention": "ring"}},
-  ], devices=8)
-  group = helpers.run_main_processes(path("two_processes"), {"mesh.data": -1})
-  out = {"one": helpers.run_job({"workdir": path("one"),
-                                 "overrides": ONE_DEVICE,
-                                 "params_out": path("one.npz")})}
+  ], devices=8, cache_dir=cache)
+  group = helpers.run_main_processes(path("two_processes"), {"mesh.data": -1},
+                                     cache_dir=cache)
+  out = {"stdout_two_processes": helpers.finish(group)}
   eight = helpers.result(eight)
   out.update(zip(["killed8", "dp8", "ring"], eight["jobs"]))
-  four = helpers.run_jobs([
-      {"workdir": path("resumed4"), "copy_from": path("killed8"),
-       "overrides": {"mesh.data": 4}, "params_out": path("resumed4.npz")}],
-                          devices=4)
-  out["resumed1"] = helpers.run_job({
-      "workdir": path("resumed1"), "copy_from": path("killed8"),
-      "overrides": ONE_DEVICE, "params_out": path("resumed1.npz")})
-  out["stdout_two_processes"] = helpers.finish(group)
-  out["two_processes"] = helpers.run_job({
-      "workdir": path("two_processes"), "overrides": ONE_DEVICE,
-      "params_only": True, "params_out": path("two_processes.npz")})
+  resume = lambda name, overrides: {  # noqa: E731
+      "workdir": path(name), "copy_from": path("killed8"),
+      "overrides": overrides, "params_out": path(name + ".npz")}
+  four = helpers.run_jobs([resume("resumed4", {"mesh.data": 4})], devices=4,
+                          cache_dir=cache)
+  one = helpers.result(helpers.run_jobs([
+      {"workdir": path("one"), "overrides": ONE_DEVICE,
+       "params_out": path("one.npz")},
+      resume("resumed1", ONE_DEVICE),
+      {"workdir": path("two_processes"), "overrides": ONE_DEVICE,
+       "params_only": True, "params_out": path("two_processes.npz")},
+  ], devices=1, cache_dir=cache))
+  out.update(zip(["one", "resumed1", "two_processes"], one["jobs"]))
   four = helpers.result(four)
   out["resumed4"] = four["jobs"][0]
-  out["device_counts"] = {"eight": eight["device_count"],
-                          "four": four["device_count"]}
-  out["params"] = {name: helpers.load_params(p) for name, p in (
-      (os.path.basename(p)[:-4], p) for p in glob.glob(path("*.npz")))}
+  out["device_counts"] = {"one": one["device_count"],
+                          "four": four["device_count"],
+                          "eight": eight["device_count"]}
+  out["params"] = {os.path.basename(p)[:-len(".npz")]: helpers.load_params(p)
+                   for p in glob.glob(path("*.npz"))}
   out["root"] = root
   return out
 
@@ -88,6 +93,7 @@ def assert_same_params(got, want):
 
 def test_reference_run_trains(runs):
   """The one-device run the others are compared with: 4 steps, 2 evals."""
+  assert runs["device_counts"]["one"] == 1
   records = runs["one"]["records"]
   assert [(r["step"], r["split"]) for r in records] == [
       (1, "train"), (2, "train"), (2, "valid"), (3, "train"), (4, "train"),

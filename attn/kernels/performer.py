@@ -13,10 +13,11 @@ and attention becomes linear attention with this ``φ`` (see
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attn.kernels import blocks, common, linear
 from attn.kernels.common import MASK_VALUE
@@ -26,21 +27,35 @@ Array = jax.Array
 F32 = jnp.float32
 
 
-def orthogonal_features(rng: Array, num_features: int, dim: int) -> Array:
-  """Random feature matrix ``W[M, dim]`` for FAVOR+.
+def gaussian_draws(rng: Optional[Array], seed: int, num_features: int,
+                   dim: int) -> Tuple[Array, Array]:
+  """Standard normal ``([ceil(M/dim), dim, dim], [M, dim])`` float32 draws.
 
-  Rows come in blocks of ``dim`` mutually orthogonal directions (QR of a
-  Gaussian matrix; the last block is truncated), each row rescaled to the
-  norm of an independent ``dim``-dimensional Gaussian vector so that every
-  row is marginally ``N(0, I)``.
+  From ``jax.random`` with ``rng`` when given; otherwise from NumPy's
+  ``default_rng(seed)`` at trace time (a deterministic constant, and no
+  random-number kernel to compile).
   """
-  n_blocks = -(-num_features // dim)
-  block_key, norm_key = jax.random.split(rng)
-  gauss = jax.random.normal(block_key, (n_blocks, dim, dim), F32)
-  q_blocks, _ = jnp.linalg.qr(gauss)                       # columns orthonormal
-  directions = jnp.swapaxes(q_blocks, 1, 2).reshape(n_blocks * dim, dim)
-  norms = jnp.linalg.norm(
-      jax.random.normal(norm_key, (num_features, dim), F32), axis=1)
+  shapes = ((-(-num_features // dim), dim, dim), (num_features, dim))
+  if rng is None:
+    gen = np.random.default_rng(seed)
+    return tuple(jnp.asarray(gen.standard_normal(s), F32) for s in shapes)
+  return tuple(jax.random.normal(key, s, F32)
+               for key, s in zip(jax.random.split(rng), shapes))
+
+
+def orthogonal_features(blocks_gauss: Array, rows_gauss: Array) -> Array:
+  """Random feature matrix ``W[M, dim]`` for FAVOR+ from Gaussian draws.
+
+  ``blocks_gauss [n, dim, dim]`` gives ``n`` blocks of ``dim`` mutually
+  orthogonal unit directions (QR; the last block is truncated to ``M``
+  rows); each row is rescaled to the norm of a row of ``rows_gauss
+  [M, dim]``, so every row is marginally ``N(0, I)`` (Choromanski et al.,
+  "regularized" orthogonal features).
+  """
+  num_features, dim = rows_gauss.shape
+  q_blocks, _ = jnp.linalg.qr(blocks_gauss)              # columns orthonormal
+  directions = jnp.swapaxes(q_blocks, 1, 2).reshape(-1, dim)
+  norms = jnp.linalg.norm(rows_gauss, axis=1)
   return directions[:num_features] * norms[:, None]
 
 
@@ -122,9 +137,8 @@ def performer_attention(query, key, value, bias=None, mask=None, *,
   if num_features < 1:
     raise ValueError(f"performer: num_features must be >= 1, got "
                      f"{num_features}")
-  if rng is None:
-    rng = jax.random.PRNGKey(seed)
-  w_MH = orthogonal_features(rng, num_features, inputs.query.shape[-1])
+  w_MH = orthogonal_features(*gaussian_draws(rng, seed, num_features,
+                                             inputs.query.shape[-1]))
 
   return linear.kernelized_attention(
       "performer", inputs, favor_feature_map(w_MH, inputs.scale),

@@ -37,8 +37,8 @@ import numpy as np
 
 from attn.kernels.common import MASK_VALUE
 from attn.kernels.exact import masked_softmax
-from attn.kernels.sparse import (finish, key_valid_or_all, map_heads,
-                                 pad_axis0, prepare)
+from attn.kernels.sparse import (finish, key_valid_or_all, map_blocks,
+                                 map_heads, pad_axis0, prepare)
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -96,41 +96,48 @@ def _attend_round(q_TH, k_SH, v_SD, valid_S, q_order, k_order, q_buckets,
   Tp, H = q_TH.shape
   Sp = k_SH.shape[0]
   cq, ck = Tp // n_chunks, Sp // n_chunks
-  q_CQH = q_TH[q_order].reshape(n_chunks, cq, H)
-  qpos_CQ = q_order.reshape(n_chunks, cq)
-  k_CKH = k_SH[k_order].reshape(n_chunks, ck, H)
-  v_CKD = v_SD[k_order].reshape(n_chunks, ck, -1)
-  kpos_CK = k_order.reshape(n_chunks, ck)
-  ok_CK = valid_S[k_order].reshape(n_chunks, ck)
-  kidx_CK = jnp.arange(Sp).reshape(n_chunks, ck)
-  kb_CK = k_buckets[k_order].reshape(n_chunks, ck)
+
+  def chunks(x, order, size):
+    return x[order].reshape((n_chunks, size) + x.shape[1:])
+
+  q_side = (chunks(q_TH, q_order, cq), q_order.reshape(n_chunks, cq),
+            jnp.arange(Tp).reshape(n_chunks, cq),
+            chunks(q_buckets, q_order, cq))
+  k_side = (chunks(k_SH, k_order, ck), chunks(v_SD, k_order, ck),
+            k_order.reshape(n_chunks, ck), chunks(valid_S, k_order, ck),
+            jnp.arange(Sp).reshape(n_chunks, ck),
+            chunks(k_buckets, k_order, ck))
   if n_chunks > 1:
-    k_CKH, v_CKD, kpos_CK, ok_CK, kidx_CK, kb_CK = map(
-        _look_back, (k_CKH, v_CKD, kpos_CK, ok_CK, kidx_CK, kb_CK))
-  scores = jnp.einsum("cqh,ckh->cqk", q_CQH, k_CKH,
-                      preferred_element_type=F32) * scale
-  mask = jnp.broadcast_to(ok_CK[:, None, :], scores.shape)
-  if is_causal:
-    qidx_CQ = jnp.arange(Tp).reshape(n_chunks, cq)
-    qb_CQ = q_buckets[q_order].reshape(n_chunks, cq)
-    back = qidx_CQ[:, :, None] - kidx_CK[:, None, :]
-    mask &= ((kpos_CK[:, None, :] <= qpos_CQ[:, :, None])
-             & (kb_CK[:, None, :] == qb_CQ[:, :, None])
-             & (back >= 0) & (back <= cq))
-  if exclude_self:
-    scores = jnp.where(kpos_CK[:, None, :] == qpos_CQ[:, :, None], SELF_LOGIT,
-                       scores)
-  scores = jnp.where(mask, scores, MASK_VALUE)
-  row_max = jax.lax.stop_gradient(jnp.max(scores, -1, keepdims=True))
-  unnorm = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
-  denom = jnp.sum(unnorm, -1, keepdims=True)
-  has_any = denom > 0
-  out_CQD = jnp.einsum("cqk,ckd->cqd", unnorm / jnp.where(has_any, denom, 1.0),
-                       v_CKD.astype(F32))
-  lse = row_max + jnp.log(jnp.where(has_any, denom, 1.0))
+    k_side = tuple(map(_look_back, k_side))
+
+  def chunk(q_QH, qpos_Q, qidx_Q, qb_Q, k_KH, v_KD, kpos_K, ok_K, kidx_K,
+            kb_K):
+    scores = jnp.einsum("qh,kh->qk", q_QH, k_KH,
+                        preferred_element_type=F32) * scale
+    mask = jnp.broadcast_to(ok_K[None, :], scores.shape)
+    if is_causal:
+      back = qidx_Q[:, None] - kidx_K[None, :]
+      mask &= ((kpos_K[None, :] <= qpos_Q[:, None])
+               & (kb_K[None, :] == qb_Q[:, None]) & (back >= 0)
+               & (back <= cq))
+    if exclude_self:
+      scores = jnp.where(kpos_K[None, :] == qpos_Q[:, None], SELF_LOGIT,
+                         scores)
+    scores = jnp.where(mask, scores, MASK_VALUE)
+    row_max = jax.lax.stop_gradient(jnp.max(scores, -1, keepdims=True))
+    unnorm = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
+    denom = jnp.sum(unnorm, -1, keepdims=True)
+    has_any = denom > 0
+    out_QD = jnp.einsum("qk,kd->qd",
+                        unnorm / jnp.where(has_any, denom, 1.0),
+                        v_KD.astype(F32))
+    lse_Q = row_max + jnp.log(jnp.where(has_any, denom, 1.0))
+    return out_QD, lse_Q[:, 0], has_any[:, 0]
+
+  out_CQD, lse_CQ, any_CQ = map_blocks(chunk, q_side + k_side, cq)
   inverse = jnp.argsort(q_order)
-  return (out_CQD.reshape(Tp, -1)[inverse], lse.reshape(Tp)[inverse],
-          has_any.reshape(Tp)[inverse])
+  return (out_CQD.reshape(Tp, -1)[inverse], lse_CQ.reshape(Tp)[inverse],
+          any_CQ.reshape(Tp)[inverse])
 
 
 def _reformer_head(q_TH, k_SH, v_SD, valid_S, rotations, *, n_chunks: int,

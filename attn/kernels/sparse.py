@@ -213,6 +213,26 @@ def pad_axis0(x: Array, length: int, value=0) -> Array:
                  constant_values=value)
 
 
+# Blockwise kernels run their blocks in sequential steps of about this many
+# queries (per head), so one step's scores stay cache-sized whatever T is.
+QUERIES_PER_STEP = 512
+
+
+def map_blocks(fn: Callable[..., Array], xs, queries_per_block: int):
+  """``fn(*x)`` for each slice ``x`` of the arrays ``xs`` along axis 0.
+
+  Blocks are ``jax.vmap``-ed in groups of ``QUERIES_PER_STEP //
+  queries_per_block`` and the groups run one after another
+  (``jax.lax.map``), which bounds the memory traffic of one step; with fewer
+  blocks than a group this is a plain ``vmap``.
+  """
+  n = xs[0].shape[0]
+  group = max(1, QUERIES_PER_STEP // max(1, queries_per_block))
+  if group >= n:
+    return jax.vmap(fn)(*xs)
+  return jax.lax.map(lambda x: fn(*x), xs, batch_size=group)
+
+
 def _shift_blocks(x_C: Array, d: int, fill=0) -> Array:
   """``y[c] = x[c + d]`` along axis 0, ``fill`` where ``c + d`` is outside."""
   C = x_C.shape[0]
@@ -224,52 +244,59 @@ def _shift_blocks(x_C: Array, d: int, fill=0) -> Array:
   return padded[start:start + C]
 
 
+def _softmax_two_parts(scores_a, mask_a, scores_b, mask_b, scale):
+  """One masked float32 softmax over the concatenation of two score blocks;
+  returns the weights of each part."""
+  w = masked_softmax(jnp.concatenate([scores_a, scores_b], -1) * scale,
+                     jnp.concatenate([mask_a, mask_b], -1))
+  return w[..., :scores_a.shape[-1]], w[..., scores_a.shape[-1]:]
+
+
 def _strided_head(q_LH, k_LH, v_LD, valid_L, *, stride: int, scale,
                   is_causal: bool) -> Array:
   """One head of the strided pattern on length-``L`` (multiple of l) inputs.
 
-  Local part: key blocks ``c-1, c, c+1`` cut to ``|i - j| <= l``. Strided
-  part: same residue ``r = i mod l`` in blocks ``d`` with ``|c - d| >= 2``
-  (closer ones are already local). One softmax over both parts.
+  Query block ``c`` sees a local part, key blocks ``c-1, c, c+1`` cut to
+  ``|i - j| <= l``, and a strided part, the same residue ``i mod l`` in
+  blocks ``d`` with ``|c - d| >= 2`` (closer ones are already local); one
+  softmax over both.
   """
   L, H = q_LH.shape
   l = stride
   C = L // l
-  q_CLH = q_LH.reshape(C, l, H)
   k_CLH = k_LH.reshape(C, l, H)
   v_CLD = v_LD.reshape(C, l, -1)
   valid_CL = valid_L.reshape(C, l)
-  pos_CL = jnp.arange(L).reshape(C, l)
-
   offsets = (-1, 0) if is_causal else (-1, 0, 1)
-  k_CWH = jnp.concatenate([_shift_blocks(k_CLH, d) for d in offsets], 1)
-  v_CWD = jnp.concatenate([_shift_blocks(v_CLD, d) for d in offsets], 1)
-  ok_CW = jnp.concatenate([_shift_blocks(valid_CL, d, False)
-                           for d in offsets], 1)
-  pos_CW = jnp.concatenate([pos_CL + d * l for d in offsets], 1)
-  diff_CLW = pos_CL[:, :, None] - pos_CW[:, None, :]
-  local_mask = ok_CW[:, None, :] & (jnp.abs(diff_CLW) <= l)
-  if is_causal:
-    local_mask &= diff_CLW >= 0
-  local_scores = jnp.einsum("cqh,cwh->cqw", q_CLH, k_CWH,
-                            preferred_element_type=F32)
 
-  # strided part, by residue: query (c, r) sees keys (d, r).
-  stride_scores = jnp.einsum("crh,drh->crd", q_CLH, k_CLH,
-                             preferred_element_type=F32)
-  c_minus_d = jnp.arange(C)[:, None] - jnp.arange(C)[None, :]
-  far_CD = (c_minus_d >= 2) if is_causal else (jnp.abs(c_minus_d) >= 2)
-  stride_mask = far_CD[:, None, :] & valid_CL.T[None, :, :]
+  def window(x_C, fill=0):  # [C, l, ...] -> [C, len(offsets)·l, ...]
+    return jnp.concatenate([_shift_blocks(x_C, d, fill) for d in offsets], 1)
 
-  W = k_CWH.shape[1]
-  weights = masked_softmax(
-      jnp.concatenate([local_scores, stride_scores], -1) * scale,
-      jnp.concatenate([local_mask, stride_mask], -1))
-  w_local, w_stride = weights[..., :W], weights[..., W:]
-  out_CLD = (jnp.einsum("cqw,cwd->cqd", w_local.astype(v_LD.dtype), v_CWD,
-                        preferred_element_type=F32)
-             + jnp.einsum("crd,drv->crv", w_stride.astype(v_LD.dtype), v_CLD,
-                          preferred_element_type=F32))
+  def block(c, q_lH, k_WH, v_WD, ok_W):
+    pos_l = c * l + jnp.arange(l)
+    pos_W = (c + offsets[0]) * l + jnp.arange(k_WH.shape[0])
+    diff_lW = pos_l[:, None] - pos_W[None, :]
+    local_mask = ok_W[None, :] & (jnp.abs(diff_lW) <= l)
+    if is_causal:
+      local_mask &= diff_lW >= 0
+    local = jnp.einsum("qh,wh->qw", q_lH, k_WH, preferred_element_type=F32)
+    # strided part, by residue: query (c, r) sees keys (d, r).
+    strided = jnp.einsum("rh,drh->rd", q_lH, k_CLH,
+                         preferred_element_type=F32)
+    c_minus_d = c - jnp.arange(C)
+    far_D = (c_minus_d >= 2) if is_causal else (jnp.abs(c_minus_d) >= 2)
+    strided_mask = far_D[None, :] & valid_CL.T
+    w_local, w_strided = _softmax_two_parts(local, local_mask, strided,
+                                            strided_mask, scale)
+    dt = v_LD.dtype
+    return (jnp.einsum("qw,wd->qd", w_local.astype(dt), v_WD,
+                       preferred_element_type=F32)
+            + jnp.einsum("rd,drv->rv", w_strided.astype(dt), v_CLD,
+                         preferred_element_type=F32))
+
+  out_CLD = map_blocks(block, (jnp.arange(C), q_LH.reshape(C, l, H),
+                               window(k_CLH), window(v_CLD),
+                               window(valid_CL, False)), l)
   return out_CLD.reshape(L, -1)
 
 
@@ -279,37 +306,32 @@ def _fixed_head(q_LH, k_LH, v_LD, valid_L, *, stride: int, num_summary: int,
   L, H = q_LH.shape
   l, c = stride, num_summary
   C = L // l
-  q_CLH = q_LH.reshape(C, l, H)
   k_CLH = k_LH.reshape(C, l, H)
   v_CLD = v_LD.reshape(C, l, -1)
   valid_CL = valid_L.reshape(C, l)
-
-  own_scores = jnp.einsum("cqh,ckh->cqk", q_CLH, k_CLH,
-                          preferred_element_type=F32)
-  own_mask = jnp.broadcast_to(valid_CL[:, None, :], (C, l, l))
-  if is_causal:
-    own_mask &= jnp.tril(jnp.ones((l, l), bool))[None]
-
   # summary keys: the last c positions of every block, M = C·c of them.
   k_MH = k_CLH[:, l - c:].reshape(C * c, H)
   v_MD = v_CLD[:, l - c:].reshape(C * c, -1)
+  ok_M = valid_CL[:, l - c:].reshape(C * c)
   block_M = jnp.repeat(jnp.arange(C), c)
-  summ_scores = jnp.einsum("cqh,mh->cqm", q_CLH, k_MH,
-                           preferred_element_type=F32)
-  other_CM = (block_M[None, :] < jnp.arange(C)[:, None] if is_causal
-              else block_M[None, :] != jnp.arange(C)[:, None])
-  summ_mask = jnp.broadcast_to(
-      (other_CM & valid_CL[:, l - c:].reshape(C * c)[None, :])[:, None, :],
-      (C, l, C * c))
 
-  weights = masked_softmax(
-      jnp.concatenate([own_scores, summ_scores], -1) * scale,
-      jnp.concatenate([own_mask, summ_mask], -1))
-  w_own, w_summ = weights[..., :l], weights[..., l:]
-  out_CLD = (jnp.einsum("cqk,ckd->cqd", w_own.astype(v_LD.dtype), v_CLD,
-                        preferred_element_type=F32)
-             + jnp.einsum("cqm,md->cqd", w_summ.astype(v_LD.dtype), v_MD,
-                          preferred_element_type=F32))
+  def block(b, q_lH, k_lH, v_lD, ok_l):
+    own = jnp.einsum("qh,kh->qk", q_lH, k_lH, preferred_element_type=F32)
+    own_mask = jnp.broadcast_to(ok_l[None, :], (l, l))
+    if is_causal:
+      own_mask &= jnp.tril(jnp.ones((l, l), bool))
+    summ = jnp.einsum("qh,mh->qm", q_lH, k_MH, preferred_element_type=F32)
+    other_M = (block_M < b) if is_causal else (block_M != b)
+    summ_mask = jnp.broadcast_to((other_M & ok_M)[None, :], summ.shape)
+    w_own, w_summ = _softmax_two_parts(own, own_mask, summ, summ_mask, scale)
+    dt = v_LD.dtype
+    return (jnp.einsum("qk,kd->qd", w_own.astype(dt), v_lD,
+                       preferred_element_type=F32)
+            + jnp.einsum("qm,md->qd", w_summ.astype(dt), v_MD,
+                         preferred_element_type=F32))
+
+  out_CLD = map_blocks(block, (jnp.arange(C), q_LH.reshape(C, l, H), k_CLH,
+                               v_CLD, valid_CL), l)
   return out_CLD.reshape(L, -1)
 
 

@@ -37,8 +37,9 @@ class ResolvedAttention:
     fn: Flax-compatible ``attention_fn`` (see :func:`registry.flax_compatible`).
     spec: the registry spec string, or ``None`` for a user callable.
     entry: the registry entry, or ``None`` for a user callable.
-    takes_rng / takes_params: the kernel has an explicit ``rng`` / ``params``
-      argument.
+    takes_rng: the kernel has an explicit ``rng`` argument.
+    takes_params: a registered kernel with an explicit ``params`` argument
+      (its shapes come from :func:`registry.attention_param_shapes`).
   """
   fn: Callable[..., Array]
   spec: Optional[str]
@@ -68,7 +69,7 @@ def resolve_attention(attention: Union[str, Callable[..., Array]]
 
   A callable from :func:`attn.get_attention` is recognised by its spec; any
   other callable is a user ``attention_fn`` (wrapped so Flax's keyword
-  arguments work) that gets ``rng``/``params`` only if it names them.
+  arguments work) that gets an ``rng`` only if it names that argument.
 
   Raises:
     ValueError: unknown name/option (the message lists what exists) or a
@@ -87,12 +88,11 @@ def resolve_attention(attention: Union[str, Callable[..., Array]]
     except ValueError:  # wrapped by flax_compatible, but not registered
       return ResolvedAttention(fn=attention, spec=None, entry=None,
                                takes_rng=False, takes_params=False)
-  explicit = _explicit_params(attention)
   return ResolvedAttention(
       fn=registry.flax_compatible(
           attention, name=getattr(attention, "__name__", "custom attention")),
-      spec=None, entry=None, takes_rng="rng" in explicit,
-      takes_params="params" in explicit)
+      spec=None, entry=None,
+      takes_rng="rng" in _explicit_params(attention), takes_params=False)
 
 
 # What a module may ask of a kernel -> the registry flag that allows it.
@@ -274,7 +274,7 @@ class MultiHeadAttention(nn.Module):
       kwargs["dropout_rng"] = self.make_rng("dropout")
     if resolved.takes_rng and not deterministic and self.has_rng("attention"):
       kwargs["rng"] = self.make_rng("attention")
-    if resolved.takes_params and resolved.spec is not None:
+    if resolved.takes_params:
       shapes = registry.attention_param_shapes(resolved.spec, query.shape,
                                                key.shape)
       kwargs["params"] = {

@@ -28,6 +28,7 @@ import numpy as np
 
 from attn import scores as scores_lib
 from attn.kernels.exact import masked_softmax
+from attn.kernels.local_p import predicted_centres
 
 Array = jax.Array
 
@@ -120,7 +121,7 @@ class LuongAttention(nn.Module):
   Attributes:
     score: ``"dot"``, ``"general"``, ``"concat"`` or ``"location"``.
     mode: ``"global"`` (all source positions) or ``"local_p"``: a centre
-      ``p_t = (L_t - 1) · sigmoid(v_pᵀ tanh(W_p h_t))`` is predicted from the
+      ``p_t = L_t · sigmoid(v_pᵀ tanh(W_pᵀ h_t))`` is predicted from the
       query (``L_t`` = number of attendable keys, so key padding must be a
       suffix), the softmax runs over ``|s - p_t| <= window`` and the weights
       are multiplied by ``exp(-(s - p_t)² / (2 σ²))``, ``σ = window / 2``
@@ -175,12 +176,15 @@ class LuongAttention(nn.Module):
     return context, weights
 
   def _predict_centre(self, query: Array, valid_BTS: Array) -> Array:
-    """``p_t`` in ``[0, L_t - 1]``, float32 ``[B, T]``."""
-    hidden = nn.tanh(nn.Dense(self.attention_dim or query.shape[-1],
-                              use_bias=False, name="w_p")(query))
-    gate_BT = nn.sigmoid(nn.Dense(1, use_bias=False, name="v_p")(hidden))[..., 0]
+    """``p_t`` in ``[0, L_t]``, float32 ``[B, T]`` (same formula and
+    parameters as the ``local_p`` kernel)."""
+    a = self.attention_dim or query.shape[-1]
+    w_p = self.param("w_p", nn.initializers.lecun_normal(),
+                     (query.shape[-1], a))
+    v_p = self.param("v_p", nn.initializers.normal(a ** -0.5), (a,))
     length_BT = jnp.sum(valid_BTS, axis=-1).astype(jnp.float32)
-    return jnp.maximum(length_BT - 1.0, 0.0) * gate_BT.astype(jnp.float32)
+    return jax.vmap(predicted_centres, in_axes=(0, None, None, 0))(
+        query, w_p, v_p, length_BT)
 
 
 class GlimpseAttention(nn.Module):
