@@ -15,6 +15,7 @@ general    q W kᵀ                                  Luong et al. 2015
 additive   vᵀ tanh(W_q q + W_k k)                  Bahdanau et al. 2015
 cosine     β · cos(q, k)                           Graves et al. 2014 (NTM)
 location   (W_a q)_s — ignores the keys            Luong et al. 2015
+uniform    0 — equal weight on every key           (no-attention baseline)
 ========== ====================================== ===========================
 """
 
@@ -96,9 +97,20 @@ def location(q_TH: Array, k_SH: Array, w_HL: Array) -> Array:
   return jnp.einsum("th,hl->tl", q_TH, w_HL[:, :S], preferred_element_type=F32)
 
 
+def uniform(q_TH: Array, k_SH: Array) -> Array:
+  """Constant score: the softmax spreads the weight equally over the
+  attendable keys (the mean of the values), whatever the query asks.
+
+  The no-attention baseline of an encoder-decoder: the decoder sees only a
+  fixed summary of the source.
+  """
+  return jnp.zeros((q_TH.shape[0], k_SH.shape[0]), F32)
+
+
 SCORES: dict[str, Callable[..., Array]] = {
     "dot": dot, "scaled_dot": scaled_dot, "general": general,
     "additive": additive, "cosine": cosine, "location": location,
+    "uniform": uniform,
 }
 
 

@@ -155,7 +155,7 @@ class Trained:
   test: Dict[str, float]
 
 
-def test_record(workdir: str) -> Optional[Dict[str, float]]:
+def final_test_metrics(workdir: str) -> Optional[Dict[str, float]]:
   """The last ``split == "test"`` record of ``workdir/metrics.jsonl``."""
   if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     return None
@@ -233,10 +233,10 @@ class Context:
     if self.fast and name not in FAST_TRAINED:
       return Trained(name, config, problem, init_params, init_params, {})
     workdir = self.workdirs.get(name) or os.path.join(self.workdir_root, name)
-    test = test_record(workdir)
+    test = final_test_metrics(workdir)
     if test is None:
       train.train_and_evaluate(config, workdir)
-      test = test_record(workdir)
+      test = final_test_metrics(workdir)
     params = restore_best_params(config, problem, init_params, workdir)
     return Trained(name, config, problem, params, init_params, test or {})
 
@@ -548,18 +548,21 @@ def apply_jit(model, params, *args, **kwargs):
   return jax.jit(fn)(params, *args, **kwargs)
 
 
-def seq2seq_attention(trained: Trained, inputs):
-  """Greedy predictions and every sown weight of a seq2seq model.
+def seq2seq_attention(trained: Trained, inputs, outputs=None):
+  """Every sown weight of a seq2seq model on ``inputs``.
 
-  Returns ``(pred[B, T], {path: weights[B, N, T', S']})``.
+  ``outputs[B, T]`` (the decoder's tokens, teacher-forced) default to the
+  model's greedy predictions. Returns ``(outputs, {path: weights[B, N, T',
+  S']})``.
   """
   problem, params = trained.problem, trained.params
-  pred = jax.jit(problem.greedy)(params, jnp.asarray(inputs))
+  if outputs is None:
+    outputs = jax.jit(problem.greedy)(params, jnp.asarray(inputs))
   _, inter = apply_jit(problem.model, params, inputs,
-                       problem._dec_in(pred),  # pylint: disable=protected-access
+                       problem._dec_in(jnp.asarray(outputs)),  # pylint: disable=protected-access
                        padding_mask=inputs != 0)
-  return np.asarray(pred), {p: np.asarray(w)
-                            for p, w in tfm.attention_weights(inter)}
+  return np.asarray(outputs), {p: np.asarray(w)
+                               for p, w in tfm.attention_weights(inter)}
 
 
 def _place(path: str) -> str:
@@ -608,7 +611,8 @@ def heads_figure(ctx: Context) -> Dict[str, Any]:
   task = trained.problem.task
   batch = next(iter(task.eval_batches("test", 1, 1)))
   inputs = batch["inputs"][:1]
-  _, weights = seq2seq_attention(trained, inputs)
+  # The encoder does not look at the decoder: teacher forcing is enough.
+  _, weights = seq2seq_attention(trained, inputs, batch["targets"][:1])
   n = int(np.sum(inputs[0] != 0))
   labels = _tokens(task, inputs[0, :n])
   letters = np.array([c.isalpha() for c in labels])
@@ -787,7 +791,7 @@ def vit_saliency_figure(ctx: Context) -> Dict[str, Any]:
 def glimpse_figure(ctx: Context) -> Dict[str, Any]:
   """One glimpse network per score function: accuracy, target mass and
   where each one looks on the same example."""
-  names = list(scores_lib.SCORES)
+  names = ["scaled_dot", "location"] if ctx.fast else list(scores_lib.SCORES)
   models = {s: ctx.model(f"glimpse_{s}") for s in names}
   task = models[names[0]].problem.task
   batch = next(iter(task.eval_batches("test", 1, 1)))
@@ -851,7 +855,7 @@ def benchmark_rows(ctx: Context) -> List[Dict[str, Any]]:
   return benchmark.run_benchmark(config)
 
 
-def facts_device(rows) -> str:
+def _device_name(rows) -> str:
   return str(rows[0].get("device") or "unknown device")
 
 
@@ -885,7 +889,7 @@ def benchmark_figure(ctx: Context) -> Dict[str, Any]:
   s = dict(zip(benchmark.SETTING_KEYS, setting))
   axes[0].set(xlabel="sequence length T", ylabel="median time (ms)",
               title=f"time: {s['dtype']} {s['mode']}, B={s['batch']} "
-              f"N={s['heads']} H={s['head_dim']}, {facts_device(rows)}")
+              f"N={s['heads']} H={s['head_dim']}, {_device_name(rows)}")
   axes[1].set(xlabel="sequence length T",
               ylabel="XLA temporary memory (MiB)",
               title="memory (memory_analysis of the compiled call)")
@@ -893,7 +897,7 @@ def benchmark_figure(ctx: Context) -> Dict[str, Any]:
     ax.grid(True, which="both", alpha=0.3)
     ax.title.set_fontsize(8)
   axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-  facts["device"] = facts_device(rows)
+  facts["device"] = _device_name(rows)
   fig.tight_layout()
   facts["path"] = ctx.save(fig, "benchmark")
   return facts

@@ -185,7 +185,9 @@ class Seq2SeqProblem(Problem):
       for path, w in pairs:
         if self.config.model.arch == "rnn":
           kind = "cross"
-          w = w.reshape((w.shape[0], 1) + w.shape[-2:]) if w.ndim == 3 else w
+          # Luong: [B, T, S]. Bahdanau: nn.scan stacks each step's
+          # [B, 1, S] on axis 1 -> [B, T, 1, S]. Both become [B, 1, T, S].
+          w = w[:, None] if w.ndim == 3 else np.swapaxes(w, 1, 2)
         elif "cross" in path:
           kind = "cross"
         elif path.startswith("decoder") or "/decoder" in path:

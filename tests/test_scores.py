@@ -41,12 +41,14 @@ def _np_scores(name, q, k, **p):
     return p.get("beta", 1.0) * cos
   if name == "location":
     return (q @ p["w_HL"])[:, :len(k)]
+  if name == "uniform":
+    return np.zeros((len(q), len(k)))
   raise AssertionError(name)
 
 
 def _params(name, rng, hk=H):
   return {
-      "dot": {}, "scaled_dot": {}, "cosine": {"beta": 3.0},
+      "dot": {}, "scaled_dot": {}, "cosine": {"beta": 3.0}, "uniform": {},
       "general": {"w_HK": rng.standard_normal((H, hk))},
       "additive": {"w_q_HA": rng.standard_normal((H, A)),
                    "w_k_KA": rng.standard_normal((hk, A)),
@@ -104,6 +106,19 @@ def test_location_ignores_key_values(np_rng, qk):
 def test_bad_parameter_shapes(qk, fn, args, match):
   with pytest.raises(ValueError, match=match):
     fn(*qk, *args)
+
+
+def test_uniform_attention_is_the_mean_of_attendable_values(np_rng):
+  q, k, v = (np_rng.standard_normal((2, n, 1, H)).astype(np.float32)
+             for n in (T, S, S))
+  mask = np.ones((2, 1, T, S), bool)
+  mask[1, ..., 2:] = False
+  out, w = scores.score_attention("uniform", q, k, v, mask)
+  np.testing.assert_allclose(out[0, :, 0], np.broadcast_to(
+      v[0, :, 0].mean(0), (T, H)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[1, :, 0], np.broadcast_to(
+      v[1, :2, 0].mean(0), (T, H)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(w[1, 0], np.tile([0.5, 0.5, 0, 0], (T, 1)))
 
 
 def test_unknown_score_lists_known():

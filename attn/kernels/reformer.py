@@ -135,7 +135,7 @@ def _attend_round(q_TH, k_SH, v_SD, valid_S, q_order, k_order, q_buckets,
     return out_QD, lse_Q[:, 0], has_any[:, 0]
 
   out_CQD, lse_CQ, any_CQ = map_blocks(chunk, q_side + k_side, cq)
-  inverse = jnp.argsort(q_order)
+  inverse = jnp.zeros_like(q_order).at[q_order].set(jnp.arange(Tp))
   return (out_CQD.reshape(Tp, -1)[inverse], lse_CQ.reshape(Tp)[inverse],
           any_CQ.reshape(Tp)[inverse])
 

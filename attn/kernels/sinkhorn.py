@@ -37,8 +37,8 @@ import numpy as np
 
 from attn.kernels.common import MASK_VALUE
 from attn.kernels.exact import masked_softmax
-from attn.kernels.sparse import (finish, key_valid_or_all, map_heads,
-                                 pad_axis0, prepare)
+from attn.kernels.sparse import (finish, key_valid_or_all, map_blocks,
+                                 map_heads, pad_axis0, prepare)
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -123,24 +123,27 @@ def _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, *, n_b: int,
 
   # sorted block: P-weighted mean of the valid keys at each slot, over the
   # `partners` largest entries of each row of P.
-  m = min(partners, n_b)
-  p_IM, idx_IM = jax.lax.top_k(P_IJ, m)
-  w_IMB = p_IM[:, :, None] * ok_IB[idx_IM].astype(F32)
-  mass_IB = jnp.sum(w_IMB, axis=1)
-  w_IMB = w_IMB / jnp.where(mass_IB > 0, mass_IB, 1.0)[:, None, :]
-  ks_IBH = jnp.einsum("imb,imbh->ibh", w_IMB, k_IBH[idx_IM].astype(F32))
-  vs_IBD = jnp.einsum("imb,imbd->ibd", w_IMB, v_IBD[idx_IM].astype(F32))
+  p_IM, idx_IM = jax.lax.top_k(P_IJ, min(partners, n_b))
+  causal_QB = jnp.tril(jnp.ones((bq, bk), bool))  # T == S: blocks align
 
-  own = jnp.einsum("iqh,ibh->iqb", q_IQH, k_IBH, preferred_element_type=F32)
-  srt = jnp.einsum("iqh,ibh->iqb", q_IQH.astype(F32), ks_IBH)
-  own_mask = jnp.broadcast_to(ok_IB[:, None, :], own.shape)
-  if is_causal:  # T == S here, so query and key blocks align.
-    own_mask &= jnp.tril(jnp.ones((bq, bk), bool))[None]
-  srt_mask = jnp.broadcast_to((mass_IB > 0)[:, None, :], srt.shape)
-  w = masked_softmax(jnp.concatenate([own, srt], -1) * scale,
-                     jnp.concatenate([own_mask, srt_mask], -1))
-  out_IQD = (jnp.einsum("iqb,ibd->iqd", w[..., :bk], v_IBD.astype(F32))
-             + jnp.einsum("iqb,ibd->iqd", w[..., bk:], vs_IBD))
+  def block(q_QH, k_BH, v_BD, ok_B, p_M, idx_M):
+    w_MB = p_M[:, None] * ok_IB[idx_M].astype(F32)
+    mass_B = jnp.sum(w_MB, axis=0)
+    w_MB = w_MB / jnp.where(mass_B > 0, mass_B, 1.0)[None, :]
+    ks_BH = jnp.einsum("mb,mbh->bh", w_MB, k_IBH[idx_M].astype(F32))
+    vs_BD = jnp.einsum("mb,mbd->bd", w_MB, v_IBD[idx_M].astype(F32))
+    own = jnp.einsum("qh,bh->qb", q_QH, k_BH, preferred_element_type=F32)
+    srt = jnp.einsum("qh,bh->qb", q_QH.astype(F32), ks_BH)
+    own_mask = jnp.broadcast_to(ok_B[None, :], own.shape)
+    if is_causal:
+      own_mask &= causal_QB
+    srt_mask = jnp.broadcast_to((mass_B > 0)[None, :], srt.shape)
+    w = masked_softmax(jnp.concatenate([own, srt], -1) * scale,
+                       jnp.concatenate([own_mask, srt_mask], -1))
+    return (jnp.einsum("qb,bd->qd", w[:, :bk], v_BD.astype(F32))
+            + jnp.einsum("qb,bd->qd", w[:, bk:], vs_BD))
+
+  out_IQD = map_blocks(block, (q_IQH, k_IBH, v_IBD, ok_IB, p_IM, idx_IM), bq)
   return out_IQD.reshape(n_b * bq, -1)[:T]
 
 

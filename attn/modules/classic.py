@@ -32,9 +32,10 @@ from attn.kernels.local_p import predicted_centres
 
 Array = jax.Array
 
-# Luong's names for the scores he compares; "concat" is Bahdanau's additive.
+# Luong's names for the scores he compares; "concat" is Bahdanau's additive;
+# "uniform" (no attention: the mean of the source states) is the baseline.
 LUONG_SCORES = {"dot": "dot", "general": "general", "concat": "additive",
-                "location": "location"}
+                "location": "location", "uniform": "uniform"}
 LUONG_MODES = ("global", "local_p")
 
 
