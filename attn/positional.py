@@ -58,8 +58,9 @@ def sinusoidal_encoding(length: int, dim: int, *, base: float = 10000.0,
                         offset=0) -> Array:
   """The Transformer's sinusoidal table, channels interleaved as in the paper.
 
-  ``PE[p, 2i] = sin(p / base^(2i/dim))``, ``PE[p, 2i+1] = cos(p / base^(2i/dim))``
-  for positions ``p = offset, ..., offset + length - 1``.
+  ``PE[p, 2i] = sin(p / base^(2i/dim))``,
+  ``PE[p, 2i+1] = cos(p / base^(2i/dim))`` for positions
+  ``p = offset, ..., offset + length - 1``.
 
   Args:
     length: number of positions.

@@ -663,8 +663,8 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:
 
 
 def slopes(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-  """Per (variant, setting): log-log slope of median time and of temporary
-  memory against T over the cells that ran (``ok``)."""
+  """Per (variant, setting) with at least two T: log-log slope of median
+  time and of temporary memory against T over the cells that ran (``ok``)."""
   groups: Dict[Tuple, List[Dict[str, Any]]] = {}
   for r in rows:
     if r["status"] == "ok":
@@ -673,6 +673,8 @@ def slopes(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
   for key, group in groups.items():
     group = sorted(group, key=lambda r: r["seq_len"])
     ts = [r["seq_len"] for r in group]
+    if len(set(ts)) < 2:
+      continue
     out.append(dict(
         zip(("variant",) + SETTING_KEYS, key),
         seq_lens=ts,
@@ -756,8 +758,7 @@ def markdown_summary(rows: List[Dict[str, Any]],
   lines += ["## Log-log slopes against T", "",
             "Least-squares slope of log(median time) and log(XLA temporary "
             "bytes) against log T over the cells that ran; 1 = linear, "
-            "2 = quadratic. Empty: fewer than two T, or zero temporary "
-            "memory.", "",
+            "2 = quadratic. Empty: zero temporary memory at some T.", "",
             "| variant | setting | T | time slope | temp memory slope |",
             "|---|---|---|---|---|"]
   for s in slope_rows:

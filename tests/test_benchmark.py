@@ -305,15 +305,18 @@ def test_ratios_and_loglog_slopes():
     rows.append(_row("jax_nn", t, 1e-9 * t ** 2, 4 * t ** 2))
     rows.append(_row("linear", t, 3e-6 * t, 100 * t))
   rows.append(_row("linear", 8192, None, None, status="oom: x"))
+  rows.append(_row("single", 1024, 1.0, 1))
   benchmark.add_ratios(rows)
   assert rows[1]["speedup_vs_jax_nn"] == pytest.approx(1024 / 3e3)
   assert rows[1]["temp_ratio_vs_jax_nn"] == pytest.approx(25 / 1024)
-  assert rows[-1]["speedup_vs_jax_nn"] is None
+  assert rows[-2]["status"] == "oom: x"
+  assert rows[-2]["speedup_vs_jax_nn"] is None
   by_name = {s["variant"]: s for s in benchmark.slopes(rows)}
   assert by_name["jax_nn"]["time_slope"] == pytest.approx(2.0)
   assert by_name["jax_nn"]["temp_memory_slope"] == pytest.approx(2.0)
   assert by_name["linear"]["time_slope"] == pytest.approx(1.0)
   assert by_name["linear"]["seq_lens"] == [1024, 2048, 4096]
+  assert "single" not in by_name          # one T: no slope
   assert benchmark.loglog_slope([1, 2], [0, 5]) is None
   assert benchmark.loglog_slope([4, 4], [1, 2]) is None
 

@@ -155,15 +155,13 @@ def test_matches_xla_and_numpy(mode):
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 def test_matches_jax_nn_gqa(num_kv_heads):
-  """GQA groups 1/2/4, causal + per-head bias: forward and VJP vs jax.nn."""
+  """GQA groups 1/2/4, causal + bias + key padding: forward, VJP vs jax.nn."""
   q, k, v = _qkv(T=45, S=45, N=4, K=num_kv_heads, H=16, Dv=16)
   bias = _normal(3, (1, 4, 45, 45))
   cotangent = _normal(4, (2, 45, 4, 16))
-
-  ref_out, ref_grads = out_and_grads("jax_nn", q, k, v, bias, cotangent,
-                                     is_causal=True)
-  out, grads = out_and_grads("chunked", q, k, v, bias, cotangent,
-                             is_causal=True)
+  kw = dict(is_causal=True, key_value_seq_lengths=jnp.array([45, 30]))
+  ref_out, ref_grads = out_and_grads("jax_nn", q, k, v, bias, cotangent, **kw)
+  out, grads = out_and_grads("chunked", q, k, v, bias, cotangent, **kw)
   assert_close(out, ref_out, 2e-5)
   for g, r in zip(grads, ref_grads):
     assert_close(g, r, 5e-5)

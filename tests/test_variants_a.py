@@ -111,31 +111,23 @@ def test_shapes_gqa_and_unbatched(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
 def test_cross_attention(spec):
-  """S != T works; causal: keys past T - 1 never matter."""
   q, k, v = _inputs(t=12, s=20)
   out = _run(spec, q, k, v)
   assert out.shape == (B, 12, N, DV)
   assert np.isfinite(np.asarray(out)).all()
-  if spec in CAUSAL_SPECS:
-    out = _run(spec, q, k, v, is_causal=True)
-    k2, v2 = k.at[:, 12:].add(3.0), v.at[:, 12:].add(3.0)
-    np.testing.assert_allclose(_run(spec, q, k2, v2, is_causal=True), out,
-                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
-def test_key_padding_lengths_equal_mask_and_ignore_padded_keys(spec):
+def test_key_padding_ignores_padded_keys(spec):
   q, k, v = _inputs(seed=2)
   lengths = jnp.array([T, 10])
   by_len = _run(spec, q, k, v, key_value_seq_lengths=lengths)
-  mask = (jnp.arange(T)[None, :] < lengths[:, None])[:, None, None, :]
-  np.testing.assert_allclose(_run(spec, q, k, v, mask=mask), by_len,
-                             rtol=1e-6, atol=1e-6)
   k2 = k.at[1, 10:].set(5.0)
   v2 = v.at[1, 10:].set(-7.0)
   np.testing.assert_allclose(
       _run(spec, q, k2, v2, key_value_seq_lengths=lengths), by_len,
       rtol=1e-5, atol=1e-5)
+  assert not np.allclose(_run(spec, q, k2, v2), _run(spec, q, k, v))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
@@ -148,9 +140,24 @@ def test_query_padding_zeros_rows_and_empty_example(spec):
   np.testing.assert_array_equal(out[0], 0.0)      # no valid key at all
   np.testing.assert_array_equal(out[1, 5:], 0.0)  # padded queries
   assert np.abs(out[1, :5]).max() > 0
-  row_mask = (jnp.arange(T) < 5)[None, None, :, None]
-  masked = _run(spec, q[1:], k[1:], v[1:], mask=row_mask)
-  np.testing.assert_array_equal(np.asarray(masked)[0, 5:], 0.0)
+
+
+def test_validity_factorises_padding_masks():
+  """[B,1,1,S] / [B,1,T,1] masks become validity vectors (AND lengths)."""
+  q, k, v = _inputs(s=12)
+  key_mask = jnp.asarray(np.random.default_rng(0).random((B, 1, 1, 12)) > .3)
+  inputs = attn.kernels.common.canonicalize(
+      q, k, v, mask=key_mask, key_value_seq_lengths=jnp.array([12, 7]))
+  q_valid, kv_valid = blocks.validity("x", inputs)
+  assert q_valid is None
+  np.testing.assert_array_equal(
+      kv_valid, key_mask[:, 0, 0] & (np.arange(12) < np.array([[12], [7]])))
+  row_mask = jnp.asarray([True] * 5 + [False] * (T - 5))[None, None, :, None]
+  inputs = attn.kernels.common.canonicalize(q, k, v, mask=row_mask)
+  q_valid, kv_valid = blocks.validity("x", inputs)
+  assert kv_valid is None
+  np.testing.assert_array_equal(q_valid, np.broadcast_to(row_mask[0, 0, :, 0],
+                                                         (B, T)))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
@@ -182,16 +189,21 @@ def test_gradients_finite(spec):
 
 @pytest.mark.parametrize("spec", CAUSAL_SPECS, ids=ids)
 def test_causal_future_tokens_do_not_leak(spec):
-  q, k, v = _inputs(seed=6)
+  """Changing queries/keys/values after t leaves outputs <= t unchanged.
+
+  Cross-attention with S > T: keys past T - 1 are all in the future.
+  """
+  q, k, v = _inputs(s=T + 4, seed=6)
   out = np.asarray(_run(spec, q, k, v, is_causal=True))
-  for t0 in (0, 5, 10):
+  for t0 in (0, 5, 10, T - 1):
     k2 = k.at[:, t0 + 1:].add(2.0)
     v2 = v.at[:, t0 + 1:].multiply(-3.0)
     q2 = q.at[:, t0 + 1:].add(1.0)
     out2 = np.asarray(_run(spec, q2, k2, v2, is_causal=True))
     np.testing.assert_allclose(out2[:, :t0 + 1], out[:, :t0 + 1], rtol=2e-5,
                                atol=2e-5)
-    assert not np.allclose(out2[:, t0 + 1:], out[:, t0 + 1:])
+    if t0 < T - 1:
+      assert not np.allclose(out2[:, t0 + 1:], out[:, t0 + 1:])
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
@@ -216,14 +228,20 @@ def test_unsupported_inputs_raise_value_error(spec):
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
 def test_spec_string_matches_direct_call(spec):
+  """get_attention(spec) traces to the same program as fn(**options)."""
   q, k, v = _inputs(seed=7)
   name, options = parse_spec(spec)
   entry = attn.registry.get_entry(name)
   params = _params_for_shapes(spec, q.shape, k.shape)
   extra = {"params": params} if params is not None else {}
-  direct = jax.jit(lambda q, k, v, extra: entry.fn(q, k, v, **options,
-                                                   **extra))(q, k, v, extra)
-  np.testing.assert_array_equal(_run(spec, q, k, v), direct)
+  trace = lambda f: str(jax.make_jaxpr(f)(q, k, v))
+  by_spec = trace(lambda q, k, v: get_attention(spec)(q, k, v, **extra))
+  assert by_spec == trace(lambda q, k, v: entry.fn(q, k, v, **options,
+                                                   **extra))
+  # Different options trace differently (linformer's k is fixed by params).
+  other = {"k": 8, "scale": 0.5} if name == "linformer" else {}
+  assert by_spec != trace(lambda q, k, v: entry.fn(q, k, v, **other,
+                                                   **extra))
   with pytest.raises(ValueError, match="no option"):
     get_attention(f"{name}(not_an_option=1)")
 
@@ -244,7 +262,7 @@ def test_segment_ids_block_attention_across_segments(spec):
 # ------------------------------------------------------------------- local
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(left=st.integers(0, 9), right=st.integers(0, 9),
        block=st.sampled_from([None, 1, 3, 4, 16]), causal=st.booleans(),
        s=st.sampled_from([9, 13, 21]))
@@ -298,8 +316,8 @@ def _linear_reference(q, k, v, causal, kv_len=None):
   return out
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("chunk", [3, 64])
+@pytest.mark.parametrize("causal, chunk", [(False, 3), (True, 3),
+                                           (True, 64)])
 def test_linear_equals_quadratic_form(causal, chunk):
   q, k, v = _inputs(seed=11)
   out = _run(f"linear(chunk_size={chunk})", q, k, v, is_causal=causal,
@@ -321,16 +339,15 @@ def test_linear_causal_with_fewer_keys_than_queries():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_performer_error_shrinks_with_features(causal):
-  q, k, v = _inputs(b=1, t=16, n=2, k=2, seed=12, scale=0.6)
-  exact = _ref(q, k, v, reference_mask(1, 16, 16, is_causal=causal))
-  errors = []
-  for m in (16, 256, 2048):
-    errs = [np.abs(np.asarray(_run(
-        f"performer(num_features={m})", q, k, v, is_causal=causal,
-        rng=jax.random.PRNGKey(seed))) - exact).mean() for seed in range(4)]
-    errors.append(np.mean(errs))
-  assert errors[0] > errors[1] > errors[2]
-  assert errors[2] < 0.35 * errors[0]
+  q, k, v = _inputs(b=4, t=16, n=2, k=2, seed=12, scale=0.6)
+  exact = _ref(q, k, v, reference_mask(4, 16, 16, is_causal=causal))
+  errors = [np.mean([np.abs(np.asarray(_run(
+      f"performer(num_features={m})", q, k, v, is_causal=causal,
+      rng=jax.random.PRNGKey(seed))) - exact).mean() for seed in range(3)])
+            for m in (16, 256, 2048, 16384)]
+  assert errors[0] > errors[1] > errors[2] > errors[3]
+  # Unbiased: the error keeps falling like 1/sqrt(M) (no plateau).
+  assert errors[3] < 0.3 * errors[1]
 
 
 def test_performer_randomness_is_seeded():
@@ -340,9 +357,8 @@ def test_performer_randomness_is_seeded():
                                 run("performer(seed=3)"))
   assert not np.allclose(run("performer(seed=3)"), run("performer(seed=4)"))
   key7, key8 = jax.random.PRNGKey(7), jax.random.PRNGKey(8)
-  with_rng = run("performer(seed=3)", rng=key7)
+  with_rng = run("performer(seed=3)", rng=key7)   # rng replaces the seed
   np.testing.assert_array_equal(with_rng, run("performer(seed=3)", rng=key7))
-  np.testing.assert_array_equal(with_rng, run("performer(seed=4)", rng=key7))
   assert not np.allclose(with_rng, run("performer(seed=3)"))
   assert not np.allclose(with_rng, run("performer(seed=3)", rng=key8))
 

@@ -11,8 +11,10 @@ multiplied by a Gaussian centred on ``p_t``:
 
 As in the paper the weights are not renormalised after the Gaussian (they
 sum to at most 1), and ``p_t`` is learned through the Gaussian term. Only
-the ``2D + 1`` window keys are gathered per query: time ``O(T·D·H)``, memory
-``O(T·D·H)``, independent of ``S``.
+the ``2D + 1`` window keys are gathered per query, in blocks of
+``QUERY_BLOCK`` queries run in steps (:func:`attn.kernels.sparse.map_blocks`):
+time ``O(T·D·H)``, independent of ``S``; memory ``O(T·H)`` forward and
+``O(T·D·H)`` backward.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from attn.kernels.exact import masked_softmax
-from attn.kernels.sparse import finish, key_valid_or_all, map_heads, prepare
+from attn.kernels.sparse import (finish, key_valid_or_all, map_blocks,
+                                 map_heads, pad_axis0, prepare)
 from attn.registry import register_attention
 
 Array = jax.Array
 F32 = jnp.float32
+# Queries are processed in blocks of this many (see sparse.map_blocks).
+QUERY_BLOCK = 64
 
 
 def local_p_param_shapes(query_shape, key_shape, *, hidden: int = 64,
@@ -48,31 +53,44 @@ def predicted_centres(q_TH: Array, w_p: Array, v_p: Array,
 
 def _local_p_head(q_TH, k_SH, v_SD, valid_S, *, w_p, v_p, window: int, scale,
                   is_causal: bool) -> Array:
-  """One head of local-p attention over ``2·window + 1`` gathered keys."""
-  T, S = q_TH.shape[0], k_SH.shape[0]
-  p_T = predicted_centres(q_TH, w_p, v_p, jnp.sum(valid_S).astype(F32))
-  start_T = jnp.ceil(jax.lax.stop_gradient(p_T) - window).astype(jnp.int32)
-  pos_TW = start_T[:, None] + jnp.arange(2 * window + 1)[None, :]
-  inside_TW = ((pos_TW >= 0) & (pos_TW < S)
-               & (pos_TW <= jax.lax.stop_gradient(p_T)[:, None] + window))
-  idx_TW = jnp.clip(pos_TW, 0, S - 1)
-  ok_TW = inside_TW & valid_S[idx_TW]
-  if is_causal:
-    ok_TW &= pos_TW <= jnp.arange(T)[:, None]
-  scores_TW = jnp.einsum("th,twh->tw", q_TH, k_SH[idx_TW],
-                         preferred_element_type=F32) * scale
+  """One head of local-p attention over ``2·window + 1`` gathered keys,
+  in blocks of ``QUERY_BLOCK`` queries."""
+  T, H = q_TH.shape
+  S = k_SH.shape[0]
+  n_blocks = -(-T // QUERY_BLOCK)
+  length = jnp.sum(valid_S).astype(F32)
   sigma = window / 2.0
-  gauss_TW = jnp.exp(-jnp.square(pos_TW.astype(F32) - p_T[:, None])
-                     / (2.0 * sigma * sigma))
-  weights_TW = masked_softmax(scores_TW, ok_TW) * gauss_TW
-  return jnp.einsum("tw,twd->td", weights_TW.astype(v_SD.dtype), v_SD[idx_TW],
-                    preferred_element_type=F32)
+
+  def block(q_QH, t_Q):
+    p_Q = predicted_centres(q_QH, w_p, v_p, length)
+    p_fixed = jax.lax.stop_gradient(p_Q)
+    start_Q = jnp.ceil(p_fixed - window).astype(jnp.int32)
+    pos_QW = start_Q[:, None] + jnp.arange(2 * window + 1)[None, :]
+    idx_QW = jnp.clip(pos_QW, 0, S - 1)
+    ok_QW = ((pos_QW >= 0) & (pos_QW < S) & valid_S[idx_QW]
+             & (pos_QW <= p_fixed[:, None] + window))
+    if is_causal:
+      ok_QW &= pos_QW <= t_Q[:, None]
+    scores_QW = jnp.einsum("qh,qwh->qw", q_QH, k_SH[idx_QW],
+                           preferred_element_type=F32) * scale
+    gauss_QW = jnp.exp(-jnp.square(pos_QW.astype(F32) - p_Q[:, None])
+                       / (2.0 * sigma * sigma))
+    weights_QW = masked_softmax(scores_QW, ok_QW) * gauss_QW
+    return jnp.einsum("qw,qwd->qd", weights_QW.astype(v_SD.dtype),
+                      v_SD[idx_QW], preferred_element_type=F32)
+
+  q_blocks = pad_axis0(q_TH, n_blocks * QUERY_BLOCK).reshape(
+      n_blocks, QUERY_BLOCK, H)
+  t_blocks = jnp.arange(n_blocks * QUERY_BLOCK).reshape(n_blocks, QUERY_BLOCK)
+  out = map_blocks(block, (q_blocks, t_blocks), QUERY_BLOCK)
+  return out.reshape(n_blocks * QUERY_BLOCK, -1)[:T]
 
 
 @register_attention(
     "local_p", aliases=("luong_local_p",), exact=False, causal=True,
     padding=True, cross=True,
-    complexity="time O(T·D·H), memory O(T·D·H) (window D, independent of S)",
+    complexity="time O(T·D·H) (window D, independent of S), memory O(T·H) "
+    "forward, O(T·D·H) backward",
     description="Luong local-predictive attention: a window of ±D keys "
     "around a predicted position, times a Gaussian",
     metadata={"param_shapes": local_p_param_shapes})
@@ -99,7 +117,8 @@ def local_p_attention(query, key, value, bias=None, mask=None, *,
     params: ``{"w_p": [H, A], "v_p": [A]}`` (:func:`local_p_param_shapes`).
 
   Returns:
-    ``[B, T, N, Dv]``. Time and memory ``O(T·D·H)`` per head.
+    ``[B, T, N, Dv]``. Time ``O(T·D·H)`` per head, memory ``O(T·H)``
+    forward and ``O(T·D·H)`` backward.
   """
   if int(window) < 1:
     raise ValueError(f"local_p: window must be >= 1, got {window}")

@@ -63,11 +63,13 @@ def iterative_pinv(a_MN: Array, iterations: int) -> Array:
   eye = jnp.eye(a_MN.shape[0], dtype=a_MN.dtype)
   norm1 = jnp.max(jnp.sum(jnp.abs(a_MN), axis=0))
   norm_inf = jnp.max(jnp.sum(jnp.abs(a_MN), axis=1))
-  z = a_MN.T / jnp.maximum(norm1 * norm_inf, 1e-30)
-  for _ in range(iterations):
+  z0 = a_MN.T / jnp.maximum(norm1 * norm_inf, 1e-30)
+
+  def step(_, z):
     az = a_MN @ z
-    z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
-  return z
+    return 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+
+  return jax.lax.fori_loop(0, iterations, step, z0)
 
 
 def landmark_readout(ql_mH: Array, k_SH: Array, v_SD: Array,

@@ -47,13 +47,17 @@ def orthogonal_features(blocks_gauss: Array, rows_gauss: Array) -> Array:
   """Random feature matrix ``W[M, dim]`` for FAVOR+ from Gaussian draws.
 
   ``blocks_gauss [n, dim, dim]`` gives ``n`` blocks of ``dim`` mutually
-  orthogonal unit directions (QR; the last block is truncated to ``M``
-  rows); each row is rescaled to the norm of a row of ``rows_gauss
+  orthogonal unit directions (Haar-random: QR with sign-corrected ``R``;
+  the last block is truncated to ``M`` rows); each row is rescaled to the norm of a row of ``rows_gauss
   [M, dim]``, so every row is marginally ``N(0, I)`` (Choromanski et al.,
   "regularized" orthogonal features).
   """
   num_features, dim = rows_gauss.shape
-  q_blocks, _ = jnp.linalg.qr(blocks_gauss)              # columns orthonormal
+  q_blocks, r_blocks = jnp.linalg.qr(blocks_gauss)      # columns orthonormal
+  # LAPACK fixes the sign of diag(R), which biases the sign of Q's entries;
+  # flipping columns to make diag(R) > 0 gives Haar-distributed Q.
+  signs = jnp.sign(jnp.diagonal(r_blocks, axis1=1, axis2=2))
+  q_blocks = q_blocks * jnp.where(signs == 0, 1.0, signs)[:, None, :]
   directions = jnp.swapaxes(q_blocks, 1, 2).reshape(-1, dim)
   norms = jnp.linalg.norm(rows_gauss, axis=1)
   return directions[:num_features] * norms[:, None]

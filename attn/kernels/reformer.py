@@ -24,9 +24,11 @@ Those always lie in its chunk or the previous one, and the set depends on no
 later token (not even through the chunk boundaries), so perturbing tokens
 after ``t`` never changes output ``t``.
 
-Time ``O(n_hashes·(T·(c + n_buckets)·H + T log T))`` and memory
-``O(n_hashes·T·(c + n_buckets))`` for chunk size ``c`` (``n_buckets`` is
-capped by default, see ``MAX_AUTO_BUCKETS``); no ``[T, S]`` matrix.
+Time ``O(n_hashes·(T·(c + n_buckets)·H + T log T))`` for chunk size ``c``
+(``n_buckets`` is capped by default, see ``MAX_AUTO_BUCKETS``); no ``[T, S]``
+matrix. Chunks run in steps of ``QUERIES_PER_STEP`` queries
+(:func:`attn.kernels.sparse.map_blocks`): memory ``O(n_hashes·T·(H +
+n_buckets))`` forward, ``O(n_hashes·T·c)`` backward.
 """
 
 from __future__ import annotations
@@ -176,8 +178,9 @@ def _reformer_head(q_TH, k_SH, v_SD, valid_S, rotations, *, n_chunks: int,
 @register_attention(
     "reformer", aliases=("lsh",), exact=False, causal=True, padding=True,
     cross=True,
-    complexity="time O(n_hashes·(T·(c + n_buckets)·H + T·log T)), memory "
-    "O(n_hashes·T·(c + n_buckets)) (chunk size c)",
+    complexity="time O(n_hashes·(T·(c + n_buckets)·H + T·log T)) (chunk "
+    "size c), memory O(n_hashes·T·(H + n_buckets)) forward, "
+    "O(n_hashes·T·c) backward",
     description="Reformer LSH attention: hash-sort into chunks, attend own "
     "and previous chunk, combine hash rounds")
 def reformer_attention(query, key, value, bias=None, mask=None, *,
@@ -215,8 +218,9 @@ def reformer_attention(query, key, value, bias=None, mask=None, *,
       a fixed key or seed.
 
   Returns:
-    ``[B, T, N, Dv]``. Time ``O(n_hashes·(T·(c + n_buckets)·H + T log T))``,
-    memory ``O(n_hashes·T·(c + n_buckets))`` per head.
+    ``[B, T, N, Dv]``. Time ``O(n_hashes·(T·(c + n_buckets)·H + T log T))``
+    per head, memory ``O(n_hashes·T·(H + n_buckets))`` forward and
+    ``O(n_hashes·T·c)`` backward.
   """
   if int(n_hashes) < 1:
     raise ValueError(f"reformer: n_hashes must be >= 1, got {n_hashes}")

@@ -20,13 +20,15 @@ Causal (``is_causal=True``, after the paper's causal Sinkhorn): block
 ``i`` may only be paired with earlier blocks ``j < i``, its sorting-network
 input is the mean of the keys of blocks ``< i``, and ``P`` is only
 row-normalised (column balancing would let later blocks reweight earlier
-rows), so no output depends on a later token. ``block_size >= S`` (one block) is exact softmax attention (the sorted
-block duplicates the own block, which leaves the softmax average unchanged).
+rows), so no output depends on a later token. ``block_size >= S`` (one
+block) is exact softmax attention (the sorted block duplicates the own block,
+which leaves the softmax average unchanged).
 
-Time ``O(T·(b + m)·H + n_b²·(hidden + n_iters))`` and memory
-``O(T·(b + m·H) + n_b²)`` per head with ``n_b = S/b``; the ``[n_b, n_b]``
-permutation is the only quadratic term, ``b²`` times smaller than the scores
-of exact attention.
+Time ``O(T·(b + m)·H + n_b²·(hidden + n_iters))`` per head with
+``n_b = S/b``; the ``[n_b, n_b]`` permutation is the only quadratic term,
+``b²`` times smaller than the scores of exact attention. Blocks run in steps
+of ``QUERIES_PER_STEP`` queries (:func:`attn.kernels.sparse.map_blocks`):
+memory ``O(T·H + n_b²)`` forward, ``O(T·(b + m·H))`` backward.
 """
 
 from __future__ import annotations
@@ -149,8 +151,8 @@ def _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, *, n_b: int,
 
 @register_attention(
     "sinkhorn", exact=False, causal=True, padding=True, cross=True,
-    complexity="time O(T·(b + m)·H + (S/b)²), memory O(T·(b + m·H) + "
-    "(S/b)²) (block size b, m partners)",
+    complexity="time O(T·(b + m)·H + (S/b)²) (block size b, m partners), "
+    "memory O(T·H + (S/b)²) forward, O(T·(b + m·H)) backward",
     description="Sparse Sinkhorn attention: each block attends itself and a "
     "softly sorted partner block (Sinkhorn-balanced sorting network)",
     metadata={"param_shapes": sinkhorn_param_shapes})
@@ -187,8 +189,8 @@ def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
 
   Returns:
     ``[B, T, N, Dv]``. Cross-attention pairs query block ``i`` with key
-    block ``i``. Time ``O(T·(b + m)·H + (S/b)²)``, memory
-    ``O(T·(b + m·H) + (S/b)²)`` per head.
+    block ``i``. Time ``O(T·(b + m)·H + (S/b)²)`` per head, memory
+    ``O(T·H + (S/b)²)`` forward, ``O(T·(b + m·H))`` backward.
   """
   if (int(block_size) < 1 or int(partners) < 1 or int(n_iters) < 0
       or not float(temperature) > 0):

@@ -9,10 +9,13 @@ Query ``i`` attends the union of two index sets, with block/stride ``l``:
 
 With ``is_causal=True`` both sets are cut to ``j <= i`` (the paper's
 setting). The kernel works block by block and never builds a dense
-``[T, S]`` mask: the local part is ``[T, 3l]`` (``[T, l]`` for fixed) and the
-strided/summary part ``[T, T/l]`` (``[T, c·T/l]``), so time and memory are
-``O(T·(l + T/l))`` per head — ``O(T√T)`` with ``l ≈ √T``, and dominated by
-the linear local term while ``T < l²``.
+``[T, S]`` mask: a query sees a local part of ``3l`` keys (``l`` for fixed)
+and a strided/summary part of ``T/l`` keys (``c·T/l``), so time is
+``O(T·(l + T/l)·H)`` per head — ``O(T√T·H)`` with ``l ≈ √T``, and dominated
+by the linear local term while ``T < l²``. Scores are computed in steps of
+``QUERIES_PER_STEP`` queries (:func:`map_blocks`): the forward pass needs
+``O(T·H)`` memory, the backward pass keeps every step's scores,
+``O(T·(l + T/l))``.
 
 This module also holds the input handling shared by the group-B kernels
 (reformer, sinkhorn, synthesizer, topk/hard, local_p): :func:`prepare`
@@ -20,8 +23,9 @@ validates inputs, repeats key/value heads for grouped-query attention, and
 either builds the dense mask (for kernels that materialise scores anyway) or
 reduces masks to a per-key padding mask (for sub-quadratic kernels, which
 raise ``ValueError`` for anything they cannot honour exactly);
-:func:`map_heads` lifts one-head math with ``jax.vmap``; :func:`finish`
-restores the ``[B, T, N, Dv]`` layout.
+:func:`map_heads` lifts one-head math with ``jax.vmap``; :func:`map_blocks`
+runs a head's blocks in steps of bounded size; :func:`finish` restores the
+``[B, T, N, Dv]`` layout.
 """
 
 from __future__ import annotations
@@ -340,8 +344,8 @@ PATTERNS = ("strided", "fixed")
 
 @register_attention(
     "sparse", exact=False, causal=True, padding=True, cross=True,
-    complexity="time and memory O(T·(l + T/l)) per head (O(T·(l + c·T/l)) "
-    "fixed); O(T√T) with l ≈ √T",
+    complexity="time O(T·(l + T/l)·H) per head (O(T·(l + c·T/l)·H) fixed), "
+    "O(T√T·H) with l ≈ √T; memory O(T·H) forward, O(T·(l + T/l)) backward",
     description="Sparse Transformer strided/fixed attention patterns (Child "
     "et al. 2019), blockwise")
 def sparse_attention(query, key, value, bias=None, mask=None, *,
@@ -370,8 +374,9 @@ def sparse_attention(query, key, value, bias=None, mask=None, *,
   Returns:
     ``[B, T, N, Dv]``, equal to exact attention under the pattern's mask.
     Cross-attention (``T != S``) uses the same pattern on aligned positions.
-    Time and memory ``O(T·(l + T/l))`` per head (``O(T·(l + c·T/l))`` for
-    fixed), never a dense ``[T, S]`` matrix.
+    Time ``O(T·(l + T/l)·H)`` per head (``O(T·(l + c·T/l)·H)`` for fixed),
+    memory ``O(T·H)`` forward and ``O(T·(l + T/l))`` backward; never a dense
+    ``[T, S]`` matrix.
   """
   if pattern not in PATTERNS:
     raise ValueError(f"sparse: unknown pattern {pattern!r}; choose from "

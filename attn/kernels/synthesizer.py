@@ -78,7 +78,8 @@ def _dense_logits_TS(x_TH, w1, b1, w2, b2, S) -> Array:
 
 @register_attention(
     "synthesizer", exact=False, causal=True, padding=True, cross=True,
-    complexity="time O(T·hidden·(H + S)) dense / O(T·S) random, memory O(T·S)",
+    complexity="time O(T·hidden·(H + S)) dense / O(T·S) random, "
+    "memory O(T·S)",
     description="Synthesizer: attention logits from an MLP of each query "
     "(dense) or a per-head table (random), no query-key dots",
     metadata={"param_shapes": synthesizer_param_shapes})
