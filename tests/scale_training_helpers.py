@@ -30,12 +30,14 @@ and its result is ``{"records": metrics.jsonl, "train_steps_loaded": [...],
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+import tempfile
+from typing import IO, Any, Dict, List, Optional, Sequence
 
 from tests.multidevice_helpers import REPO, _env as child_env, free_port
 
@@ -73,67 +75,94 @@ def _child_env(devices: int, cache_dir: Optional[str]) -> Dict[str, str]:
   return env
 
 
+@dataclasses.dataclass
+class Child:
+  """A started subprocess; its output goes to temporary files.
+
+  (Files, not pipes: a process of a ``jax.distributed`` group blocked on a
+  full pipe that nobody reads would stall the whole group.)
+  """
+  proc: subprocess.Popen
+  stdout: IO[str]
+  stderr: IO[str]
+
+  def wait(self, timeout: float) -> str:
+    """Its stdout once it exits; RuntimeError with its output if it fails."""
+    self.proc.wait(timeout=timeout)
+    out, err = (self._read(f) for f in (self.stdout, self.stderr))
+    if self.proc.returncode:
+      raise RuntimeError(f"{self.proc.args[:4]} failed "
+                         f"(rc={self.proc.returncode}):\n{out[-3000:]}\n"
+                         f"{err[-6000:]}")
+    return out
+
+  def kill(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+
+  @staticmethod
+  def _read(f: IO[str]) -> str:
+    f.seek(0)
+    text = f.read()
+    f.close()
+    return text
+
+
+def _start(command: List[str], env: Dict[str, str]) -> Child:
+  out, err = (tempfile.TemporaryFile("w+") for _ in range(2))
+  return Child(subprocess.Popen(command, env=env, cwd=REPO, stdout=out,
+                                stderr=err, text=True), out, err)
+
+
 def run_jobs(jobs: Sequence[dict], devices: int,
-             cache_dir: Optional[str] = None) -> subprocess.Popen:
+             cache_dir: Optional[str] = None) -> Child:
   """Starts this script on ``jobs`` with ``devices`` simulated CPU devices.
 
-  Returns the running process; pass it to :func:`result`.
+  Returns the running child; pass it to :func:`result`.
   """
-  return subprocess.Popen(
-      [sys.executable, "-m", "tests.scale_training_helpers", json.dumps(jobs)],
-      env=_child_env(devices, cache_dir), cwd=REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+  return _start([sys.executable, "-m", "tests.scale_training_helpers",
+                 json.dumps(jobs)], _child_env(devices, cache_dir))
 
 
-def result(proc: subprocess.Popen, timeout: int = 400) -> dict:
-  """Waits for a :func:`run_jobs` process; its JSON result."""
-  out, err = proc.communicate(timeout=timeout)
-  if proc.returncode:
-    raise RuntimeError(f"{proc.args[-1]} failed (rc={proc.returncode}):\n"
-                       f"{out[-3000:]}\n{err[-6000:]}")
-  return json.loads(out.strip().splitlines()[-1])
+def result(child: Child, timeout: float) -> dict:
+  """Waits for a :func:`run_jobs` child; the JSON it printed last."""
+  return json.loads(child.wait(timeout).strip().splitlines()[-1])
 
 
 def run_main_processes(workdir: str, overrides: Dict[str, Any],
                        num_processes: int = 2, devices_per_process: int = 1,
-                       cache_dir: Optional[str] = None
-                       ) -> List[subprocess.Popen]:
+                       cache_dir: Optional[str] = None) -> List[Child]:
   """Starts ``python -m experiments.main`` as a ``jax.distributed`` group.
 
   One process per id on a loopback coordinator, each with
   ``devices_per_process`` simulated CPU devices and gloo CPU collectives,
-  all training into the same ``workdir``. Returns the running processes;
-  pass them to :func:`finish`.
+  all training into the same ``workdir`` with :data:`TINY` + ``overrides``
+  as ``--config.*`` flags. Returns the running children; pass them to
+  :func:`finish`.
   """
   port = free_port()
   env = dict(_child_env(devices_per_process, cache_dir),
              JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-  return [subprocess.Popen(
+  return [_start(
       [sys.executable, "-m", "experiments.main",
        f"--config={os.path.join(REPO, 'configs', CONFIG + '.py')}",
        f"--workdir={workdir}", *config_flags(overrides),
        f"--coordinator_address=127.0.0.1:{port}",
-       f"--num_processes={num_processes}", f"--process_id={i}"],
-      env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(num_processes)]
+       f"--num_processes={num_processes}", f"--process_id={i}"], env)
+          for i in range(num_processes)]
 
 
-def finish(procs: Sequence[subprocess.Popen], timeout: int = 400
-           ) -> List[str]:
-  """Waits for :func:`run_main_processes`; each one's stdout."""
-  outs = []
+def finish(children: Sequence[Child], timeout: float) -> List[str]:
+  """Waits for :func:`run_main_processes`; each one's stdout.
+
+  If one fails or times out, the others are killed.
+  """
   try:
-    for i, proc in enumerate(procs):
-      out, err = proc.communicate(timeout=timeout)
-      if proc.returncode:
-        raise RuntimeError(f"process {i} failed (rc={proc.returncode}):\n"
-                           f"{out[-3000:]}\n{err[-6000:]}")
-      outs.append(out)
+    return [child.wait(timeout) for child in children]
   finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  return outs
+    for child in children:
+      child.kill()
 
 
 def load_params(path: str) -> Dict[str, Any]:

@@ -17,10 +17,13 @@ import pytest
 
 from tests import scale_training_helpers as helpers
 
-# Differences come only from the order of float32 reductions (the gradient
-# all-reduce, the ring's online softmax), carried through 4 AdamW steps.
-RTOL, ATOL = 2e-4, 2e-5
+# Runs differ only in the order of float32 reductions (the gradient
+# all-reduce, the ring's online softmax) carried through 4 AdamW steps:
+# observed differences are <= 2e-7, relative for metrics and absolute for
+# parameters.
+RTOL, ATOL = 1e-5, 1e-6
 ONE_DEVICE = {"mesh.data": 1}
+TIMEOUT = 900  # seconds per subprocess, on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -35,41 +38,49 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("scale")
   path = lambda name: str(root / name)  # noqa: E731
   cache = path("compilation_cache")
-  eight = helpers.run_jobs([
-      {"workdir": path("killed8"), "overrides": {"mesh.data": 8},
-       "stop_at": 2},
-      {"workdir": path("dp8"), "overrides": {"mesh.data": 8},
-       "params_out": path("dp8.npz")},
-      {"workdir": path("ring"), "params_out": path("ring.npz"),
-       "overrides": {"mesh.data": 2, "mesh.seq": 4,
-                     "model.attention": "ring"}},
-  ], devices=8, cache_dir=cache)
-  group = helpers.run_main_processes(path("two_processes"), {"mesh.data": -1},
-                                     cache_dir=cache)
-  out = {"stdout_two_processes": helpers.finish(group)}
-  eight = helpers.result(eight)
-  out.update(zip(["killed8", "dp8", "ring"], eight["jobs"]))
   resume = lambda name, overrides: {  # noqa: E731
       "workdir": path(name), "copy_from": path("killed8"),
       "overrides": overrides, "params_out": path(name + ".npz")}
-  four = helpers.run_jobs([resume("resumed4", {"mesh.data": 4})], devices=4,
+  started = []
+  try:
+    c8 = helpers.run_jobs([
+        {"workdir": path("killed8"), "overrides": {"mesh.data": 8},
+         "stop_at": 2},
+        {"workdir": path("dp8"), "overrides": {"mesh.data": 8},
+         "params_out": path("dp8.npz")},
+        {"workdir": path("ring"), "params_out": path("ring.npz"),
+         "overrides": {"mesh.data": 2, "mesh.seq": 4,
+                       "model.attention": "ring"}},
+    ], devices=8, cache_dir=cache)
+    started.append(c8)
+    group = helpers.run_main_processes(path("two_processes"),
+                                       {"mesh.data": -1}, cache_dir=cache)
+    started += group
+    out = {"stdout_two_processes": helpers.finish(group, TIMEOUT)}
+    r8 = helpers.result(c8, TIMEOUT)
+    c4 = helpers.run_jobs([resume("resumed4", {"mesh.data": 4})], devices=4,
                           cache_dir=cache)
-  one = helpers.result(helpers.run_jobs([
-      {"workdir": path("one"), "overrides": ONE_DEVICE,
-       "params_out": path("one.npz")},
-      resume("resumed1", ONE_DEVICE),
-      {"workdir": path("two_processes"), "overrides": ONE_DEVICE,
-       "params_only": True, "params_out": path("two_processes.npz")},
-  ], devices=1, cache_dir=cache))
-  out.update(zip(["one", "resumed1", "two_processes"], one["jobs"]))
-  four = helpers.result(four)
-  out["resumed4"] = four["jobs"][0]
-  out["device_counts"] = {"one": one["device_count"],
-                          "four": four["device_count"],
-                          "eight": eight["device_count"]}
+    started.append(c4)
+    c1 = helpers.run_jobs([
+        {"workdir": path("one"), "overrides": ONE_DEVICE,
+         "params_out": path("one.npz")},
+        resume("resumed1", ONE_DEVICE),
+        {"workdir": path("two_processes"), "overrides": ONE_DEVICE,
+         "params_only": True, "params_out": path("two_processes.npz")},
+    ], devices=1, cache_dir=cache)
+    started.append(c1)
+    r1 = helpers.result(c1, TIMEOUT)
+    r4 = helpers.result(c4, TIMEOUT)
+  finally:
+    for child in started:
+      child.kill()
+  out.update(zip(["killed8", "dp8", "ring"], r8["jobs"]))
+  out.update(zip(["one", "resumed1", "two_processes"], r1["jobs"]))
+  out["resumed4"] = r4["jobs"][0]
+  out["device_counts"] = {"one": r1["device_count"], "four": r4["device_count"],
+                          "eight": r8["device_count"]}
   out["params"] = {os.path.basename(p)[:-len(".npz")]: helpers.load_params(p)
                    for p in glob.glob(path("*.npz"))}
-  out["root"] = root
   return out
 
 
@@ -112,6 +123,7 @@ def test_data_parallel_on_8_devices_matches_1_device(runs):
 def test_checkpoint_from_8_devices_resumes_on_4_and_on_1(runs):
   killed = runs["killed8"]
   assert killed["interrupted"] and killed["latest_step"] == 2
+  assert_same_curve(killed["records"], runs["one"]["records"][:3])
   assert runs["device_counts"]["four"] == 4
   for name in ("resumed4", "resumed1"):
     resumed = runs[name]
@@ -124,14 +136,15 @@ def test_checkpoint_from_8_devices_resumes_on_4_and_on_1(runs):
 
 
 def test_two_processes_train_like_one(runs):
-  """2 x experiments.main, 2 devices each, one shared workdir."""
+  """2 x experiments.main, 1 device each, one shared workdir.
+
+  Each process loads only its half of every batch: had both loaded the
+  same rows, the loss would differ from the one-device run's.
+  """
   assert all("Finished. Best checkpoint: step 4." in out
              for out in runs["stdout_two_processes"])
-  # One curve, written once: only process 0 writes metrics and TensorBoard.
+  # One curve, written once: only process 0 may write metrics.jsonl.
   assert_same_curve(runs["two_processes"]["records"], runs["one"]["records"])
-  events = glob.glob(str(runs["root"] / "two_processes" / "tensorboard" /
-                         "events.out.tfevents.*"))
-  assert len(events) == 1, events
   assert runs["two_processes"]["latest_step"] == 4
   assert_same_params(runs["params"]["two_processes"], runs["params"]["one"])
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import attn
 from attn.kernels import bigbird as bigbird_lib
 from attn.kernels import blocks
+from attn.kernels import performer as performer_lib
 from attn.registry import attention_param_shapes, get_attention, parse_spec
 from tests.reference import reference_attention, reference_mask
 
@@ -100,13 +101,19 @@ def _ref(q, k, v, mask=None):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
-def test_shapes_gqa_and_unbatched(spec):
+def test_shapes_gqa(spec):
   q, k, v = _inputs()
   out = _run(spec, q, k, v)
   assert out.shape == (B, T, N, DV) and out.dtype == jnp.float32
   assert np.isfinite(np.asarray(out)).all()
-  single = _run(spec, q[0], k[0], v[0])
-  np.testing.assert_allclose(single, out[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1], SPECS[3]], ids=ids)
+def test_unbatched_inputs(spec):
+  """[T, N, H] inputs give [T, N, Dv] (shared canonicalize/finish path)."""
+  q, k, v = _inputs()
+  np.testing.assert_allclose(_run(spec, q[0], k[0], v[0]),
+                             _run(spec, q, k, v)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
@@ -337,17 +344,36 @@ def test_linear_causal_with_fewer_keys_than_queries():
 # --------------------------------------------------------------- performer
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_performer_error_shrinks_with_features(causal):
+def test_performer_error_shrinks_with_features():
   q, k, v = _inputs(b=4, t=16, n=2, k=2, seed=12, scale=0.6)
-  exact = _ref(q, k, v, reference_mask(4, 16, 16, is_causal=causal))
+  exact = _ref(q, k, v)
   errors = [np.mean([np.abs(np.asarray(_run(
-      f"performer(num_features={m})", q, k, v, is_causal=causal,
+      f"performer(num_features={m})", q, k, v,
       rng=jax.random.PRNGKey(seed))) - exact).mean() for seed in range(3)])
             for m in (16, 256, 2048, 16384)]
   assert errors[0] > errors[1] > errors[2] > errors[3]
   # Unbiased: the error keeps falling like 1/sqrt(M) (no plateau).
   assert errors[3] < 0.3 * errors[1]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_equals_quadratic_form_of_its_features(causal):
+  """Chunked scan == (φ(q)φ(k)ᵀ ⊙ mask) v / rowsum with the same W (f64)."""
+  q, k, v = _inputs(seed=24)
+  out = _run("performer(num_features=24, seed=5, chunk_size=3)", q, k, v,
+             is_causal=causal, key_value_seq_lengths=jnp.array([T, 12]))
+  w = np.asarray(performer_lib.orthogonal_features(
+      *performer_lib.gaussian_draws(None, 5, 24, H)), np.float64)
+  phi = lambda x: np.exp(x @ w.T / H ** 0.25
+                         - 0.5 * np.sum(x * x, -1, keepdims=True) / H ** 0.5)
+  q64, k64, v64 = (np.asarray(x, np.float64) for x in (q, k, v))
+  mask = reference_mask(B, T, T, is_causal=causal, kv_lengths=[T, 12])
+  ref = np.zeros((B, T, N, DV))
+  for b in range(B):
+    for n in range(N):
+      a = phi(q64[b, :, n]) @ phi(k64[b, :, n // (N // K)]).T * mask[b, 0]
+      ref[b, :, n] = a @ v64[b, :, n // (N // K)] / a.sum(-1, keepdims=True)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_performer_randomness_is_seeded():
