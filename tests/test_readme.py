@@ -1,7 +1,8 @@
 """The README's links point at files that exist and its commands parse.
 
-Checked documents: ``README.md`` and the parts it is assembled from
-(``readme_parts/*.md``, whose links are relative to the repository root).
+Checked documents: ``README.md`` and, while they exist, the parts it is
+assembled from (``readme_parts/*.md``, whose links are relative to the
+repository root).
 
 * Every relative link or image (``[text](path)``, ``![alt](path)``,
   ``<img src="path">``) names an existing file or directory, and every
