@@ -23,7 +23,8 @@ JSON on its last line. A job is a dict:
     params_only  skip training; only restore and write ``params_out``
 
 and its result is ``{"records": metrics.jsonl, "train_steps_loaded": [...],
-"interrupted": bool, "latest_step": int}``.
+"interrupted": bool, "error": None or "Type: message" of an exception that
+ended the run, "latest_step": int, "figures": [file names]}``.
 """
 # JAX, attn and the experiments are imported inside the functions that run in
 # the child processes. pylint: disable=g-import-not-at-top
@@ -197,6 +198,8 @@ def make_config(overrides: Dict[str, Any]):
 def latest_params(config, workdir: str):
   """``(step, {key path: np.ndarray})`` of ``workdir``'s latest checkpoint.
 
+  ``(None, {})`` when there is none.
+
   Restored replicated onto this process's mesh (``config.mesh``), as
   ``train_and_evaluate`` restores it, from an abstract target (nothing is
   initialised).
@@ -230,6 +233,8 @@ def latest_params(config, workdir: str):
       step, state = ckpt.restore_latest(target)
   finally:
     ckpt.close()
+  if step is None:
+    return None, {}
   flat, _ = jax.tree_util.tree_flatten_with_path(state["params"])
   return step, {jax.tree_util.keystr(path): np.asarray(x) for path, x in flat}
 
@@ -242,7 +247,7 @@ def run_job(job: dict) -> dict:
   workdir = job["workdir"]
   if job.get("copy_from"):
     shutil.copytree(job["copy_from"], workdir)
-  loaded, interrupted = [], False
+  loaded, interrupted, error = [], False, None
   if not job.get("params_only"):
     cls = type(tasks.get_task(config.task.name))
     original = cls.batch
@@ -259,14 +264,18 @@ def run_job(job: dict) -> dict:
       train.train_and_evaluate(config, workdir)
     except Interrupted:
       interrupted = True
+    except Exception as e:  # pylint: disable=broad-except
+      error = f"{type(e).__name__}: {e}"  # reported; the next job still runs
     finally:
       cls.batch = original
   step, params = latest_params(config, workdir)
   if job.get("params_out"):
     np.savez(job["params_out"], **params)
+  figures = os.path.join(workdir, "figures")
   return {"records": metrics_io.read_metrics(workdir),
           "train_steps_loaded": loaded, "interrupted": interrupted,
-          "latest_step": step}
+          "error": error, "latest_step": step, "figures": sorted(
+              os.listdir(figures)) if os.path.isdir(figures) else []}
 
 
 def main(argv: Sequence[str]) -> None:
