@@ -125,28 +125,21 @@ def test_cross_attention(spec):
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=ids)
-def test_key_padding_ignores_padded_keys(spec):
-  q, k, v = _inputs(seed=2)
-  lengths = jnp.array([T, 10])
-  by_len = _run(spec, q, k, v, key_value_seq_lengths=lengths)
-  k2 = k.at[1, 10:].set(5.0)
-  v2 = v.at[1, 10:].set(-7.0)
-  np.testing.assert_allclose(
-      _run(spec, q, k2, v2, key_value_seq_lengths=lengths), by_len,
-      rtol=1e-5, atol=1e-5)
-  assert not np.allclose(_run(spec, q, k2, v2), _run(spec, q, k, v))
-
-
-@pytest.mark.parametrize("spec", SPECS, ids=ids)
-def test_query_padding_zeros_rows_and_empty_example(spec):
+def test_padding(spec):
+  """Padded keys never matter; padded queries and empty examples give 0."""
   q, k, v = _inputs(seed=3)
-  out = _run(spec, q, k, v, query_seq_lengths=jnp.array([T, 5]),
-             key_value_seq_lengths=jnp.array([0, T]))
-  out = np.asarray(out)
+  lengths = dict(query_seq_lengths=jnp.array([T, 5]),
+                 key_value_seq_lengths=jnp.array([0, 10]))
+  out = np.asarray(_run(spec, q, k, v, **lengths))
   assert np.isfinite(out).all()
   np.testing.assert_array_equal(out[0], 0.0)      # no valid key at all
   np.testing.assert_array_equal(out[1, 5:], 0.0)  # padded queries
   assert np.abs(out[1, :5]).max() > 0
+  k2 = k.at[:, 10:].set(5.0)
+  v2 = v.at[:, 10:].set(-7.0)
+  np.testing.assert_allclose(_run(spec, q, k2, v2, **lengths), out,
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(_run(spec, q, k2, v2), _run(spec, q, k, v))
 
 
 def test_validity_factorises_padding_masks():
@@ -269,7 +262,7 @@ def test_segment_ids_block_attention_across_segments(spec):
 # ------------------------------------------------------------------- local
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(left=st.integers(0, 9), right=st.integers(0, 9),
        block=st.sampled_from([None, 1, 3, 4, 16]), causal=st.booleans(),
        s=st.sampled_from([9, 13, 21]))
