@@ -40,16 +40,24 @@ def _scalar(v):
 
 
 class MetricWriter:
-  """Appends ``{"step", "split", **metrics}`` records to metrics.jsonl and TB."""
+  """Appends ``{"step", "split", **metrics}`` records to metrics.jsonl and TB.
 
-  def __init__(self, workdir: str, enable_tensorboard: bool = True):
+  With ``enabled=False`` (processes other than 0 of a multi-process run) it
+  writes nothing, so that the run has one curve, written once.
+  """
+
+  def __init__(self, workdir: str, enable_tensorboard: bool = True,
+               enabled: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
     self._tb = None
-    if enable_tensorboard:
+    if enable_tensorboard and enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, split: str, metrics: Mapping[str, float]):
+    if not self.enabled:
+      return
     record = {"step": int(step), "split": split}
     record.update({k: _scalar(v) for k, v in metrics.items()})
     with open(self.path, "a", encoding="utf-8") as f:

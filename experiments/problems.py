@@ -244,11 +244,13 @@ class LMProblem(Problem):
     pairs = _weights_by_layer(inter)
     toks = [self.task.decode([t]) or "·" for t in batch["inputs"][0]]
     n = min(len(toks), 48)
-    paths = [plots.plot_attention_grid(
-        np.stack([w[0, :, :n, :n] for _, w in pairs]),
-        os.path.join(figdir, "causal_attention_example0.png"),
-        x_labels=toks[:n], y_labels=toks[:n],
-        row_names=[p for p, _ in pairs], title="causal self-attention")]
+    paths = []
+    if pairs:  # variants that form no weights (e.g. ring) have no map
+      paths.append(plots.plot_attention_grid(
+          np.stack([w[0, :, :n, :n] for _, w in pairs]),
+          os.path.join(figdir, "causal_attention_example0.png"),
+          x_labels=toks[:n], y_labels=toks[:n],
+          row_names=[p for p, _ in pairs], title="causal self-attention"))
     if self.task.name == "text_lm" and self.config.model.attention in (
         "softmax", "xla", "chunked"):
       prompt = jnp.asarray(batch["inputs"][:1, :16])
@@ -314,6 +316,8 @@ class ClassificationProblem(Problem):
     pred = np.asarray(jnp.argmax(logits, -1))
     weights = [w for _, w in tfm.attention_weights(inter)]
     paths = []
+    if not weights:  # variants that form no weights have nothing to draw
+      return paths
     if self.images:
       rollout = vit_lib.attention_rollout(weights)
       h = batch["inputs"].shape[1] // self.model.patch_size
@@ -486,6 +490,8 @@ class SetAnomalyProblem(Problem):
     _, inter = self.model.apply({"params": params}, batch["inputs"][:1],
                                 mutable=["intermediates"])
     pairs = _weights_by_layer(inter)
+    if not pairs:  # variants that form no weights have nothing to draw
+      return []
     return [plots.plot_attention_grid(
         np.stack([w[0] for _, w in pairs]),
         os.path.join(figdir, "set_attention_example0.png"),

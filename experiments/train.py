@@ -9,9 +9,10 @@ exactly the batches an uninterrupted one would, metrics to
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -119,9 +120,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   config = config_validation.prepare(config)
   os.makedirs(workdir, exist_ok=True)
   if config.fresh_start:
-    moved = set_aside(workdir)
-    if moved:
-      logging.info("fresh_start: previous checkpoints moved to %s", moved)
+    if _is_main_process():
+      moved = set_aside(workdir)
+      if moved:
+        logging.info("fresh_start: previous checkpoints moved to %s", moved)
+    _sync_processes("fresh_start")
   task = config_validation.make_task(config)
   mesh = parallel.make_mesh(data=config.mesh.data, seq=config.mesh.seq,
                             model=config.mesh.model)
@@ -133,6 +136,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   # need it (ring attention over the "seq" axis) find it.
   with jax.set_mesh(mesh):
     return _run(config, workdir, task, mesh, problem)
+
+
+def _is_main_process() -> bool:
+  """Process 0 alone writes metrics and figures in a multi-process run."""
+  return jax.process_index() == 0
+
+
+def _sync_processes(name: str) -> None:
+  """Barrier across the processes of a multi-process run (no-op for one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _draw(problem, params, task, workdir, step):
+  """``problem.draw`` on every process; only process 0's files are kept.
+
+  Every process runs the drawing's model calls (they may be collective, e.g.
+  ring attention over a multi-process mesh); the others draw into a scratch
+  directory that is deleted.
+  """
+  if _is_main_process():
+    return problem.draw(params, task, workdir, step=step)
+  scratch = tempfile.mkdtemp(prefix="attn-figures-")
+  try:
+    problem.draw(params, task, scratch, step=step)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
+  return []
 
 
 def _host_batch(task, mesh, step, batch_size):
@@ -165,8 +197,9 @@ def _run(config, workdir, task, mesh, problem):
   if start:
     logging.info("resumed from checkpoint step %d in %s", start, ckpt.root)
     state = jax.device_put(state, parallel.replicated(mesh))
-  metrics_io.truncate_metrics(workdir, start)
-  writer = metrics_io.MetricWriter(workdir)
+  if _is_main_process():
+    metrics_io.truncate_metrics(workdir, start)
+  writer = metrics_io.MetricWriter(workdir, enabled=_is_main_process())
   train_step = jax.jit(functools.partial(_train_step, problem, tx,
                                          dropout_rng), donate_argnums=(0,))
   progress = metrics_io.Progress(start, config.num_train_steps,
@@ -192,7 +225,7 @@ def _run(config, workdir, task, mesh, problem):
         ckpt.save(done, state)
       if (config.figures.every_steps and config.figures.enabled
           and done % config.figures.every_steps == 0):
-        problem.draw(state["params"], task, workdir, step=done)
+        _draw(problem, state["params"], task, workdir, done)
     progress.close()
     result = _final_evaluation(problem, task, ckpt, state, config, workdir,
                                writer)
@@ -217,7 +250,7 @@ def _final_evaluation(problem, task, ckpt, state, config, workdir, writer):
   logging.info("test metrics of the BEST checkpoint (step %d, by valid %s): "
                "%s", best_step, problem.best_metric, _fmt(test))
   if config.figures.enabled:
-    paths = problem.draw(best["params"], task, workdir, step=None)
+    paths = _draw(problem, best["params"], task, workdir, None)
     logging.info("figures written to %s", os.path.join(workdir, "figures"))
     test["figures"] = paths
   print(f"Finished. Best checkpoint: step {best_step}. Test metrics: "
