@@ -35,12 +35,16 @@ F32 = jnp.float32
 
 
 def dot(q_TH: Array, k_SH: Array) -> Array:
-  """Dot-product score ``q·k``."""
+  """Dot-product score ``q·k``: ``q_TH [T, H]``, ``k_SH [S, H]`` -> float32
+  ``[T, S]``."""
   return jnp.einsum("th,sh->ts", q_TH, k_SH, preferred_element_type=F32)
 
 
 def scaled_dot(q_TH: Array, k_SH: Array, scale: Optional[float] = None):
-  """``q·k / sqrt(d)`` (or times ``scale``): keeps logits O(1) as d grows."""
+  """``q·k / sqrt(d)`` (or times ``scale``): keeps logits O(1) as d grows.
+
+  ``q_TH [T, H]``, ``k_SH [S, H]`` -> float32 ``[T, S]``.
+  """
   if scale is None:
     scale = 1.0 / float(np.sqrt(q_TH.shape[-1]))
   return dot(q_TH, k_SH) * scale

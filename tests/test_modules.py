@@ -304,7 +304,7 @@ def test_glimpse_attention_is_learned_query_weighted_sum(score):
     elif score == "additive":
       logits = np.tanh(q @ p["w_q"] + x[b] @ p["w_k"]) @ p["v"]
     else:
-      logits = p["beta"] * (x[b] @ q) / (np.linalg.norm(x[b], axis=-1)
+      logits = np.exp(p["log_beta"]) * (x[b] @ q) / (np.linalg.norm(x[b], axis=-1)
                                           * np.linalg.norm(q))
     w = np_softmax(logits, mask[b])
     np.testing.assert_allclose(weights[b], w, atol=1e-5)

@@ -19,7 +19,11 @@ from attn.registry import register_attention
 def softmax_attention(query, key, value, bias=None, mask=None, *,
                       implementation=None, block_q=None, block_k=None,
                       scale=None, **kwargs):
-  """Exact softmax attention; see :func:`attn.dot_product_attention`."""
+  """Exact softmax attention; see :func:`attn.dot_product_attention`.
+
+  ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Dv]``
+  (``N`` a multiple of ``K``) -> ``[B, T, N, Dv]``.
+  """
   return dot_product_attention(query, key, value, bias, mask, scale=scale,
                                implementation=implementation, block_q=block_q,
                                block_k=block_k, **kwargs)
@@ -30,7 +34,11 @@ def softmax_attention(query, key, value, bias=None, mask=None, *,
     description="exact attention with the materialised [T, S] score matrix")
 def xla_attention_kernel(query, key, value, bias=None, mask=None, *,
                          scale=None, **kwargs):
-  """Exact attention, ``implementation="xla"``; takes every option."""
+  """Exact attention, ``implementation="xla"``; takes every option.
+
+  ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Dv]``
+  (``N`` a multiple of ``K``) -> ``[B, T, N, Dv]``.
+  """
   return dot_product_attention(query, key, value, bias, mask, scale=scale,
                                implementation="xla", **kwargs)
 
@@ -48,6 +56,9 @@ def chunked_attention_kernel(query, key, value, bias=None, mask=None, *,
   """Exact memory-efficient attention, ``implementation="chunked"``.
 
   No dropout and no weights: they would need the ``[T, S]`` matrix.
+
+  ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Dv]``
+  (``N`` a multiple of ``K``) -> ``[B, T, N, Dv]``.
   """
   return dot_product_attention(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
@@ -67,6 +78,9 @@ def cudnn_attention_kernel(query, key, value, bias=None, mask=None, *,
   """Exact attention through cuDNN, ``implementation="cudnn"``.
 
   Raises ``ValueError`` off NVIDIA GPUs and for fp32 inputs.
+
+  ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Dv]``
+  (``N`` a multiple of ``K``) -> ``[B, T, N, Dv]``.
   """
   return dot_product_attention(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,

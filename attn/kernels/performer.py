@@ -70,6 +70,10 @@ def favor_feature_map(w_MH: Array, scale) -> linear.FeatureMap:
   for queries, the running max over keys for keys (see
   :func:`attn.kernels.linear.feature_attention_one_head`). The ``1/√M``
   factor cancels too and is dropped. Invalid keys get zero rows.
+
+  ``w_MH [M, H]``: ``M`` random features for head dim ``H``. The returned
+  :class:`attn.kernels.linear.FeatureMap` maps queries ``[c, H]`` and keys
+  ``[c, H]`` (chunks of ``c`` rows) to float32 features ``[c, M]``.
   """
   root = jnp.sqrt(jnp.asarray(scale, F32))
 

@@ -74,7 +74,12 @@ def score_params(module: nn.Module, score: str, q_dim: int, k_dim: int, *,
                        "key sequence)")
     return {"w_HL": module.param("w", init, (q_dim, max_length))}
   if score == "cosine":
-    return {"beta": module.param("beta", nn.initializers.ones, ())}
+    # The sharpness is learned as log β from β = 10 (as Swin Transformer V2's
+    # cosine attention): cosines lie in [-1, 1], so β = 1 leaves the softmax
+    # nearly flat, and log β lets Adam change the sharpness by factors.
+    log_beta = module.param("log_beta", nn.initializers.constant(np.log(10.0)),
+                            ())
+    return {"beta": jnp.exp(log_beta)}
   return {}
 
 
