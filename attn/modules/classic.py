@@ -61,7 +61,11 @@ def score_params(module: nn.Module, score: str, q_dim: int, k_dim: int, *,
     raise ValueError(f"{score!r} score needs query and key widths to match, "
                      f"got {q_dim} and {k_dim}; use 'general' or 'additive'")
   if score == "general":
-    return {"w_HK": module.param("w", init, (q_dim, k_dim))}
+    # std 1/√(q_dim·k_dim): with unit-variance queries and keys the logits
+    # q W kᵀ start with unit variance, as the scaled dot product's do
+    # (LeCun's 1/√q_dim would start them √k_dim times sharper).
+    w_init = nn.initializers.normal(1.0 / np.sqrt(q_dim * k_dim))
+    return {"w_HK": module.param("w", w_init, (q_dim, k_dim))}
   if score == "additive":
     a = attention_dim or k_dim
     return {"w_q_HA": module.param("w_q", init, (q_dim, a)),
@@ -74,11 +78,10 @@ def score_params(module: nn.Module, score: str, q_dim: int, k_dim: int, *,
                        "key sequence)")
     return {"w_HL": module.param("w", init, (q_dim, max_length))}
   if score == "cosine":
-    # The sharpness is learned as log β from β = 10 (as Swin Transformer V2's
-    # cosine attention): cosines lie in [-1, 1], so β = 1 leaves the softmax
-    # nearly flat, and log β lets Adam change the sharpness by factors.
-    log_beta = module.param("log_beta", nn.initializers.constant(np.log(10.0)),
-                            ())
+    # The sharpness is learned as log β from β = 1: the softmax starts flat
+    # (a sharp start locks glimpses onto wrong tokens) and log β lets Adam
+    # change the sharpness by factors once the directions are right.
+    log_beta = module.param("log_beta", nn.initializers.zeros, ())
     return {"beta": jnp.exp(log_beta)}
   return {}
 
