@@ -21,7 +21,8 @@ import optax
 from attn.models import rnn as rnn_lib
 from attn.models import transformer as tfm
 from attn.models import vit as vit_lib
-from attn.modules import AttentionPooling, GlimpseAttention
+from attn.modules import (AttentionPooling, GlimpseAttention,
+                          PositionalEmbedding)
 from experiments import plots
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -452,9 +453,12 @@ class GlimpseProblem(Problem):
 
 
 class SetEncoder(nn.Module):
-  """Per-element scores from a Transformer encoder without positions.
+  """Per-element scores from a Transformer encoder.
 
-  Permutation-equivariant: permuting the set permutes the scores.
+  With ``positional="none"`` (the config's default) it is
+  permutation-equivariant: permuting the set permutes the scores. Any other
+  positional encoding makes the element order matter, which the
+  ``permutation_error`` metric shows.
   """
   kwargs: dict
 
@@ -462,9 +466,10 @@ class SetEncoder(nn.Module):
   def __call__(self, x_BMD, train: bool = False):
     kw = dict(self.kwargs)
     emb_dim = kw.pop("emb_dim")
-    kw.pop("positional")
     x = nn.Dense(emb_dim)(x_BMD)
-    x = tfm.TransformerEncoder(positional="none", **kw)(
+    x = PositionalEmbedding(kw["positional"], x_BMD.shape[1],
+                            name="positional")(x)
+    x = tfm.TransformerEncoder(**kw)(
         x, deterministic=not train)
     return nn.Dense(1)(x)[..., 0].astype(jnp.float32)
 
@@ -485,6 +490,18 @@ class SetAnomalyProblem(Problem):
                               train=train, rngs=_rngs(rng))
     loss, acc = cross_entropy(logits, batch["labels"])
     return loss, {"accuracy": acc}
+
+  def evaluate(self, params, batch):
+    """Accuracy, loss and ``permutation_error``: the largest change of an
+    element's logit when the set is shuffled (a fixed permutation), averaged
+    over examples; 0 up to float rounding for an equivariant model."""
+    loss, metrics = self.loss(params, batch, jax.random.key(0), False)
+    x = batch["inputs"]
+    perm = np.random.default_rng(0).permutation(x.shape[1])
+    logits = self.model.apply({"params": params}, x)
+    shuffled = self.model.apply({"params": params}, x[:, perm])
+    error = jnp.max(jnp.abs(shuffled - logits[:, perm]), axis=-1)
+    return dict(metrics, loss=loss, permutation_error=jnp.mean(error))
 
   def draw_examples(self, params, batch, figdir):
     _, inter = self.model.apply({"params": params}, batch["inputs"][:1],

@@ -194,3 +194,21 @@ def test_incompatible_checkpoint_is_named(tmp_path):
   config.model.emb_dim = 16
   with pytest.raises(train.CheckpointError, match="checkpoints"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("positional, equivariant",
+                         [("none", True), ("learned", False)])
+def test_set_anomaly_reports_permutation_error(positional, equivariant):
+  """The set-anomaly eval measures equivariance: ~0 without positions,
+  clearly non-zero with learned positions (which break it)."""
+  from experiments import problems  # pylint: disable=g-import-not-at-top
+  config = tiny("digits_set_anomaly", **{"model.positional": positional})
+  task = config_validation.make_task(config)
+  problem = problems.make_problem(config, task)
+  batch = task.batch("train", 0, 8)
+  params = problem.init(jax.random.key(0), batch)
+  error = float(problem.eval_step(params, batch)["permutation_error"])
+  if equivariant:
+    assert error < 1e-5
+  else:
+    assert error > 1e-3
