@@ -106,7 +106,8 @@ def uniform(q_TH: Array, k_SH: Array) -> Array:
   attendable keys (the mean of the values), whatever the query asks.
 
   The no-attention baseline of an encoder-decoder: the decoder sees only a
-  fixed summary of the source.
+  fixed summary of the source. ``q_TH [T, H]``, ``k_SH [S, H]`` -> zeros
+  ``[T, S]`` (float32).
   """
   return jnp.zeros((q_TH.shape[0], k_SH.shape[0]), F32)
 

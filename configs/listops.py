@@ -1,4 +1,4 @@
-"""ListOps (Long Range Arena spec), sequences of 128-512 tokens, on CPU.
+"""ListOps (Long Range Arena spec), sequences of 65-255 tokens, on CPU.
 
     python -m experiments.main --config=configs/listops.py
     # published LRA data (basic_train.tsv, basic_val.tsv, basic_test.tsv):
@@ -20,8 +20,8 @@ def get_config():
   c.task.name = "listops"
   c.task.options.max_depth = 10     # LRA: 10
   c.task.options.max_args = 10      # LRA: 10
-  c.task.options.min_length = 128   # LRA: 500
-  c.task.options.max_length = 512   # LRA: 2000
+  c.task.options.min_length = 64    # LRA: 500
+  c.task.options.max_length = 256   # LRA: 2000
   c.task.options.data_dir = config_dict.placeholder(str)  # LRA TSV folder
   c.model.arch = "transformer"
   c.model.num_layers = 2
@@ -31,11 +31,11 @@ def get_config():
   c.model.positional = "sinusoidal"
   c.model.options.pooling = "mean"  # mean | max | cls
   c.batch_size = 32
-  c.num_train_steps = 3000
+  c.num_train_steps = 1500
   c.learning_rate = 1e-3
-  c.warmup_steps = 200
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
+  c.warmup_steps = 100
+  c.eval_every_steps = 250
+  c.checkpoint_every_steps = 250
   c.num_eval_examples = 1000
   c.eval_batch_size = 100
   return c

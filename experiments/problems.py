@@ -372,7 +372,10 @@ class RegressionProblem(Problem):
     out, _ = self.model.apply({"params": params}, batch["queries"],
                               batch["keys"], batch["values"])
     mse = jnp.mean(jnp.square(out - batch["targets"]))
-    return mse, {"mse": mse}
+    metrics = {"mse": mse}
+    if "log_bandwidth" in params:  # the learned kernel width, logged
+      metrics["bandwidth"] = jnp.exp(params["log_bandwidth"])
+    return mse, metrics
 
   def draw_examples(self, params, batch, figdir):
     out, w = self.model.apply({"params": params}, batch["queries"][:1],

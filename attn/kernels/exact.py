@@ -20,7 +20,8 @@ Array = jax.Array
 
 
 def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
-  """Logical AND of the masks that are not ``None`` (``None`` if all are)."""
+  """Logical AND of the masks that are not ``None`` (``None`` if all are);
+  bool arrays of mutually broadcastable shapes -> their broadcast shape."""
   masks = [m for m in masks if m is not None]
   if not masks:
     return None
@@ -32,6 +33,9 @@ def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
 
 def masked_softmax(logits: Array, mask: Optional[Array]) -> Array:
   """float32 softmax over the last axis where ``mask`` is True.
+
+  ``logits [..., S]``; ``mask`` bool, broadcastable to it, or None. Returns
+  float32 weights of the broadcast shape.
 
   A row with no True entry returns all zeros (not the uniform average), and
   its gradient is zero and finite.

@@ -48,7 +48,8 @@ class FeatureMap(NamedTuple):
 
 
 def elu_feature_map(x: Array) -> Array:
-  """``φ(x) = elu(x) + 1`` in float32 (strictly positive)."""
+  """``φ(x) = elu(x) + 1`` in float32 (strictly positive), elementwise:
+  ``x [c, H]`` -> ``[c, H]`` (the feature dim ``M`` equals ``H``)."""
   return jax.nn.elu(x.astype(F32)) + 1.0
 
 

@@ -73,6 +73,8 @@ def sinkhorn_normalize(logits_IJ: Array, allowed_IJ: Array,
                        n_iters: int) -> Array:
   """``n_iters`` alternating row/column normalisations in log space.
 
+  ``logits_IJ [I, J]`` float, ``allowed_IJ [I, J]`` bool -> ``P [I, J]``.
+
   Returns ``P = exp(logits)`` on allowed entries (0 elsewhere); rows and
   columns without an allowed entry stay 0. With every entry allowed, ``P``
   approaches a doubly stochastic matrix as ``n_iters`` grows.

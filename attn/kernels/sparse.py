@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.kernels import common
+from attn.kernels.blocks import pad_axis0  # re-exported for the variants
 from attn.kernels.exact import combine_masks, masked_softmax
 from attn.registry import register_attention
 
@@ -206,15 +207,6 @@ def key_valid_or_all(inp: HeadInputs) -> Array:
   if inp.key_valid is None:
     return jnp.ones((B, N, S), bool)
   return inp.key_valid
-
-
-def pad_axis0(x: Array, length: int, value=0) -> Array:
-  """Pads (or keeps) axis 0 of ``x`` to ``length`` with ``value``."""
-  extra = length - x.shape[0]
-  if extra == 0:
-    return x
-  return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1),
-                 constant_values=value)
 
 
 # Blockwise kernels run their blocks in sequential steps of about this many
