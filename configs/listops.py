@@ -1,4 +1,4 @@
-"""ListOps (Long Range Arena spec), sequences of 65-255 tokens, on CPU.
+"""ListOps (Long Range Arena spec), sequences of 33-127 tokens, on CPU.
 
     python -m experiments.main --config=configs/listops.py
     # published LRA data (basic_train.tsv, basic_val.tsv, basic_test.tsv):
@@ -20,8 +20,8 @@ def get_config():
   c.task.name = "listops"
   c.task.options.max_depth = 10     # LRA: 10
   c.task.options.max_args = 10      # LRA: 10
-  c.task.options.min_length = 64    # LRA: 500
-  c.task.options.max_length = 256   # LRA: 2000
+  c.task.options.min_length = 32    # LRA: 500
+  c.task.options.max_length = 128   # LRA: 2000
   c.task.options.data_dir = config_dict.placeholder(str)  # LRA TSV folder
   c.model.arch = "transformer"
   c.model.num_layers = 2
@@ -29,10 +29,10 @@ def get_config():
   c.model.mlp_dim = 128
   c.model.num_heads = 4
   c.model.positional = "sinusoidal"
-  c.model.options.pooling = "mean"  # mean | max | cls
+  c.model.options.pooling = "cls"   # mean | max | cls (LRA: CLS)
   c.batch_size = 32
-  c.num_train_steps = 1500
-  c.learning_rate = 1e-3
+  c.num_train_steps = 3000
+  c.learning_rate = 3e-3
   c.warmup_steps = 100
   c.eval_every_steps = 250
   c.checkpoint_every_steps = 250
