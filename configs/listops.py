@@ -31,7 +31,7 @@ def get_config():
   c.model.positional = "sinusoidal"
   c.model.options.pooling = "cls"   # mean | max | cls (LRA: CLS)
   c.batch_size = 32
-  c.num_train_steps = 3000
+  c.num_train_steps = 6000
   c.learning_rate = 3e-3
   c.warmup_steps = 100
   c.eval_every_steps = 250
