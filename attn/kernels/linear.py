@@ -141,6 +141,79 @@ def feature_attention_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
   return out.reshape(n_q * c, Dv)[:T]
 
 
+def feature_attention_noncausal(q: Array, k: Array, v: Array,
+                                kv_valid: Optional[Array],
+                                features: FeatureMap, *,
+                                chunk_size: int) -> Array:
+  """Non-causal :func:`feature_attention_one_head` for all heads at once.
+
+  Same result, but the chunk loops walk the ``[B, T, N, H]`` layout
+  directly (``dynamic_slice`` along the length axis) instead of ``vmap``
+  per head: a per-head ``vmap`` around a ``scan`` first copies q, k and v
+  into head-major layout, copies that stop fitting in cache as T grows.
+  The feature map still sees one head's ``[c, H]`` chunk at a time.
+
+  Args:
+    q: ``[B, T, N, H]``; k: ``[B, S, K, H]``; v: ``[B, S, K, Dv]``, with
+      ``N % K == 0`` (query head ``n`` uses key head ``n // (N // K)``).
+    kv_valid: bool ``[B, S]`` or None.
+    features: the feature map ``φ``.
+    chunk_size: rows per loop step ``c``.
+
+  Returns:
+    float32 ``[B, T, N, Dv]``; zeros for a query whose normaliser is 0.
+  """
+  B, T, N, H = q.shape
+  S, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
+  G = N // K
+  c_k, c_q = max(1, min(chunk_size, S)), max(1, min(chunk_size, T))
+  n_k, n_q = -(-S // c_k), -(-T // c_q)
+  pad = lambda x, n, fill=0: jnp.moveaxis(  # noqa: E731
+      blocks.pad_axis0(jnp.moveaxis(x, 1, 0), n, fill), 0, 1)
+  valid = jnp.ones((B, S), bool) if kv_valid is None else kv_valid
+  k, v, valid = pad(k, n_k * c_k), pad(v.astype(F32), n_k * c_k), pad(
+      valid, n_k * c_k, False)
+  M = features.query(q[0, :1, 0]).shape[-1]
+  # per (b, kv head): k chunk [c, H] at axis 1 of [B, c, K, H].
+  key_max = jax.vmap(jax.vmap(features.key_max, in_axes=(1, None)),
+                     in_axes=(0, 0))
+  key_phi = jax.vmap(jax.vmap(features.key, in_axes=(1, None, 0),
+                              out_axes=1), in_axes=(0, 0, 0))
+
+  def add_keys(i, state):
+    kv_BKMD, z_BKM, m_BK = state
+    k_c = jax.lax.dynamic_slice_in_dim(k, i * c_k, c_k, axis=1)
+    v_c = jax.lax.dynamic_slice_in_dim(v, i * c_k, c_k, axis=1)
+    ok_c = jax.lax.dynamic_slice_in_dim(valid, i * c_k, c_k, axis=1)
+    m_new = jax.lax.stop_gradient(jnp.maximum(m_BK, key_max(k_c, ok_c)))
+    rescale = jnp.exp(m_BK - m_new)
+    phi = key_phi(k_c, ok_c, m_new)                       # [B, c, K, M]
+    kv_BKMD = (kv_BKMD * rescale[..., None, None]
+               + jnp.einsum("bckm,bckd->bkmd", phi, v_c))
+    z_BKM = z_BKM * rescale[..., None] + jnp.sum(phi, axis=1)
+    return kv_BKMD, z_BKM, m_new
+
+  init = (jnp.zeros((B, K, M, Dv), F32), jnp.zeros((B, K, M), F32),
+          jnp.full((B, K), MASK_VALUE, F32))
+  kv_BKMD, z_BKM, _ = jax.lax.fori_loop(0, n_k, add_keys, init)
+
+  q = pad(q, n_q * c_q).reshape(B, n_q * c_q, K, G, H)
+  # per (b, kv head, group member): q chunk [c, H] of [B, c, K, G, H].
+  query_phi = jax.vmap(jax.vmap(jax.vmap(features.query, in_axes=1,
+                                         out_axes=1), in_axes=1, out_axes=1))
+
+  def read(i):
+    q_c = jax.lax.dynamic_slice_in_dim(q, i * c_q, c_q, axis=1)
+    phi_q = query_phi(q_c)                                # [B, c, K, G, M]
+    num = jnp.einsum("bckgm,bkmd->bckgd", phi_q, kv_BKMD)
+    den = jnp.einsum("bckgm,bkm->bckg", phi_q, z_BKM)
+    return _safe_divide(num, den).reshape(B, c_q, N, Dv)
+
+  out = jax.lax.map(read, jnp.arange(n_q))               # [n_q, B, c, N, Dv]
+  out = jnp.moveaxis(out, 0, 1).reshape(B, n_q * c_q, N, Dv)
+  return out[:, :T]
+
+
 def kernelized_attention(name: str, inputs: common.AttentionInputs,
                          features: FeatureMap, *, chunk_size: int) -> Array:
   """Runs feature attention for validated inputs, handling masks and GQA.
@@ -159,6 +232,10 @@ def kernelized_attention(name: str, inputs: common.AttentionInputs,
   q_valid, kv_valid = blocks.validity(name, inputs)
   key, value = inputs.key, inputs.value
   T = inputs.query.shape[1]
+  if not inputs.is_causal:
+    out = feature_attention_noncausal(inputs.query, key, value, kv_valid,
+                                      features, chunk_size=chunk_size)
+    return blocks.finish(out, inputs, q_valid)
   if inputs.is_causal:
     key, value, kv_valid = blocks.align_keys(key, value, kv_valid, T)
 
