@@ -11,7 +11,11 @@ accumulates the state ``Σ φ(k) vᵀ [M, Dv]`` and then the queries are mapped
 chunk by chunk; causal, one scan carries the state of all previous chunks
 and adds the masked ``[c, c]`` product inside the chunk. Time ``O(T)``,
 memory ``O(T)`` in the length, and the working set of a step does not grow
-with ``T``.
+with ``T``. The registered kernels run the bidirectional case as
+:func:`feature_attention_noncausal`: the same loops over the ``[B, T, N, H]``
+layout itself (no per-head copies of q, k and v; the feature map still sees
+one head's chunk), which keeps the time linear in T on a CPU whose caches
+the per-head copies outgrow.
 """
 
 from __future__ import annotations
