@@ -76,6 +76,10 @@ def feature_attention_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
                                chunk_size: int) -> Array:
   """Normalised kernel attention ``φ(Q) φ(K)ᵀ V / φ(Q) φ(K)ᵀ 1``, one head.
 
+  The registered kernels call it (vmapped over heads) for the causal case;
+  the bidirectional case runs as :func:`feature_attention_noncausal`, which
+  the tests check against this one-head form.
+
   Args:
     q_TH: ``[T, H]``; k_SH: ``[S, H]``; v_SD: ``[S, Dv]``.
     kv_valid_S: bool ``[S]`` or ``None``; invalid keys are never attended.
@@ -172,8 +176,10 @@ def feature_attention_noncausal(q: Array, k: Array, v: Array,
   G = N // K
   c_k, c_q = max(1, min(chunk_size, S)), max(1, min(chunk_size, T))
   n_k, n_q = -(-S // c_k), -(-T // c_q)
-  pad = lambda x, n, fill=0: jnp.moveaxis(  # noqa: E731
-      blocks.pad_axis0(jnp.moveaxis(x, 1, 0), n, fill), 0, 1)
+  def pad(x, n, fill=0):  # pads the length axis (1) to n
+    widths = [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+    return jnp.pad(x, widths, constant_values=fill)
+
   valid = jnp.ones((B, S), bool) if kv_valid is None else kv_valid
   k, v, valid = pad(k, n_k * c_k), pad(v.astype(F32), n_k * c_k), pad(
       valid, n_k * c_k, False)
@@ -234,19 +240,17 @@ def kernelized_attention(name: str, inputs: common.AttentionInputs,
   if chunk_size < 1:
     raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
   q_valid, kv_valid = blocks.validity(name, inputs)
-  key, value = inputs.key, inputs.value
-  T = inputs.query.shape[1]
   if not inputs.is_causal:
-    out = feature_attention_noncausal(inputs.query, key, value, kv_valid,
-                                      features, chunk_size=chunk_size)
+    out = feature_attention_noncausal(inputs.query, inputs.key, inputs.value,
+                                      kv_valid, features,
+                                      chunk_size=chunk_size)
     return blocks.finish(out, inputs, q_valid)
-  if inputs.is_causal:
-    key, value, kv_valid = blocks.align_keys(key, value, kv_valid, T)
+  key, value, kv_valid = blocks.align_keys(inputs.key, inputs.value, kv_valid,
+                                           inputs.query.shape[1])
 
   def one_head(q_TH, k_SH, v_SD, kv_valid_S):
     return feature_attention_one_head(q_TH, k_SH, v_SD, kv_valid_S, features,
-                                      is_causal=inputs.is_causal,
-                                      chunk_size=chunk_size)
+                                      is_causal=True, chunk_size=chunk_size)
 
   out = blocks.map_heads(one_head, inputs.query, key, value, kv_valid)
   return blocks.finish(out, inputs, q_valid)
