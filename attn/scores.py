@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.kernels.common import check_broadcast_4d
-from attn.kernels.exact import masked_softmax
+from attn.kernels.canonical import check_broadcast_4d
+from attn.masks import masked_softmax
 
 Array = jax.Array
 F32 = jnp.float32

@@ -15,7 +15,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.fresh_start = False           # True: set existing checkpoints aside
 
   c.task = ml_collections.ConfigDict()
-  c.task.name = "reverse"         # see experiments.tasks.list_tasks()
+  c.task.name = "reverse"         # see experiments.data.list_tasks()
   c.task.options = ml_collections.ConfigDict()  # passed to get_task(**opts)
 
   c.model = ml_collections.ConfigDict()

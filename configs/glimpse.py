@@ -16,7 +16,7 @@ from configs import base
 def get_config():
   """Glimpse with one score function; every content score reaches ~100%."""
   c = base.get_base_config()
-  c.task.name = "glimpse"           # experiments/tasks/glimpse.py
+  c.task.name = "glimpse"           # experiments/data/glimpse.py
   c.task.options.length = 16        # items per sequence
   c.task.options.num_keys = 16      # context ids
   c.task.options.num_items = 32     # item alphabet = classes (> length)

@@ -12,7 +12,7 @@ import ml_collections
 from attn import positional
 from attn import registry
 from configs import base as base_config
-from experiments import tasks as tasks_lib
+from experiments import data as tasks_lib
 
 ARCHS = ("transformer", "rnn", "glimpse", "nadaraya_watson", "vit")
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")

@@ -51,7 +51,7 @@ import attn
 from attn import positional
 from attn import registry
 from attn import scores as scores_lib
-from attn.kernels.exact import masked_softmax
+from attn.masks import masked_softmax
 from attn.models import transformer as tfm
 from attn.models import vit as vit_lib
 from attn.modules import nadaraya_watson
@@ -501,7 +501,7 @@ def variants_figure(ctx: Context) -> Dict[str, Any]:
 
 def nadaraya_watson_figure(ctx: Context) -> Dict[str, Any]:
   """Kernel regression as attention, three bandwidths (no training)."""
-  from experiments.tasks import get_task  # pylint: disable=g-import-not-at-top
+  from experiments.data import get_task  # pylint: disable=g-import-not-at-top
   task = get_task("nadaraya_watson", seed=0)
   batch = next(iter(task.eval_batches("test", 1, 1)))
   x_S, y_S = batch["keys"][0], batch["values"][0]

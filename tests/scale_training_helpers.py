@@ -242,7 +242,7 @@ def latest_params(config, workdir: str):
 def run_job(job: dict) -> dict:
   """Runs one job (see the module docstring) in this process."""
   import numpy as np
-  from experiments import metrics_io, tasks, train
+  from experiments import metrics_io, data as tasks, train
   config = make_config(job.get("overrides", {}))
   workdir = job["workdir"]
   if job.get("copy_from"):

@@ -13,7 +13,7 @@ import pytest
 from experiments import checkpoints
 from experiments import config_validation
 from experiments import train
-from experiments import tasks as tasks_lib
+from experiments import data as tasks_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)),
                           "configs")

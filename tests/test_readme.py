@@ -222,12 +222,12 @@ def test_commands_are_extracted():
           "JAX_PLATFORMS=cpu python -m experiments.figures --fast && ls\n"
           "python -m experiments.main --config=configs/<name>.py\n"
           "python -m pytest -q tests\n```\n"
-          "Run `python -m experiments.tasks --count 2` to see.\n")
+          "Run `python -m experiments.data --count 2` to see.\n")
   assert commands(text) == [
       ["experiments.main", "--config=configs/dates.py",
        "--config.num_train_steps=10"],
       ["experiments.figures", "--fast"],
-      ["experiments.tasks", "--count", "2"]]
+      ["experiments.data", "--count", "2"]]
 
 
 # --------------------------------------------------------------------------
@@ -254,7 +254,7 @@ MUST_FAIL = [
      "--config.model.attention=no_such_attention"],
     ["experiments.benchmark", "--seq_lens=64", "--dtypes=fp8"],
     ["experiments.figures", "--only=no_such_figure"],
-    ["experiments.tasks", "--count", "two"],
+    ["experiments.data", "--count", "two"],
 ]
 
 

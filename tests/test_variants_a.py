@@ -146,14 +146,14 @@ def test_validity_factorises_padding_masks():
   """[B,1,1,S] / [B,1,T,1] masks become validity vectors (AND lengths)."""
   q, k, v = _inputs(s=12)
   key_mask = jnp.asarray(np.random.default_rng(0).random((B, 1, 1, 12)) > .3)
-  inputs = attn.kernels.common.canonicalize(
+  inputs = attn.kernels.canonical.canonicalize(
       q, k, v, mask=key_mask, key_value_seq_lengths=jnp.array([12, 7]))
   q_valid, kv_valid = blocks.validity("x", inputs)
   assert q_valid is None
   np.testing.assert_array_equal(
       kv_valid, key_mask[:, 0, 0] & (np.arange(12) < np.array([[12], [7]])))
   row_mask = jnp.asarray([True] * 5 + [False] * (T - 5))[None, None, :, None]
-  inputs = attn.kernels.common.canonicalize(q, k, v, mask=row_mask)
+  inputs = attn.kernels.canonical.canonicalize(q, k, v, mask=row_mask)
   q_valid, kv_valid = blocks.validity("x", inputs)
   assert kv_valid is None
   np.testing.assert_array_equal(q_valid, np.broadcast_to(row_mask[0, 0, :, 0],

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
-from attn.kernels import common
+from attn.kernels import canonical
 from attn.kernels.exact import xla_attention
 
 Array = jax.Array
@@ -18,7 +18,7 @@ IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
 CHUNKED_MIN_LENGTH = 1024
 
 
-def _cudnn(inputs: common.AttentionInputs, *, dropout_rate, return_weights,
+def _cudnn(inputs: canonical.AttentionInputs, *, dropout_rate, return_weights,
            **_):
   """Delegates to jax.nn's cuDNN flash attention, or raises ValueError."""
   platform = jax.devices()[0].platform
@@ -51,7 +51,7 @@ def _cudnn(inputs: common.AttentionInputs, *, dropout_rate, return_weights,
     raise ValueError(f"implementation='cudnn' is unavailable: {e}") from e
 
 
-def _chunked(inputs: common.AttentionInputs, *, dropout_rate, return_weights,
+def _chunked(inputs: canonical.AttentionInputs, *, dropout_rate, return_weights,
              block_q=None, block_k=None, **_):
   """Blockwise online-softmax kernel; no dropout, no weights."""
   if dropout_rate > 0:
@@ -78,7 +78,7 @@ def _xla(inputs, *, dropout_rate, dropout_rng, broadcast_dropout,
 _DISPATCH = {"xla": _xla, "chunked": _chunked, "cudnn": _cudnn}
 
 
-def auto_implementations(inputs: common.AttentionInputs, *, dropout_rate,
+def auto_implementations(inputs: canonical.AttentionInputs, *, dropout_rate,
                          return_weights) -> list[str]:
   """The order ``implementation=None`` tries: cuDNN on GPU, then ours."""
   order = []
@@ -150,12 +150,12 @@ def dot_product_attention(
     ValueError: bad shapes/dtypes, unknown implementation names, or an
       implementation that cannot serve the requested options.
   """
-  inputs = common.canonicalize(
+  inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
       local_window_size=local_window_size, segment_ids=segment_ids)
-  common.check_dropout(dropout_rate, dropout_rng)
+  canonical.check_dropout(dropout_rate, dropout_rng)
   if implementation is None:
     order = auto_implementations(inputs, dropout_rate=dropout_rate,
                                  return_weights=return_weights)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from attn.kernels import blocks, common
+from attn.kernels import blocks, canonical
 from attn.registry import register_attention
 
 
@@ -97,7 +97,7 @@ def bigbird_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]`` in the input dtype. Time and memory
     ``O(B·N·(T·b·(w+g+r) + g·b·S))``.
   """
-  inputs = common.canonicalize(
+  inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids)

@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.kernels import common
-from attn.kernels.exact import masked_softmax
+from attn import masks
+from attn.kernels import canonical
+from attn.masks import masked_softmax
 
 Array = jax.Array
 F32 = jnp.float32
@@ -67,7 +68,7 @@ def map_heads(fn: Callable[..., Array], query: Array, key: Array,
   return out.reshape(B, T, N, out.shape[-1])
 
 
-def check_supported(name: str, inputs: common.AttentionInputs, *,
+def check_supported(name: str, inputs: canonical.AttentionInputs, *,
                     causal: bool, segments: bool) -> None:
   """Raises ``ValueError`` listing the requested features ``name`` lacks.
 
@@ -88,7 +89,7 @@ def check_supported(name: str, inputs: common.AttentionInputs, *,
                      + "; ".join(problems))
 
 
-def validity(name: str, inputs: common.AttentionInputs
+def validity(name: str, inputs: canonical.AttentionInputs
              ) -> Tuple[Optional[Array], Optional[Array]]:
   """Per-token validity ``(q_valid[B, T], kv_valid[B, S])`` (bool or None).
 
@@ -135,7 +136,7 @@ def zero_invalid_queries(out_BTND: Array, q_valid: Optional[Array]) -> Array:
       out_BTND.dtype)
 
 
-def finish(out_BTND: Array, inputs: common.AttentionInputs,
+def finish(out_BTND: Array, inputs: canonical.AttentionInputs,
            q_valid: Optional[Array]) -> Array:
   """Zeros invalid query rows, casts to the input dtype, undoes batching."""
   out = zero_invalid_queries(out_BTND, q_valid).astype(inputs.query.dtype)
@@ -342,7 +343,7 @@ def dense_rows_one_head(q_GH: Array, q_pos: Sequence[int], k_SH: Array,
   """
   q_pos = np.asarray(q_pos)
   S = k_SH.shape[0]
-  mask_GS = common.structure_mask(
+  mask_GS = masks.structure_mask(
       jnp.asarray(q_pos), jnp.arange(S), is_causal=is_causal, window=None,
       q_segment=None if q_segment is None else q_segment[q_pos],
       kv_segment=kv_segment)

@@ -46,8 +46,9 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from attn.kernels import common
-from attn.kernels.common import AttentionInputs
+from attn.masks import structure_mask
+from attn.kernels import canonical
+from attn.kernels.canonical import AttentionInputs
 
 Array = jax.Array
 
@@ -65,7 +66,7 @@ class _Config:
     heads: ``(B, K, G)``: batch, key/value heads, query heads per kv head.
     left / right: query ``t`` may only see keys ``t - left <= s <= t + right``
       (``None`` = unbounded); from ``local_window_size`` and ``is_causal``.
-    is_causal / window: passed to :func:`common.structure_mask`.
+    is_causal / window: passed to :func:`attn.masks.structure_mask`.
     block_q / block_k: block sizes.
     num_keys: real key length ``S`` when keys were padded, else ``None``.
   """
@@ -138,7 +139,7 @@ def visited_blocks(T: int, S: int, *, block_q: Optional[int] = None,
   """
   bq, nq = block_size(T, block_q, DEFAULT_BLOCK_Q, "block_q")
   bk, nk = block_size(S, block_k, DEFAULT_BLOCK_K, "block_k")
-  left, right = reach(is_causal, common.normalize_window(local_window_size))
+  left, right = reach(is_causal, canonical.normalize_window(local_window_size))
   visited = 0
   for i in range(nq):
     lo, hi = kv_block_range(i, block_q=bq, block_k=bk, num_k_blocks=nk,
@@ -269,7 +270,7 @@ def _block_mask(cfg: _Config, i, j, masks) -> Optional[Array]:
   """Boolean ``[B|1, K|1, G|1, block_q|1, block_k|1]`` mask, or ``None``.
 
   ``masks = (mask, q_len, kv_len, q_seg, kv_seg)``; the structure part comes
-  from :func:`common.structure_mask` on the block's positions.
+  from :func:`attn.masks.structure_mask` on the block's positions.
   """
   mask, q_len, kv_len, q_seg, kv_seg = masks
   q_pos = i * cfg.block_q + jnp.arange(cfg.block_q)
@@ -277,7 +278,7 @@ def _block_mask(cfg: _Config, i, j, masks) -> Optional[Array]:
   static_kv_len = cfg.num_keys if kv_len is None else None
 
   def one_example(ql, kl, qs, ks):
-    return common.structure_mask(
+    return structure_mask(
         q_pos, k_pos, is_causal=cfg.is_causal, window=cfg.window,
         q_length=ql, kv_length=static_kv_len if kl is None else kl,
         q_segment=qs, kv_segment=ks)
@@ -481,7 +482,7 @@ def chunked_attention(inputs: AttentionInputs, *,
   """Exact attention by blockwise online softmax; memory O(T), not O(T·S).
 
   Args:
-    inputs: canonical arguments from :func:`common.canonicalize`:
+    inputs: canonical arguments from :func:`canonical.canonicalize`:
       ``query[B, T, N, H]``, ``key[B, S, K, H]``, ``value[B, S, K, Dv]``,
       bias/mask broadcastable to ``[B, N, T, S]``, causal, lengths, local
       window, segment ids. Any ``T``/``S`` (padded internally), ``N`` a

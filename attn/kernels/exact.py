@@ -13,41 +13,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from attn.kernels import common
-from attn.kernels.common import AttentionInputs, MASK_VALUE
+from attn import masks
+from attn.kernels import canonical
+from attn.kernels.canonical import AttentionInputs
+from attn.masks import combine_masks, masked_softmax
 
 Array = jax.Array
-
-
-def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
-  """Logical AND of the masks that are not ``None`` (``None`` if all are);
-  bool arrays of mutually broadcastable shapes -> their broadcast shape."""
-  masks = [m for m in masks if m is not None]
-  if not masks:
-    return None
-  out = masks[0]
-  for m in masks[1:]:
-    out = jnp.logical_and(out, m)
-  return out
-
-
-def masked_softmax(logits: Array, mask: Optional[Array]) -> Array:
-  """float32 softmax over the last axis where ``mask`` is True.
-
-  ``logits [..., S]``; ``mask`` bool, broadcastable to it, or None. Returns
-  float32 weights of the broadcast shape.
-
-  A row with no True entry returns all zeros (not the uniform average), and
-  its gradient is zero and finite.
-  """
-  logits = logits.astype(jnp.float32)
-  if mask is None:
-    return jax.nn.softmax(logits, axis=-1)
-  logits = jnp.where(mask, logits, MASK_VALUE)
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  unnorm = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
-  denom = jnp.sum(unnorm, axis=-1, keepdims=True)
-  return unnorm / jnp.where(denom == 0.0, 1.0, denom)
 
 
 def attend_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
@@ -100,7 +71,7 @@ def xla_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
 
   Returns ``out[B, T, N, Dv]`` or ``(out, weights[B, N, T, S])``.
   """
-  common.check_dropout(dropout_rate, dropout_rng)
+  canonical.check_dropout(dropout_rate, dropout_rng)
   B, T, S, N, K, H, Dv = inputs.shape
   G = N // K
   q = inputs.query.reshape(B, T, K, G, H)
@@ -109,7 +80,7 @@ def xla_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
   keep = None
   k_bax = k_hk = k_hg = None
   if dropout_rate > 0.0:
-    keep = common.dropout_keep(dropout_rng, dropout_rate, (B, N, T, S),
+    keep = masks.dropout_keep(dropout_rng, dropout_rate, (B, N, T, S),
                                (0, 1) if broadcast_dropout else ())
     keep, k_bax, k_hk, k_hg = _group_heads(keep, K, G)
 
@@ -127,7 +98,7 @@ def xla_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
 
   def per_example(q_TKGH, k_SKH, v_SKD, bias_x, mask_x, keep_x, qlen, kvlen,
                   qseg, kvseg):
-    smask = common.structure_mask(
+    smask = masks.structure_mask(
         jnp.arange(T), jnp.arange(S), is_causal=inputs.is_causal,
         window=inputs.window, q_length=qlen, kv_length=kvlen,
         q_segment=qseg, kv_segment=kvseg)

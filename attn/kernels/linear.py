@@ -25,8 +25,8 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from attn.kernels import blocks, common
-from attn.kernels.common import MASK_VALUE
+from attn.kernels import blocks, canonical
+from attn.masks import MASK_VALUE
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -224,7 +224,7 @@ def feature_attention_noncausal(q: Array, k: Array, v: Array,
   return out[:, :T]
 
 
-def kernelized_attention(name: str, inputs: common.AttentionInputs,
+def kernelized_attention(name: str, inputs: canonical.AttentionInputs,
                          features: FeatureMap, *, chunk_size: int) -> Array:
   """Runs feature attention for validated inputs, handling masks and GQA.
 
@@ -289,7 +289,7 @@ def linear_attention(query, key, value, bias=None, mask=None, *,
     in-chunk products), memory ``O(B·N·(T+S)·(H+Dv))``. Queries with no valid
     key output zeros.
   """
-  inputs = common.canonicalize(
+  inputs = canonical.canonicalize(
       query, key, value, bias, mask, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids)

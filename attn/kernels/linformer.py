@@ -17,8 +17,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from attn.kernels import blocks, common
-from attn.kernels.exact import masked_softmax
+from attn.kernels import blocks, canonical
+from attn.masks import masked_softmax
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -102,7 +102,7 @@ def linformer_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]`` in the input dtype. Time ``O(B·N·(T+S)·k·H)``,
     memory ``O(B·N·(T+S)·k)``.
   """
-  inputs = common.canonicalize(
+  inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple, Union
 
 import jax
 
-from attn.kernels import blocks, common
+from attn.kernels import blocks, canonical
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -72,7 +72,7 @@ def local_attention(query, key, value, bias=None, mask=None, *,
     ``O(B·N·T·(left + right + block))``. Queries with no allowed key output
     zeros.
   """
-  inputs = common.canonicalize(
+  inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
@@ -80,7 +80,7 @@ def local_attention(query, key, value, bias=None, mask=None, *,
   blocks.check_supported("local", inputs, causal=True, segments=True)
   q_valid, kv_valid = blocks.validity("local", inputs)
   B, T, S, *_ = inputs.shape
-  win = blocks.intersect_windows(common.normalize_window(window),
+  win = blocks.intersect_windows(canonical.normalize_window(window),
                                  inputs.window)
   block = block_size or default_block(win, inputs.is_causal, T)
   if block < 1:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attn.kernels.exact import masked_softmax
+from attn.masks import masked_softmax
 from attn.kernels.sparse import (finish, key_valid_or_all, map_blocks,
                                  map_heads, pad_axis0, prepare)
 from attn.registry import register_attention

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple, Union
 import jax
 import numpy as np
 
-from attn.kernels import blocks, common
+from attn.kernels import blocks, canonical
 from attn.kernels.local import default_block
 from attn.registry import register_attention
 
@@ -84,7 +84,7 @@ def longformer_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]`` in the input dtype. Time and memory
     ``O(B·N·(T·(left + right + block + G) + G·S))``.
   """
-  inputs = common.canonicalize(
+  inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
@@ -92,7 +92,7 @@ def longformer_attention(query, key, value, bias=None, mask=None, *,
   blocks.check_supported("longformer", inputs, causal=True, segments=True)
   q_valid, kv_valid = blocks.validity("longformer", inputs)
   B, T, S, *_ = inputs.shape
-  win = blocks.intersect_windows(common.normalize_window(window),
+  win = blocks.intersect_windows(canonical.normalize_window(window),
                                  inputs.window)
   block = block_size or default_block(win, inputs.is_causal, T)
   if block < 1:

@@ -19,9 +19,9 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from attn.kernels import blocks, common
-from attn.kernels.common import MASK_VALUE
-from attn.kernels.exact import masked_softmax
+from attn.kernels import blocks, canonical
+from attn.masks import MASK_VALUE
+from attn.masks import masked_softmax
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -169,7 +169,7 @@ def nystrom_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]`` in the input dtype; computed in float32. Time
     ``O(B·N·((T+S)·m·H + m³))``, memory ``O(B·N·(T+S)·m)``.
   """
-  inputs = common.canonicalize(
+  inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids)

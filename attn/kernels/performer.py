@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.kernels import blocks, common, linear
-from attn.kernels.common import MASK_VALUE
+from attn.kernels import blocks, canonical, linear
+from attn.masks import MASK_VALUE
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -137,7 +137,7 @@ def performer_attention(query, key, value, bias=None, mask=None, *,
     ``O(B·N·(T+S)·M·(H+Dv))`` (causal adds ``O(B·N·T·c·(M+Dv))``), memory
     ``O(B·N·(T+S)·(H+Dv))`` plus ``O(c·M)`` per scan step.
   """
-  inputs = common.canonicalize(
+  inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids)

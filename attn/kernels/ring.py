@@ -52,8 +52,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from attn.kernels import common
-from attn.kernels.common import MASK_VALUE
+from attn import masks
+from attn.kernels import canonical
+from attn.masks import MASK_VALUE
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -205,7 +206,7 @@ def _chunk_mask(cfg, ex, q_pos, k_pos, q_start, kv_seg, k_start, k_col):
 
   Combines the user mask with the structure mask (causal, window, lengths,
   segments, ring padding) built from global positions by
-  :func:`attn.kernels.common.structure_mask`.
+  :func:`attn.kernels.masks.structure_mask`.
   """
   bq, bk = q_pos.shape[0], k_pos.shape[0]
   b, N = ex["q"].shape[0], ex["q"].shape[2]
@@ -220,7 +221,7 @@ def _chunk_mask(cfg, ex, q_pos, k_pos, q_start, kv_seg, k_start, k_col):
   if (cfg.is_causal or cfg.window is not None or qlen is not None
       or kvlen is not None or qseg is not None):
     smask = jax.vmap(
-        lambda ql, kl, qs, ks: common.structure_mask(
+        lambda ql, kl, qs, ks: masks.structure_mask(
             q_pos, k_pos, is_causal=cfg.is_causal, window=cfg.window,
             q_length=ql, kv_length=kl, q_segment=qs, kv_segment=ks),
         in_axes=(None if qlen is None else 0, None if kvlen is None else 0,
@@ -658,7 +659,7 @@ def ring_attention(query: Array, key: Array, value: Array,
   Raises:
     ValueError: no mesh with ``seq_axis``; bad shapes; non-static scale.
   """
-  inputs = common.canonicalize(
+  inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,

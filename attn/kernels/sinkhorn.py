@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.kernels.common import MASK_VALUE
-from attn.kernels.exact import masked_softmax
+from attn.masks import MASK_VALUE
+from attn.masks import masked_softmax
 from attn.kernels.sparse import (finish, key_valid_or_all, map_blocks,
                                  map_heads, pad_axis0, prepare)
 from attn.registry import register_attention

@@ -37,9 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.kernels import common
+from attn import masks
+from attn.kernels import canonical
 from attn.kernels.blocks import pad_axis0  # re-exported for the variants
-from attn.kernels.exact import combine_masks, masked_softmax
+from attn.masks import combine_masks, masked_softmax
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -85,14 +86,14 @@ class HeadInputs:
     return B, T, self.k.shape[2], N, H, self.v.shape[-1]
 
 
-def _structure_mask_BTS(inputs: common.AttentionInputs) -> Optional[Array]:
+def _structure_mask_BTS(inputs: canonical.AttentionInputs) -> Optional[Array]:
   """Causal/window/length/segment mask ``[B, T, S]`` (``None`` if none)."""
   if not inputs.has_structure_mask:
     return None
   B, T, S, *_ = inputs.shape
 
   def one(_, q_len, kv_len, q_seg, kv_seg):
-    return common.structure_mask(
+    return masks.structure_mask(
         jnp.arange(T), jnp.arange(S), is_causal=inputs.is_causal,
         window=inputs.window, q_length=q_len, kv_length=kv_len,
         q_segment=q_seg, kv_segment=kv_seg)
@@ -101,7 +102,7 @@ def _structure_mask_BTS(inputs: common.AttentionInputs) -> Optional[Array]:
                        inputs.q_segment_ids, inputs.kv_segment_ids)
 
 
-def _key_valid_BNS(name: str, inputs: common.AttentionInputs
+def _key_valid_BNS(name: str, inputs: canonical.AttentionInputs
                    ) -> Optional[Array]:
   """Per-key padding mask from ``key_value_seq_lengths`` and a mask whose
   query axis has size 1; ``ValueError`` for any other mask."""
@@ -141,7 +142,7 @@ def prepare(name: str, query, key, value, bias=None, mask=None, *,
   Returns:
     :class:`HeadInputs`.
   """
-  inputs = common.canonicalize(
+  inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attn.kernels.exact import masked_softmax
+from attn.masks import masked_softmax
 from attn.kernels.sparse import finish, map_heads, prepare
 from attn.registry import register_attention
 

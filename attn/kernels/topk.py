@@ -21,8 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from attn.kernels.common import MASK_VALUE
-from attn.kernels.exact import masked_softmax
+from attn.masks import MASK_VALUE
+from attn.masks import masked_softmax
 from attn.kernels.sparse import HeadInputs, finish, map_heads, prepare
 from attn.registry import register_attention
 

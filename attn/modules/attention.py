@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from attn import positional as pe
 from attn import registry
-from attn.kernels.exact import combine_masks
+from attn.masks import combine_masks
 from attn.modules.embeddings import T5RelativeBias
 
 Array = jax.Array

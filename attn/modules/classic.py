@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn import scores as scores_lib
-from attn.kernels.exact import masked_softmax
+from attn.masks import masked_softmax
 from attn.kernels.local_p import predicted_centres
 
 Array = jax.Array

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attn.kernels.exact import masked_softmax
+from attn.masks import masked_softmax
 
 Array = jax.Array
 

@@ -1,8 +1,8 @@
 """Print what each built-in task's data looks like.
 
-    python -m experiments.tasks                 # every task, default options
-    python -m experiments.tasks dates glimpse   # some of them
-    python -m experiments.tasks reverse --count 3
+    python -m experiments.data                 # every task, default options
+    python -m experiments.data dates glimpse   # some of them
+    python -m experiments.data reverse --count 3
 
 For each task: its kind, ``spec()`` and ``--count`` training examples
 (split "train", step 0, seed 0) rendered with ``decode``.
@@ -15,8 +15,8 @@ from typing import Dict, List
 
 import numpy as np
 
-from experiments.tasks import get_task, list_tasks
-from experiments.tasks.base import Task
+from experiments.data import get_task, list_tasks
+from experiments.data.base import Task
 
 _MAX_CHARS = 100
 

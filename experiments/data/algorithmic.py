@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from experiments.tasks.base import (BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, Batch,
+from experiments.data.base import (BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, Batch,
                                     Task, Vocabulary, check_int,
                                     sample_in_split, symbol_names)
 

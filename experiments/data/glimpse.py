@@ -29,7 +29,7 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 
-from experiments.tasks.base import (NUM_SPECIAL, PAD_ID, Batch, Task,
+from experiments.data.base import (NUM_SPECIAL, PAD_ID, Batch, Task,
                                     Vocabulary, check_int, sample_in_split,
                                     symbol_names)
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from experiments.tasks.base import (SPLITS, Batch, Task, batch_rng,
+from experiments.data.base import (SPLITS, Batch, Task, batch_rng,
                                     check_int, epoch_indices)
 
 SPLIT_SEED = 0

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 
 import numpy as np
 
-from experiments.tasks.base import (BOS_ID, EOS_ID, PAD_ID, Batch, Task,
+from experiments.data.base import (BOS_ID, EOS_ID, PAD_ID, Batch, Task,
                                     Vocabulary, pad_rows, sample_in_split)
 
 FIRST_DATE = datetime.date(1969, 1, 1)

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 
 import numpy as np
 
-from experiments.tasks.base import (NUM_SPECIAL, PAD_ID, SPLITS, Batch, Task,
+from experiments.data.base import (NUM_SPECIAL, PAD_ID, SPLITS, Batch, Task,
                                     Vocabulary, check_int)
 
 SPLIT_BOUNDARIES = (0.9, 0.95)  # train | valid | test, as text fractions

@@ -4,7 +4,7 @@
 ``task.batch(split, step, batch_size)`` gives the same arrays for the same
 arguments (no hidden state), ``task.eval_batches(split, batch_size, n)`` a
 fixed evaluation set, ``task.spec()`` the static facts a model needs. See
-:mod:`experiments.tasks.base` for the conventions (token ids, randomness,
+:mod:`experiments.data.base` for the conventions (token ids, randomness,
 splits) and each module for its batch format.
 """
 
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from experiments.tasks.algorithmic import AssociativeRecall, Copy, Reverse, Sort
-from experiments.tasks.base import KINDS, SPLITS, Task, Vocabulary
-from experiments.tasks.dates import Dates
-from experiments.tasks.digits import DigitsSetAnomaly, DigitsViT
-from experiments.tasks.glimpse import Glimpse
-from experiments.tasks.listops import ListOps, read_lra_tsv, write_lra_tsv
-from experiments.tasks.regression import NadarayaWatson
-from experiments.tasks.text import TextLM
+from experiments.data.algorithmic import AssociativeRecall, Copy, Reverse, Sort
+from experiments.data.base import KINDS, SPLITS, Task, Vocabulary
+from experiments.data.dates import Dates
+from experiments.data.digits import DigitsSetAnomaly, DigitsViT
+from experiments.data.glimpse import Glimpse
+from experiments.data.listops import ListOps, read_lra_tsv, write_lra_tsv
+from experiments.data.regression import NadarayaWatson
+from experiments.data.text import TextLM
 
 TASKS: Dict[str, type] = {cls.name: cls for cls in (
     Reverse, Copy, Sort, AssociativeRecall, ListOps, Dates, Glimpse,

@@ -1,4 +1,4 @@
-"""Tests for the built-in data tasks (experiments.tasks).
+"""Tests for the built-in data tasks (experiments.data).
 
 Every label is recomputed by an independent route: brute-force Python for the
 algorithmic tasks, a stack evaluator and a literal port of LRA's ``to_value``
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments import tasks
-from experiments.tasks import __main__ as show
-from experiments.tasks import base, dates, digits, listops, text
+from experiments import data as tasks
+from experiments.data import __main__ as show
+from experiments.data import base, dates, digits, listops, text
 
 # Small options per task so every generic test stays fast.
 SMALL = {

@@ -21,11 +21,6 @@ import numpy as np
 
 Array = jax.Array
 
-# Finite stand-in for -inf: large enough that exp(x - max) underflows to 0,
-# small enough that subtracting two of them never overflows float32.
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
-
 @dataclasses.dataclass(frozen=True)
 class AttentionInputs:
   """Canonical, validated arguments shared by every exact implementation.
@@ -210,52 +205,6 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
       is_causal=bool(is_causal), q_lengths=q_lengths, kv_lengths=kv_lengths,
       window=normalize_window(local_window_size), q_segment_ids=q_seg,
       kv_segment_ids=kv_seg, squeeze_batch=squeeze)
-
-
-def structure_mask(q_pos: Array, k_pos: Array, *, is_causal: bool,
-                   window: Optional[Tuple[int, int]],
-                   q_length: Optional[Array] = None,
-                   kv_length: Optional[Array] = None,
-                   q_segment: Optional[Array] = None,
-                   kv_segment: Optional[Array] = None) -> Optional[Array]:
-  """Boolean ``[len(q_pos), len(k_pos)]`` mask from positions (one example).
-
-  Works on any block of positions, so dense and blockwise kernels share it.
-  Returns ``None`` when nothing is masked.
-  """
-  parts = []
-  q = q_pos[:, None]
-  k = k_pos[None, :]
-  if is_causal:
-    parts.append(k <= q)
-  if window is not None:
-    left, right = window
-    parts.append((k >= q - left) & (k <= q + right))
-  if q_length is not None:
-    parts.append(q < q_length)
-  if kv_length is not None:
-    parts.append(k < kv_length)
-  if q_segment is not None:
-    parts.append(q_segment[:, None] == kv_segment[None, :])
-  if not parts:
-    return None
-  out = parts[0]
-  for p in parts[1:]:
-    out = out & p
-  return jnp.broadcast_to(out, (q_pos.shape[0], k_pos.shape[0]))
-
-
-def dropout_keep(rng: Array, rate: float, shape, broadcast_axes=()) -> Array:
-  """Boolean keep-mask (True with probability ``1 - rate``) of ``shape``.
-
-  Axes in ``broadcast_axes`` get size 1 (the same mask is shared along them).
-  Draws exactly what ``flax.linen.dot_product_attention`` draws for the same
-  key and shape, so Flax modules see identical dropout patterns.
-  """
-  shape = list(shape)
-  for a in broadcast_axes:
-    shape[a] = 1
-  return jax.random.bernoulli(rng, 1.0 - rate, tuple(shape))
 
 
 def check_dropout(dropout_rate: float, dropout_rng: Any) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from experiments.tasks.base import (Batch, Task, check_float, check_int,
+from experiments.data.base import (Batch, Task, check_float, check_int,
                                     split_id)
 
 

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from experiments.tasks.base import (PAD_ID, Batch, Task, Vocabulary,
+from experiments.data.base import (PAD_ID, Batch, Task, Vocabulary,
                                     check_int, epoch_indices, pad_rows,
                                     sequence_split, split_id)
 
