@@ -51,8 +51,11 @@ MultiHeadAttention``). The README's guide explains each mechanism with its
 formula and a picture drawn by ``python -m experiments.figures``.
 """
 
+# Importing attn.kernels registers every built-in kernel with attn.registry
+# (kernels import the registry, never the other way round).
+from attn import kernels  # noqa: F401
 from attn import scores
-from attn.kernels.attention import dot_product_attention
+from attn.kernels.exact import dot_product_attention
 from attn.registry import get_attention, list_attention, register_attention
 
 __all__ = ["dot_product_attention", "get_attention", "list_attention",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,8 +77,8 @@ def sinusoidal_encoding(length: int, dim: int, *, base: float = 10000.0,
   pos_P = (jnp.arange(length, dtype=jnp.float32)
            + jnp.asarray(offset, jnp.float32))
   angle_PI = pos_P[:, None] * _inverse_frequencies(dim, base)[None, :]
-  return jnp.stack([jnp.sin(angle_PI), jnp.cos(angle_PI)],
-                   axis=-1).reshape(length, dim)
+  return einops.rearrange([jnp.sin(angle_PI), jnp.cos(angle_PI)],
+                          "two p i -> p (i two)")
 
 
 def sinusoidal_2d(height: int, width: int, dim: int, *,
@@ -101,7 +102,7 @@ def sinusoidal_2d(height: int, width: int, dim: int, *,
       jnp.broadcast_to(rows_HD[:, None, :], (height, width, dim // 2)),
       jnp.broadcast_to(cols_WD[None, :, :], (height, width, dim // 2)),
   ], axis=-1)
-  return grid.reshape(height * width, dim)
+  return einops.rearrange(grid, "h w d -> (h w) d")
 
 
 def apply_rope(x_BTNH: Array, positions: Optional[Array] = None, *,
@@ -249,4 +250,4 @@ def t5_relative_bias(table: Array, buckets: Array) -> Array:
     raise ValueError(f"t5_relative_bias: buckets must be [T, S], got shape "
                      f"{buckets.shape}")
   bias_TSN = jnp.take(table.astype(jnp.float32), buckets, axis=0)
-  return jnp.transpose(bias_TSN, (2, 0, 1))[None]
+  return einops.rearrange(bias_TSN, "t s n -> 1 n t s")

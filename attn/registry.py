@@ -17,6 +17,10 @@ given (``sow_weights=True``) the weights are sown to
 
 Adding a variant: write ``kernel(query, key, value, bias=None, mask=None, *,
 <options>, <runtime kwargs>)`` and decorate it with :func:`register_attention`.
+
+The arrow runs one way: kernels import this module, this module imports no
+kernel. The built-in kernels are registered by ``import attn`` (which
+imports :mod:`attn.kernels`), so they are present whenever this module is.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ RUNTIME_KWARGS = frozenset({
     "segment_ids", "dropout_rate", "dropout_rng", "broadcast_dropout",
     "return_weights", "deterministic", "rng", "params", "local_window_size",
 })
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,20 +101,13 @@ def register_attention(name: str, *, aliases: Tuple[str, ...] = (),
   return decorator
 
 
-def _ensure_builtin_registered() -> None:
-  # Importing the kernels package registers every built-in variant.
-  import attn.kernels  # pylint: disable=g-import-not-at-top,unused-import
-
-
 def list_attention() -> list[str]:
   """Sorted names of every registered attention kernel (aliases excluded)."""
-  _ensure_builtin_registered()
   return sorted(_REGISTRY)
 
 
 def get_entry(name: str) -> AttentionEntry:
   """The :class:`AttentionEntry` for a name or alias."""
-  _ensure_builtin_registered()
   name = _ALIASES.get(name, name)
   if name not in _REGISTRY:
     raise ValueError(f"unknown attention {name!r}; registered: "

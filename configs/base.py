@@ -19,7 +19,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.task.options = ml_collections.ConfigDict()  # passed to get_task(**opts)
 
   c.model = ml_collections.ConfigDict()
-  c.model.arch = "transformer"    # transformer | rnn | glimpse | nadaraya_watson | vit
+  # Which model (experiments.problems.ARCHS, per task kind): transformer |
+  # vit (image classification) | rnn (seq2seq) | glimpse | nadaraya_watson.
+  c.model.arch = "transformer"
   c.model.attention = "softmax"   # any attn.list_attention() spec string
   c.model.positional = "sinusoidal"  # none|sinusoidal|learned|rope|alibi|t5
   c.model.num_layers = 2          # blocks in encoder (and decoder)

@@ -1,17 +1,17 @@
 """Config for ``python -m experiments.benchmark`` (the kernel benchmark).
 
 Use it as is (the defaults are the README's CPU sweep), with a preset
-(``--config=configs/benchmark.py:quick``), or override single fields
-(``--config.seq_lens=(1024,4096) --config.repeats=3``). The plain flags of
-``experiments.benchmark`` (``--seq_lens=1024,4096``, ``--quick``, ...)
-override whatever the config says.
+(``--config=configs/benchmark.py:quick``), and override single fields with
+``--config.<field>=...``; tuple-valued fields take a Python tuple
+(``--config.seq_lens='(1024,4096)' --config.causal='(False,True)'
+--config.repeats=3``). That is the command's only way to set a field.
 """
 
 import ml_collections
 
 # The ``quick`` preset: a CI smoke test over every registered variant that
-# finishes in seconds on a laptop CPU. ``--quick`` applies these on top of
-# the loaded config.
+# finishes in seconds on a laptop CPU (``--config=configs/benchmark.py:quick``
+# applies these on top of the defaults).
 QUICK = {
     "seq_lens": (64, 128),
     "batch_size": 1,

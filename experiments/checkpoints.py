@@ -1,6 +1,8 @@
 """Orbax checkpointing for training runs: latest-N plus best-by-metric.
 
-Layout under ``workdir/checkpoints/``::
+Layout under ``workdir/checkpoints/`` (defined here alone: everything else
+calls :func:`checkpoints_dir`, :func:`latest_dir`, :func:`best_dir`, the
+:class:`Checkpointer` or :func:`restore_best`)::
 
     latest/<step>/   the newest ``keep`` checkpoints (resume from here)
     best/<step>/     the single checkpoint with the best eval metric
@@ -24,6 +26,21 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
   """A checkpoint exists but is corrupt or incompatible with this run."""
+
+
+def checkpoints_dir(workdir: str) -> str:
+  """``workdir/checkpoints``: every checkpoint of a run."""
+  return os.path.join(workdir, "checkpoints")
+
+
+def latest_dir(workdir: str) -> str:
+  """``workdir/checkpoints/latest``: the newest ``keep`` checkpoints."""
+  return os.path.join(checkpoints_dir(workdir), "latest")
+
+
+def best_dir(workdir: str) -> str:
+  """``workdir/checkpoints/best``: the checkpoint with the best metric."""
+  return os.path.join(checkpoints_dir(workdir), "best")
 
 
 def _manager(directory: str, max_to_keep: int, best_metric: Optional[str],
@@ -53,12 +70,10 @@ class Checkpointer:
                best_mode: str = "max"):
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    self.root = os.path.join(workdir, "checkpoints")
+    self.root = checkpoints_dir(workdir)
     self.best_metric = best_metric
-    self._latest = _manager(os.path.join(self.root, "latest"), keep, None,
-                            "max")
-    self._best = _manager(os.path.join(self.root, "best"), 1, best_metric,
-                          best_mode)
+    self._latest = _manager(latest_dir(workdir), keep, None, "max")
+    self._best = _manager(best_dir(workdir), 1, best_metric, best_mode)
 
   def latest_step(self) -> Optional[int]:
     return self._latest.latest_step()
@@ -76,38 +91,59 @@ class Checkpointer:
     self._latest.wait_until_finished()
     self._best.wait_until_finished()
 
-  def _restore(self, manager, step: int, target: Any, kind: str):
-    path = os.path.join(str(manager.directory), str(step))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    try:
-      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f"cannot restore the {kind} checkpoint at {path}: "
-          f"{type(e).__name__}: {str(e)[:300]}. It is corrupt or was written "
-          "by a different model/config. Move it away, or rerun with "
-          "--config.fresh_start=True to set the checkpoints aside (they are "
-          "renamed, not deleted) and train from scratch.") from e
-    _check_compatible(target, restored, path)
-    return restored
-
   def restore_latest(self, target: Any):
     """``(step, state)`` of the latest checkpoint, or ``(None, target)``."""
     step = self.latest_step()
     if step is None:
       return None, target
-    return step, self._restore(self._latest, step, target, "latest")
+    return step, _restore(self._latest, step, target, "latest")
 
   def restore_best(self, target: Any):
     """``(step, state)`` of the best checkpoint, or ``(None, None)``."""
     step = self.best_step()
     if step is None:
       return None, None
-    return step, self._restore(self._best, step, target, "best")
+    return step, _restore(self._best, step, target, "best")
 
   def close(self):
     self._latest.close()
     self._best.close()
+
+
+def restore_best(workdir: str, target: Any, *, best_metric: str,
+                 best_mode: str = "max"):
+  """``(step, state)`` of the best checkpoint of a finished run.
+
+  Reads ``best_dir(workdir)`` only (the latest checkpoints are not opened).
+  ``target`` is a train state of the run's structure (``train.py``'s
+  ``{"step", "params", "opt_state"}``); ``best_metric``/``best_mode`` are the
+  run's problem's. Returns ``(None, None)`` when there is none and raises
+  :class:`CheckpointError` if it does not match ``target``.
+  """
+  manager = _manager(best_dir(workdir), 1, best_metric, best_mode)
+  try:
+    step = manager.best_step()
+    if step is None:
+      return None, None
+    return step, _restore(manager, step, target, "best")
+  finally:
+    manager.close()
+
+
+def _restore(manager, step: int, target: Any, kind: str):
+  path = os.path.join(str(manager.directory), str(step))
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f"cannot restore the {kind} checkpoint at {path}: "
+        f"{type(e).__name__}: {str(e)[:300]}. It is corrupt or was written "
+        "by a different model/config. Move it away, or rerun with "
+        "--config.fresh_start=True to set the checkpoints aside (they are "
+        "renamed, not deleted) and train from scratch.") from e
+  _check_compatible(target, restored, path)
+  return restored
 
 
 def _check_compatible(target, restored, path):
@@ -122,7 +158,7 @@ def _check_compatible(target, restored, path):
 
 def set_aside(workdir: str) -> Optional[str]:
   """Renames ``workdir/checkpoints`` to a timestamped name; returns it."""
-  root = os.path.join(workdir, "checkpoints")
+  root = checkpoints_dir(workdir)
   if not os.path.exists(root):
     return None
   dest = f"{root}.set_aside.{time.strftime('%Y%m%d-%H%M%S')}"

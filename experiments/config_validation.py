@@ -1,8 +1,10 @@
 """Config checks that run before anything is compiled.
 
-A misspelled field, an unknown attention/positional/task name, or an
-impossible value stops the run with one :class:`ConfigError` that lists every
-problem found.
+A misspelled field, an unknown attention/positional/task/arch name, an arch
+that builds no model for the task's kind, or an impossible value stops the
+run with one :class:`ConfigError` that lists every problem found. The arch
+values come from :data:`experiments.problems.ARCHS`, so every accepted value
+builds a model.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from attn import positional
 from attn import registry
 from configs import base as base_config
 from experiments import data as tasks_lib
+from experiments import problems as problems_lib
 
-ARCHS = ("transformer", "rnn", "glimpse", "nadaraya_watson", "vit")
+ARCHS = tuple(problems_lib.ARCHS)
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 DTYPES = ("float32", "bfloat16")
 # Fields whose contents are free-form (checked by the task / model instead).
@@ -123,15 +126,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"{tasks_lib.list_tasks()}")
   else:
     try:
-      make_task(config)
+      task = make_task(config)
     except ValueError as e:
       problems.append(f"config.task.options: {e}")
+    else:
+      problems.extend(_model_problems(config, task))
   for axis in ("data", "seq", "model"):
     v = config.mesh[axis]
     if not isinstance(v, int) or (v < 1 and v != -1):
       problems.append(f"config.mesh.{axis}={v!r} must be a positive int or -1")
   if problems:
     raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _model_problems(config, task) -> list[str]:
+  """Whether the task's kind has a problem and ``config.model.arch`` builds a
+  model for it (building a module is cheap: no parameters yet)."""
+  if task.kind not in problems_lib.PROBLEMS:
+    return [f"task {task.name!r} has kind {task.kind!r}, which no problem "
+            f"handles; kinds: {sorted(problems_lib.PROBLEMS)}"]
+  arch = config.model.arch
+  if arch not in ARCHS:
+    return []  # reported above
+  try:
+    problems_lib.build_model(config, task.spec())
+  except ValueError as e:
+    return [f"config.model.arch={arch!r}: {e}"]
+  return []
 
 
 def make_task(config):

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from typing import Mapping
+from typing import Any, Dict, Mapping, Optional
 
 import logging
 
@@ -32,6 +32,11 @@ def get_logger() -> logging.Logger:
   return log
 
 
+def metrics_path(workdir: str) -> str:
+  """``workdir/metrics.jsonl``: one JSON record per line."""
+  return os.path.join(workdir, "metrics.jsonl")
+
+
 def _scalar(v):
   try:
     return float(v)
@@ -48,7 +53,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, enable_tensorboard: bool = True,
                enabled: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = metrics_path(workdir)
     self.enabled = enabled
     self._tb = None
     if enable_tensorboard and enabled:
@@ -75,7 +80,7 @@ class MetricWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
   """All records of ``workdir/metrics.jsonl`` (empty list if none)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = metrics_path(workdir)
   if not os.path.exists(path):
     return []
   with open(path, encoding="utf-8") as f:
@@ -87,10 +92,19 @@ def truncate_metrics(workdir: str, after_step: int) -> None:
   records = read_metrics(workdir)
   kept = [r for r in records if r["step"] <= after_step]
   if len(kept) != len(records):
-    with open(os.path.join(workdir, "metrics.jsonl"), "w",
-              encoding="utf-8") as f:
+    with open(metrics_path(workdir), "w", encoding="utf-8") as f:
       for r in kept:
         f.write(json.dumps(r) + "\n")
+
+
+def final_test_metrics(workdir: str) -> Optional[Dict[str, Any]]:
+  """The last ``split == "test"`` record of ``workdir/metrics.jsonl``.
+
+  ``None`` when the file does not exist or holds no test record (the run
+  has not finished).
+  """
+  tests = [r for r in read_metrics(workdir) if r.get("split") == "test"]
+  return tests[-1] if tests else None
 
 
 class Progress:

@@ -1,28 +1,32 @@
-"""Task kind -> model, loss, evaluation metrics and pictures.
+"""Problems: model + loss + metrics + pictures, one per task kind.
 
-A :class:`Problem` is everything :mod:`experiments.train` needs to know about
-one kind of task: ``init``, a differentiable ``loss``, a jitted ``eval_step``
-returning batch-mean metrics, the metric that ranks checkpoints, and
-``draw`` for the pictures in ``workdir/figures``.
+:mod:`experiments.data` makes the examples; this module decides what is
+learned from them. Two tables decide everything:
+
+* :data:`PROBLEMS` maps a task kind (``task.kind``) to its :class:`Problem`:
+  ``init``, a differentiable ``loss``, a jitted ``eval_step`` returning
+  batch-mean metrics, the metric that ranks checkpoints, and ``draw`` for
+  the pictures in ``workdir/figures``. It is the list of task kinds: every
+  task in :data:`experiments.data.TASKS` declares a kind found here.
+* :data:`ARCHS` maps ``config.model.arch`` and the task kind to the function
+  that builds the model (:func:`build_model`). Config validation accepts an
+  arch only where this table has a builder for the task's kind.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from typing import Any
+from typing import Callable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from attn.models import rnn as rnn_lib
-from attn.models import transformer as tfm
+from attn import models
 from attn.models import vit as vit_lib
-from attn.modules import (AttentionPooling, GlimpseAttention,
-                          PositionalEmbedding)
+from attn.modules import AttentionPooling
+from attn.modules.attention import check_support, resolve_attention
 from experiments import plots
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -43,35 +47,25 @@ def cross_entropy(logits, labels, weights=None):
   return jnp.sum(losses * weights) / denom, jnp.sum(correct * weights) / denom
 
 
-def _model_kwargs(m) -> dict:
-  """The Transformer fields shared by every attention model."""
-  return dict(emb_dim=m.emb_dim, num_heads=m.num_heads,
-              num_layers=m.num_layers, mlp_dim=m.mlp_dim,
-              num_kv_heads=m.num_kv_heads or None, attention=m.attention,
-              positional=m.positional, pre_ln=m.pre_ln,
-              dropout_rate=m.dropout_rate,
-              attention_dropout_rate=m.attention_dropout_rate)
-
-
 def _figdir(workdir, step):
   sub = "figures" if step is None else os.path.join("figures", f"step_{step}")
   return os.path.join(workdir, sub)
 
 
-def _weights_by_layer(intermediates, keep=lambda path: True):
-  pairs = [(p, np.asarray(w)) for p, w in
-           tfm.attention_weights(intermediates) if keep(p)]
-  return pairs
+def _weights_by_layer(intermediates):
+  return [(p, np.asarray(w))
+          for p, w in models.attention_weights(intermediates)]
 
 
 class Problem:
-  """Base: subclasses set ``model`` and implement the hooks."""
+  """Base: ``model`` comes from :data:`ARCHS`; subclasses implement the
+  hooks."""
   best_metric = "accuracy"
   best_mode = "max"
 
   def __init__(self, config, task):
     self.config, self.task, self.spec = config, task, task.spec()
-    self.dtype = DTYPES[config.dtype]
+    self.model = build_model(config, self.spec)
     self.eval_step = jax.jit(self.evaluate)
 
   def init(self, rng, batch):
@@ -110,21 +104,7 @@ class Seq2SeqProblem(Problem):
 
   def __init__(self, config, task):
     super().__init__(config, task)
-    m = config.model
-    vocab = self.spec["vocab_size"]
     self.target_length = self.spec["target_length"]
-    max_len = max(self.spec["input_length"], self.target_length) + 1
-    if m.arch == "rnn":
-      opts = m.options.to_dict()
-      self.model = rnn_lib.RNNSeq2Seq(
-          vocab_size=vocab, emb_dim=m.emb_dim, hidden_dim=m.emb_dim,
-          style=opts.get("style", "bahdanau"), attention=m.score,
-          positional="none", max_len=max_len, dropout_rate=m.dropout_rate,
-          dtype=self.dtype)
-    else:
-      self.model = tfm.Seq2SeqTransformer(
-          vocab_size=vocab, max_len=max_len, dtype=self.dtype,
-          **_model_kwargs(m))
     self.bos = self.spec.get("bos_id", 1)
 
   def _dec_in(self, targets):
@@ -184,7 +164,7 @@ class Seq2SeqProblem(Problem):
       out = [self.task.decode([t]) or "·" for t in pred[b]]
       groups = {}
       for path, w in pairs:
-        if self.config.model.arch == "rnn":
+        if isinstance(self.model, models.RNNSeq2Seq):
           kind = "cross"
           # Luong: [B, T, S]. Bahdanau: nn.scan stacks each step's
           # [B, 1, S] on axis 1 -> [B, T, 1, S]. Both become [B, 1, T, S].
@@ -217,13 +197,6 @@ class Seq2SeqProblem(Problem):
 class LMProblem(Problem):
   """Next-token prediction on ``inputs``, weighted by ``loss_mask``."""
 
-  def __init__(self, config, task):
-    super().__init__(config, task)
-    self.model = tfm.TransformerLM(
-        vocab_size=self.spec["vocab_size"],
-        max_len=self.spec["input_length"], dtype=self.dtype,
-        **_model_kwargs(config.model))
-
   def init(self, rng, batch):
     return self.model.init({"params": rng, **_rngs(rng)},
                            batch["inputs"])["params"]
@@ -252,8 +225,8 @@ class LMProblem(Problem):
           os.path.join(figdir, "causal_attention_example0.png"),
           x_labels=toks[:n], y_labels=toks[:n],
           row_names=[p for p, _ in pairs], title="causal self-attention"))
-    if self.task.name == "text_lm" and self.config.model.attention in (
-        "softmax", "xla", "chunked"):
+    if (self.task.name == "text_lm"
+        and can_decode(self.config.model.attention)):
       prompt = jnp.asarray(batch["inputs"][:1, :16])
       sample = self.model.generate(
           params, prompt, max_new_tokens=min(64, self.spec["input_length"]
@@ -272,25 +245,12 @@ class LMProblem(Problem):
 
 
 class ClassificationProblem(Problem):
-  """Sequence classifier for tokens, ViT for images."""
+  """Sequence classifier for tokens (arch ``transformer``), ViT for images
+  (arch ``vit``)."""
 
   def __init__(self, config, task):
     super().__init__(config, task)
-    m = config.model
-    opts = m.options.to_dict()
-    self.images = "image_shape" in self.spec
-    if self.images:
-      self.model = vit_lib.ViT(num_classes=self.spec["num_classes"],
-                               patch_size=opts.get("patch_size", 2),
-                               pooling=opts.get("pooling", "cls"),
-                               dtype=self.dtype, **_model_kwargs(m))
-    else:
-      self.model = tfm.EncoderClassifier(
-          vocab_size=self.spec["vocab_size"],
-          num_classes=self.spec["num_classes"],
-          max_len=self.spec["input_length"] + 1,
-          pooling=opts.get("pooling", "mean"), dtype=self.dtype,
-          **_model_kwargs(m))
+    self.images = isinstance(self.model, vit_lib.ViT)
 
   def _apply(self, params, batch, train=False, rng=None, **kw):
     extra = {} if self.images else {"padding_mask": batch["inputs"] != 0}
@@ -315,7 +275,7 @@ class ClassificationProblem(Problem):
   def draw_examples(self, params, batch, figdir):
     logits, inter = self._apply(params, batch, mutable=["intermediates"])
     pred = np.asarray(jnp.argmax(logits, -1))
-    weights = [w for _, w in tfm.attention_weights(inter)]
+    weights = [w for _, w in models.attention_weights(inter)]
     paths = []
     if not weights:  # variants that form no weights have nothing to draw
       return paths
@@ -355,14 +315,6 @@ class RegressionProblem(Problem):
   best_metric = "mse"
   best_mode = "min"
 
-  def __init__(self, config, task):
-    super().__init__(config, task)
-    opts = config.model.options.to_dict()
-    self.model = AttentionPooling(
-        kernel=opts.get("kernel", "gaussian"),
-        bandwidth=opts.get("bandwidth", 1.0),
-        learn_bandwidth=opts.get("learn_bandwidth", False))
-
   def init(self, rng, batch):
     variables = self.model.init(rng, batch["queries"], batch["keys"],
                                 batch["values"])
@@ -398,33 +350,8 @@ class RegressionProblem(Problem):
 # glimpse
 
 
-class GlimpseNet(nn.Module):
-  """Embed tokens, take one glimpse with a context-id query, classify."""
-  vocab_size: int
-  num_contexts: int
-  num_classes: int
-  emb_dim: int
-  score: str
-  max_length: int
-
-  @nn.compact
-  def __call__(self, tokens, context):
-    x = nn.Embed(self.vocab_size, self.emb_dim)(tokens)
-    return GlimpseAttention(self.num_contexts, self.num_classes,
-                            score=self.score, max_length=self.max_length)(
-                                x, context, mask=tokens != 0)
-
-
 class GlimpseProblem(Problem):
   """Accuracy plus the attention mass the glimpse puts on the target."""
-
-  def __init__(self, config, task):
-    super().__init__(config, task)
-    self.model = GlimpseNet(
-        vocab_size=self.spec["vocab_size"],
-        num_contexts=self.spec["num_contexts"],
-        num_classes=self.spec["num_classes"], emb_dim=config.model.emb_dim,
-        score=config.model.score, max_length=self.spec["input_length"])
 
   def init(self, rng, batch):
     return self.model.init(rng, batch["inputs"], batch["context"])["params"]
@@ -455,34 +382,8 @@ class GlimpseProblem(Problem):
 # set_anomaly: digits_set_anomaly
 
 
-class SetEncoder(nn.Module):
-  """Per-element scores from a Transformer encoder.
-
-  With ``positional="none"`` (the config's default) it is
-  permutation-equivariant: permuting the set permutes the scores. Any other
-  positional encoding makes the element order matter, which the
-  ``permutation_error`` metric shows.
-  """
-  kwargs: dict
-
-  @nn.compact
-  def __call__(self, x_BMD, train: bool = False):
-    kw = dict(self.kwargs)
-    emb_dim = kw.pop("emb_dim")
-    x = nn.Dense(emb_dim)(x_BMD)
-    x = PositionalEmbedding(kw["positional"], x_BMD.shape[1],
-                            name="positional")(x)
-    x = tfm.TransformerEncoder(**kw)(
-        x, deterministic=not train)
-    return nn.Dense(1)(x)[..., 0].astype(jnp.float32)
-
-
 class SetAnomalyProblem(Problem):
   """Which element of the set is the odd one out."""
-
-  def __init__(self, config, task):
-    super().__init__(config, task)
-    self.model = SetEncoder(_model_kwargs(config.model))
 
   def init(self, rng, batch):
     return self.model.init({"params": rng, **_rngs(rng)},
@@ -521,12 +422,145 @@ class SetAnomalyProblem(Problem):
         xlabel="set element", ylabel="set element")]
 
 
-PROBLEMS = {"seq2seq": Seq2SeqProblem, "lm": LMProblem,
-            "classification": ClassificationProblem,
-            "regression": RegressionProblem, "glimpse": GlimpseProblem,
-            "set_anomaly": SetAnomalyProblem}
+# --------------------------------------------------------------------------
+# The two tables: task kind -> Problem, arch -> task kind -> model builder.
+
+PROBLEMS: Mapping[str, type] = {
+    "seq2seq": Seq2SeqProblem, "lm": LMProblem,
+    "classification": ClassificationProblem, "regression": RegressionProblem,
+    "glimpse": GlimpseProblem, "set_anomaly": SetAnomalyProblem}
+
+
+def can_decode(attention) -> bool:
+  """Whether ``attention`` can decode with a KV cache (registry metadata, the
+  rule :class:`~attn.modules.MultiHeadAttention` applies)."""
+  try:
+    check_support(resolve_attention(attention), causal=True, decode=True)
+  except ValueError:
+    return False
+  return True
+
+
+def transformer_config(config, **fields) -> models.TransformerConfig:
+  """The :class:`~attn.models.TransformerConfig` of ``config.model`` (+
+  task-given ``fields`` such as ``vocab_size`` and ``max_len``)."""
+  m = config.model
+  return models.TransformerConfig(
+      emb_dim=m.emb_dim, num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads or None, num_layers=m.num_layers,
+      mlp_dim=m.mlp_dim, attention=m.attention, positional=m.positional,
+      pre_ln=m.pre_ln, dropout_rate=m.dropout_rate,
+      attention_dropout_rate=m.attention_dropout_rate,
+      dtype=DTYPES[config.dtype], **fields)
+
+
+def _options(config) -> dict:
+  return config.model.options.to_dict()
+
+
+def _seq2seq_max_len(spec) -> int:
+  return max(spec["input_length"], spec["target_length"]) + 1
+
+
+def _seq2seq_transformer(config, spec):
+  return models.Seq2SeqTransformer(transformer_config(
+      config, vocab_size=spec["vocab_size"], max_len=_seq2seq_max_len(spec)))
+
+
+def _rnn_seq2seq(config, spec):
+  m = config.model
+  return models.RNNSeq2Seq(models.RNNConfig(
+      vocab_size=spec["vocab_size"], emb_dim=m.emb_dim, hidden_dim=m.emb_dim,
+      style=_options(config).get("style", "bahdanau"), attention=m.score,
+      positional="none", max_len=_seq2seq_max_len(spec),
+      dropout_rate=m.dropout_rate, dtype=DTYPES[config.dtype]))
+
+
+def _transformer_lm(config, spec):
+  return models.TransformerLM(transformer_config(
+      config, vocab_size=spec["vocab_size"], max_len=spec["input_length"]))
+
+
+def _encoder_classifier(config, spec):
+  if "image_shape" in spec:
+    raise ValueError(f"task {spec['name']!r} has image inputs; "
+                     f"use arch 'vit'")
+  return models.EncoderClassifier(
+      transformer_config(config, vocab_size=spec["vocab_size"],
+                         max_len=spec["input_length"] + 1),
+      num_classes=spec["num_classes"],
+      pooling=_options(config).get("pooling", "mean"))
+
+
+def _vit(config, spec):
+  if "image_shape" not in spec:
+    raise ValueError(f"arch 'vit' needs image inputs; task "
+                     f"{spec['name']!r} has tokens")
+  opts = _options(config)
+  return models.ViT(transformer_config(config),
+                    num_classes=spec["num_classes"],
+                    patch_size=opts.get("patch_size", 2),
+                    pooling=opts.get("pooling", "cls"))
+
+
+def _set_encoder(config, spec):
+  del spec  # the set size comes with the inputs
+  return models.SetEncoder(transformer_config(config))
+
+
+def _glimpse(config, spec):
+  return models.GlimpseNet(models.GlimpseConfig(
+      vocab_size=spec["vocab_size"], num_contexts=spec["num_contexts"],
+      num_classes=spec["num_classes"], emb_dim=config.model.emb_dim,
+      score=config.model.score, max_len=spec["input_length"],
+      dtype=DTYPES[config.dtype]))
+
+
+def _nadaraya_watson(config, spec):
+  del spec
+  opts = _options(config)
+  return AttentionPooling(kernel=opts.get("kernel", "gaussian"),
+                          bandwidth=opts.get("bandwidth", 1.0),
+                          learn_bandwidth=opts.get("learn_bandwidth", False))
+
+
+# config.model.arch -> task kind -> builder(config, spec) -> flax Module.
+ARCHS: Mapping[str, Mapping[str, Callable]] = {
+    "transformer": {"seq2seq": _seq2seq_transformer, "lm": _transformer_lm,
+                    "classification": _encoder_classifier,
+                    "set_anomaly": _set_encoder},
+    "vit": {"classification": _vit},
+    "rnn": {"seq2seq": _rnn_seq2seq},
+    "glimpse": {"glimpse": _glimpse},
+    "nadaraya_watson": {"regression": _nadaraya_watson},
+}
+
+
+def archs_for(kind: str) -> list[str]:
+  """The arch values that build a model for tasks of ``kind``."""
+  return sorted(arch for arch, kinds in ARCHS.items() if kind in kinds)
+
+
+def build_model(config, spec):
+  """The model ``config.model.arch`` builds for a task with ``spec``.
+
+  Raises:
+    ValueError: unknown arch (listing them), or an arch with no builder for
+      the task's kind (listing those that have one), or a builder's refusal.
+  """
+  arch, kind = config.model.arch, spec["kind"]
+  if arch not in ARCHS:
+    raise ValueError(f"unknown arch {arch!r}; choose from {sorted(ARCHS)}")
+  if kind not in ARCHS[arch]:
+    raise ValueError(f"arch {arch!r} builds no model for task "
+                     f"{spec['name']!r} (kind {kind!r}); archs for this "
+                     f"kind: {archs_for(kind)}")
+  return ARCHS[arch][kind](config, spec)
 
 
 def make_problem(config, task) -> Problem:
   """The :class:`Problem` for ``task.kind``."""
+  if task.kind not in PROBLEMS:
+    raise ValueError(f"task {task.name!r} has kind {task.kind!r}, which no "
+                     f"problem handles; kinds: {sorted(PROBLEMS)}")
   return PROBLEMS[task.kind](config, task)

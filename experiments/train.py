@@ -13,7 +13,6 @@ import functools
 import os
 import shutil
 import tempfile
-from typing import Any
 
 import jax
 import jax.numpy as jnp

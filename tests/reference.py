@@ -31,29 +31,52 @@ def reference_attention(q, k, v, bias=None, mask=None, scale=None):
   """
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   B, T, N, H = q.shape
-  S, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
+  S, K = k.shape[1], k.shape[2]
   G = N // K
   scale = 1.0 / np.sqrt(H) if scale is None else float(scale)
   full = (B, N, T, S)
   bias = np.zeros(full) if bias is None else np.broadcast_to(
       _to4d(np.asarray(bias, np.float64)), full)
+  logits = np.zeros(full)
+  for b in range(B):
+    for n in range(N):
+      logits[b, n] = scale * q[b, :, n] @ k[b, :, n // G].T + bias[b, n]
+  return reference_from_logits(logits, v, mask)
+
+
+def reference_from_logits(logits, v, mask=None):
+  """Masked softmax of given float64 ``logits[B, N, T, S]``, then ``@ v``.
+
+  ``v`` is ``[B, S, K, Dv]`` (query head ``n`` uses value head
+  ``n // (N//K)``); ``mask`` as in :func:`reference_attention`. Returns
+  ``(out[B, T, N, Dv], weights[B, N, T, S])``; empty rows give zeros.
+  """
+  logits = np.asarray(logits, np.float64)
+  v = np.asarray(v, np.float64)
+  B, N, T, S = logits.shape
+  K, Dv = v.shape[2], v.shape[-1]
+  G = N // K
+  full = (B, N, T, S)
   mask = np.ones(full, bool) if mask is None else np.broadcast_to(
       _to4d(mask), full)
   out = np.zeros((B, T, N, Dv))
   weights = np.zeros(full)
   for b in range(B):
     for n in range(N):
-      kv = n // G
-      logits = scale * q[b, :, n] @ k[b, :, kv].T + bias[b, n]
       for t in range(T):
         allowed = mask[b, n, t]
         if not allowed.any():
           continue
-        z = logits[t, allowed]
+        z = logits[b, n, t, allowed]
         e = np.exp(z - z.max())
         weights[b, n, t, allowed] = e / e.sum()
-      out[b, :, n] = weights[b, n] @ v[b, :, kv]
+      out[b, :, n] = weights[b, n] @ v[b, :, n // G]
   return out, weights
+
+
+def reference_output(q, k, v, mask=None, bias=None, scale=None):
+  """Only the output ``[B, T, N, Dv]`` of :func:`reference_attention`."""
+  return reference_attention(q, k, v, bias=bias, mask=mask, scale=scale)[0]
 
 
 def reference_mask(B, T, S, *, is_causal=False, window=None, q_lengths=None,

@@ -1,9 +1,11 @@
-"""Tests for the kernel benchmark harness (experiments/benchmark.py)."""
+"""Tests for the kernel benchmark: experiments/bench/ and its command line
+(experiments/benchmark.py)."""
 
 import csv
 import json
 import os
 
+from absl import flags
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -14,8 +16,14 @@ import pytest
 
 from configs import benchmark as benchmark_config
 from experiments import benchmark
+from experiments.bench import measure
+from experiments.bench import report
+from experiments.bench import sweep
+from experiments.bench import variants
 from tests.reference import reference_attention as np_reference_attention
 from tests.reference import reference_mask
+
+CONFIG_PATH = os.path.abspath(benchmark_config.__file__)
 
 
 def _config(**overrides):
@@ -50,8 +58,8 @@ def _gain_shapes(query_shape, key_shape):
   return {"gain": ((query_shape[2],), jax.nn.initializers.ones)}
 
 
-FIRST_HALF = benchmark.Variant("first_half", _first_half_keys, exact=False)
-GAIN = benchmark.Variant("gain", _gain_times_exact, exact=True,
+FIRST_HALF = variants.Variant("first_half", _first_half_keys, exact=False)
+GAIN = variants.Variant("gain", _gain_times_exact, exact=True,
                          param_shapes=_gain_shapes)
 
 
@@ -76,53 +84,53 @@ GAIN = benchmark.Variant("gain", _gain_times_exact, exact=True,
           value_dim=64, causal=False), 2147483648),
 ])
 def test_attention_flops_hand_computed(kwargs, expected):
-  assert benchmark.attention_flops(mode="fwd", **kwargs) == expected
-  assert benchmark.attention_flops(mode="fwd_bwd", **kwargs) == (
+  assert measure.attention_flops(mode="fwd", **kwargs) == expected
+  assert measure.attention_flops(mode="fwd_bwd", **kwargs) == (
       3.5 * expected)
 
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 40))
 def test_causal_pairs_counts_the_causal_mask(t, s):
-  assert benchmark.causal_pairs(t, s) == int(
+  assert measure.causal_pairs(t, s) == int(
       reference_mask(1, t, s, is_causal=True).sum())
 
 
 def test_attention_flops_rejects_unknown_mode():
   with pytest.raises(ValueError, match="fwd_bwd"):
-    benchmark.attention_flops(batch=1, heads=1, q_len=1, kv_len=1,
+    measure.attention_flops(batch=1, heads=1, q_len=1, kv_len=1,
                               head_dim=1, value_dim=1, causal=False,
                               mode="bwd")
 
 
 def test_matmul_size_matches_work_and_clamps():
-  n = benchmark.matmul_size(2 * 1024 ** 3, 4096)
+  n = measure.matmul_size(2 * 1024 ** 3, 4096)
   assert n == 1024
-  assert benchmark.matmul_size(2 * 10000 ** 3, 4096) == 4096
-  assert benchmark.matmul_size(10, 4096) == 64
+  assert measure.matmul_size(2 * 10000 ** 3, 4096) == 4096
+  assert measure.matmul_size(10, 4096) == 64
 
 
 # ---------------------------------------------------------------- variants
 
 
 def test_split_specs_respects_parentheses():
-  assert benchmark.split_specs(
+  assert variants.split_specs(
       "softmax, performer(num_features=8, redraw=False),jax_nn,") == [
           "softmax", "performer(num_features=8, redraw=False)", "jax_nn"]
 
 
 def test_resolve_variants_baselines_first_without_duplicates():
-  names = [v.name for v in benchmark.resolve_variants(
+  names = [v.name for v in variants.resolve_variants(
       "xla,jax_nn,xla", "jax_nn,flax_linen")]
   assert names == ["jax_nn", "flax_linen", "xla"]
-  everything = [v.name for v in benchmark.resolve_variants("all", "jax_nn")]
-  assert set(benchmark.BASELINES) <= set(everything)
+  everything = [v.name for v in variants.resolve_variants("all", "jax_nn")]
+  assert set(variants.BASELINES) <= set(everything)
   assert "softmax" in everything
 
 
 def test_resolve_variants_unknown_name_lists_what_exists():
   with pytest.raises(ValueError, match="(?s)registered.*flax_linen"):
-    benchmark.resolve_variants("no_such_attention", "jax_nn")
+    variants.resolve_variants("no_such_attention", "jax_nn")
 
 
 # ---------------------------------------------------------------- reference
@@ -134,7 +142,7 @@ def test_reference_matches_float64_loops(causal):
   q = rng.standard_normal((2, 12, 4, 8)).astype(np.float32)
   k = rng.standard_normal((2, 12, 2, 8)).astype(np.float32)
   v = rng.standard_normal((2, 12, 2, 8)).astype(np.float32)
-  got = benchmark.reference_attention(q, k, v, causal=causal, block=4)
+  got = measure.reference_attention(q, k, v, causal=causal, block=4)
   mask = reference_mask(2, 12, 12, is_causal=causal)
   want, _ = np_reference_attention(q, k, v, mask=mask)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
@@ -148,7 +156,7 @@ def test_reference_gradient_matches_jax_nn():
     loss = lambda q, k, v: jnp.sum(attention(q, k, v) * ct)
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-  got = grads(lambda q, k, v: benchmark.reference_attention(
+  got = grads(lambda q, k, v: measure.reference_attention(
       q, k, v, causal=True, block=4))
   want = grads(lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True))
@@ -161,17 +169,17 @@ def test_reference_gradient_matches_jax_nn():
 
 def test_quick_mode_writes_parseable_outputs(tmp_path):
   out = tmp_path / "quick"
-  benchmark.main(["benchmark", "--quick", "--progress=false",
-                  f"--output_dir={out}"])
-  variants = benchmark.resolve_variants("all", benchmark_config.get_config(
+  benchmark.main(["benchmark", f"--config={CONFIG_PATH}:quick",
+                  "--config.progress=false", f"--config.output_dir={out}"])
+  measured = variants.resolve_variants("all", benchmark_config.get_config(
   ).baselines)
   seq_lens = benchmark_config.QUICK["seq_lens"]
 
   with open(out / "results.csv") as f:
     reader = csv.DictReader(f)
-    assert tuple(reader.fieldnames) == benchmark.COLUMNS
+    assert tuple(reader.fieldnames) == sweep.COLUMNS
     rows = list(reader)
-  assert len(rows) == len(variants) * len(seq_lens)
+  assert len(rows) == len(measured) * len(seq_lens)
   by_name = {(r["variant"], int(r["seq_len"])): r for r in rows}
   for t in seq_lens:
     assert by_name[("jax_nn", t)]["status"] == "ok"
@@ -192,15 +200,15 @@ def test_quick_mode_writes_parseable_outputs(tmp_path):
     assert c["max_abs_err"] is not None and np.isfinite(c["max_abs_err"])
     if c["exact"]:
       assert c["max_abs_err"] < 1e-4, c
-      assert c["flops"] == benchmark.attention_flops(
+      assert c["flops"] == measure.attention_flops(
           batch=1, heads=2, q_len=c["seq_len"], kv_len=c["seq_len"],
           head_dim=16, value_dim=16, causal=False, mode="fwd")
     else:
       # An approximation may be far from softmax attention (hard attention
       # picks one value) but stays on the scale of the values; garbage
       # (overflow, unnormalised sums, wrong axes) does not.
-      setting = {k: c[k] for k in benchmark.SETTING_KEYS}
-      v = benchmark.make_inputs(setting, c["seq_len"], 0)["v"]
+      setting = {k: c[k] for k in sweep.SETTING_KEYS}
+      v = sweep.make_inputs(setting, c["seq_len"], 0)["v"]
       assert c["max_abs_err"] < 10 * float(jnp.max(jnp.abs(v))), c
   slope_names = {s["variant"] for s in data["slopes"]}
   assert {"jax_nn", "flax_linen"} <= slope_names
@@ -213,9 +221,9 @@ def test_quick_mode_writes_parseable_outputs(tmp_path):
 
 
 def test_error_column_exact_zeroish_approximation_bounded():
-  rows = benchmark.run_benchmark(
+  rows = sweep.run_benchmark(
       _config(causal=(True,), modes=("fwd", "fwd_bwd")),
-      variants=[benchmark.BASELINES["jax_nn"], GAIN, FIRST_HALF])
+      variants=[variants.BASELINES["jax_nn"], GAIN, FIRST_HALF])
   assert len(rows) == 3 * 2
   for r in rows:
     assert r["status"] == "ok", r
@@ -227,7 +235,7 @@ def test_error_column_exact_zeroish_approximation_bounded():
     else:
       assert r["max_abs_err"] < 1e-4, r
       assert r["flops_source"] == "analytic"
-      assert r["flops"] == benchmark.attention_flops(
+      assert r["flops"] == measure.attention_flops(
           batch=1, heads=2, q_len=32, kv_len=32, head_dim=16, value_dim=16,
           causal=r["causal"], mode=r["mode"])
     assert r["flops_per_s"] == pytest.approx(r["flops"]
@@ -248,18 +256,18 @@ def test_failing_cells_are_recorded_and_the_sweep_continues():
   def broken(q, k, v, **_):
     raise TypeError("bug in kernel")
 
-  variants = [
-      benchmark.Variant("unsupported", unsupported, exact=True),
-      benchmark.Variant("oom", out_of_memory, exact=True),
-      benchmark.Variant("broken", broken, exact=True),
-      benchmark.Variant("no_causal", benchmark.BASELINES["jax_nn"].fn,
-                        exact=True, supports_causal=False),
-      benchmark.BASELINES["flax_linen"],     # needs K == N
-      benchmark.BASELINES["jax_nn"],
+  failing = [
+      variants.Variant("unsupported", unsupported, exact=True),
+      variants.Variant("oom", out_of_memory, exact=True),
+      variants.Variant("broken", broken, exact=True),
+      variants.Variant("no_causal", variants.BASELINES["jax_nn"].fn,
+                       exact=True, supports_causal=False),
+      variants.BASELINES["flax_linen"],     # needs K == N
+      variants.BASELINES["jax_nn"],
   ]
-  rows = benchmark.run_benchmark(
+  rows = sweep.run_benchmark(
       _config(causal=(True,), num_heads=4, num_kv_heads=2),
-      variants=variants)
+      variants=failing)
   status = {r["variant"]: r["status"] for r in rows}
   assert status["unsupported"] == "unsupported: cannot do this shape"
   assert status["oom"].startswith("oom: RESOURCE_EXHAUSTED")
@@ -273,9 +281,9 @@ def test_failing_cells_are_recorded_and_the_sweep_continues():
 
 
 def test_cells_over_the_memory_limit_are_skipped_not_run():
-  rows = benchmark.run_benchmark(
+  rows = sweep.run_benchmark(
       _config(max_memory_gib=1e-6),
-      variants=[benchmark.BASELINES["jax_nn"]])
+      variants=[variants.BASELINES["jax_nn"]])
   (row,) = rows
   assert row["status"].startswith("skipped: too large")
   assert row["time_median_s"] is None
@@ -284,9 +292,9 @@ def test_cells_over_the_memory_limit_are_skipped_not_run():
 
 def test_bad_config_values_raise_naming_the_field():
   with pytest.raises(ValueError, match="fp8"):
-    benchmark.run_benchmark(_config(dtypes=("fp8",)))
+    sweep.run_benchmark(_config(dtypes=("fp8",)))
   with pytest.raises(ValueError, match="num_kv_heads"):
-    benchmark.run_benchmark(_config(num_heads=4, num_kv_heads=3))
+    sweep.run_benchmark(_config(num_heads=4, num_kv_heads=3))
 
 
 # ---------------------------------------------------------------- summaries
@@ -306,54 +314,62 @@ def test_ratios_and_loglog_slopes():
     rows.append(_row("linear", t, 3e-6 * t, 100 * t))
   rows.append(_row("linear", 8192, None, None, status="oom: x"))
   rows.append(_row("single", 1024, 1.0, 1))
-  benchmark.add_ratios(rows)
+  sweep.add_ratios(rows)
   assert rows[1]["speedup_vs_jax_nn"] == pytest.approx(1024 / 3e3)
   assert rows[1]["temp_ratio_vs_jax_nn"] == pytest.approx(25 / 1024)
   assert rows[-2]["status"] == "oom: x"
   assert rows[-2]["speedup_vs_jax_nn"] is None
-  by_name = {s["variant"]: s for s in benchmark.slopes(rows)}
+  by_name = {s["variant"]: s for s in report.slopes(rows)}
   assert by_name["jax_nn"]["time_slope"] == pytest.approx(2.0)
   assert by_name["jax_nn"]["temp_memory_slope"] == pytest.approx(2.0)
   assert by_name["linear"]["time_slope"] == pytest.approx(1.0)
   assert by_name["linear"]["seq_lens"] == [1024, 2048, 4096]
   assert "single" not in by_name          # one T: no slope
-  assert benchmark.loglog_slope([1, 2], [0, 5]) is None
-  assert benchmark.loglog_slope([4, 4], [1, 2]) is None
+  assert report.loglog_slope([1, 2], [0, 5]) is None
+  assert report.loglog_slope([4, 4], [1, 2]) is None
 
 
 def test_classify_error():
-  assert benchmark.classify_error(MemoryError()).startswith("oom")
-  assert benchmark.classify_error(
+  assert measure.classify_error(MemoryError()).startswith("oom")
+  assert measure.classify_error(
       NotImplementedError("no")).startswith("unsupported")
-  assert benchmark.classify_error(KeyError("x")).startswith("error: KeyError")
+  assert measure.classify_error(KeyError("x")).startswith("error: KeyError")
 
 
 # ---------------------------------------------------------------- flags
 
 
-def test_flags_override_config_and_quick_preset():
-  fv = benchmark.flags.FlagValues()
-  argv = ["benchmark", "--quick", "--seq_lens=32,48", "--causal=false,true",
-          "--repeats=3", "--variants=xla, chunked"]
+def _parse(*args):
+  fv = flags.FlagValues()
+  argv = ["benchmark", *args]
   benchmark.define_flags(fv, argv)
   fv(argv)
-  config = benchmark.config_from_flags(fv)
+  return benchmark.config_from_flags(fv)
+
+
+def test_config_overrides_on_top_of_the_quick_preset():
+  config = _parse(f"--config={CONFIG_PATH}:quick", "--config.seq_lens=(32,48)",
+                  "--config.causal=(False,True)", "--config.repeats=3",
+                  "--config.variants=xla, chunked")
   assert config.seq_lens == (32, 48)
   assert config.causal == (False, True)
   assert config.repeats == 3
   assert config.variants == "xla, chunked"
   assert config.head_dims == benchmark_config.QUICK["head_dims"]
   assert config.max_memory_gib == benchmark_config.get_config().max_memory_gib
-
-
-def test_config_file_with_preset_and_field_override():
-  path = os.path.abspath(benchmark_config.__file__)
-  fv = benchmark.flags.FlagValues()
-  argv = ["benchmark", f"--config={path}:quick", "--config.repeats=4"]
-  benchmark.define_flags(fv, argv)
-  fv(argv)
-  config = benchmark.config_from_flags(fv)
-  assert config.repeats == 4
-  assert config.seq_lens == benchmark_config.QUICK["seq_lens"]
   with pytest.raises(ValueError, match="quick"):
     benchmark_config.get_config("slow")
+
+
+def test_without_config_the_defaults_take_overrides():
+  config = _parse("--config.repeats=4", "--config.dtypes=('bf16',)")
+  want = benchmark_config.get_config()
+  want.update(repeats=4, dtypes=("bf16",))
+  assert config.to_dict() == want.to_dict()
+
+
+def test_only_config_flags_exist():
+  # The former plain flags (--quick, --seq_lens, ...) shadowed --config.*.
+  for old in ("--quick", "--seq_lens=32", "--repeats=3"):
+    with pytest.raises(flags.UnrecognizedFlagError):
+      _parse(old)

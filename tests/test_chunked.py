@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 import attn
 from attn.kernels import chunked
-from attn.kernels.attention import dot_product_attention
+from attn.kernels.exact import dot_product_attention
 
 BLOCKS = dict(block_q=8, block_k=16)
 

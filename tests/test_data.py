@@ -58,7 +58,20 @@ def rows(a):
 def test_registry_lists_every_task_once():
   assert tasks.list_tasks() == sorted(SMALL)
   for name, cls in tasks.TASKS.items():
-    assert cls.name == name and cls.kind in tasks.KINDS
+    assert cls.name == name
+
+
+def test_every_task_kind_has_a_problem_and_a_model():
+  """problems.PROBLEMS is the one list of kinds: every task's kind has a
+  problem and at least one arch that builds a model for it; every kind
+  there is some task's kind, and every arch builds only for known kinds."""
+  from experiments import problems  # pylint: disable=g-import-not-at-top
+  kinds = {cls.kind for cls in tasks.TASKS.values()}
+  assert kinds == set(problems.PROBLEMS)
+  for kind in kinds:
+    assert problems.archs_for(kind), kind
+  for arch, builders in problems.ARCHS.items():
+    assert set(builders) <= kinds, arch
 
 
 def test_unknown_task_names_the_available_ones():

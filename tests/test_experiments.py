@@ -155,6 +155,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path,
     ({"model.num_heads": 3}, "does not divide"),
     ({"schedule": "sawtooth"}, "schedule"),
     ({"task.options.length": 0}, "length"),
+    ({"model.arch": "bogus"}, r"model.arch='bogus'; choose from"),
+    ({"model.arch": "glimpse"}, "builds no model for task 'reverse'"),
 ])
 def test_bad_config_fails_before_compiling(override, message, tmp_path):
   config = load_config("reverse", **override)

@@ -1,5 +1,5 @@
-"""``experiments.figures``: every picture is drawn, and the numbers it shows
-are right.
+"""``experiments.figures`` / ``experiments.guide``: every picture is drawn,
+and the numbers it shows are right.
 
 The figure command runs once, in ``--fast`` mode, in-process; the numbers it
 returns are checked against closed forms and brute-force counts, and the
@@ -16,6 +16,9 @@ import numpy as np
 import pytest
 
 from experiments import figures
+from experiments import guide
+from experiments import metrics_io
+from experiments.guide import kernel_figures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -25,16 +28,16 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def fast_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("figures")
   lines = []
-  results = figures.make_figures(str(out), fast=True, log=lines.append)
+  results = guide.make_figures(str(out), fast=True, log=lines.append)
   return out, results, lines
 
 
 def test_every_figure_is_a_valid_nontrivial_png(fast_run):
   out, results, lines = fast_run
-  assert sorted(results) == sorted(figures.FIGURES)
-  assert len(lines) == len(figures.FIGURES)
+  assert sorted(results) == sorted(guide.FIGURES)
+  assert len(lines) == len(guide.FIGURES)
   written = sorted(os.path.basename(p) for p in glob.glob(str(out / "*")))
-  assert written == sorted(f"guide_{n}.png" for n in figures.FIGURES)
+  assert written == sorted(f"guide_{n}.png" for n in guide.FIGURES)
   for name, facts in results.items():
     assert facts["path"] == str(out / f"guide_{name}.png")
     with open(facts["path"], "rb") as f:
@@ -90,15 +93,15 @@ def test_mask_counts_match_brute_force(fast_run):
 
 def test_effective_weights_recover_softmax_and_the_local_band():
   T, H = 12, 4
-  q, k = figures.local_queries_keys(T, H)
+  q, k = kernel_figures.local_queries_keys(T, H)
   q64, k64 = np.asarray(q[0, :, 0], np.float64), np.asarray(k[0, :, 0],
                                                              np.float64)
   logits = q64 @ k64.T / np.sqrt(H)
   reference = np.exp(logits - logits.max(-1, keepdims=True))
   reference /= reference.sum(-1, keepdims=True)
-  np.testing.assert_allclose(figures.effective_weights("softmax", q, k),
-                             reference, atol=2e-6)
-  local = figures.effective_weights("local(window=2)", q, k)
+  np.testing.assert_allclose(
+      kernel_figures.effective_weights("softmax", q, k), reference, atol=2e-6)
+  local = kernel_figures.effective_weights("local(window=2)", q, k)
   t, s = np.arange(T)[:, None], np.arange(T)[None, :]
   assert np.all(local[np.abs(t - s) > 2] == 0)
   np.testing.assert_allclose(local.sum(-1), 1.0, atol=1e-5)
@@ -112,11 +115,22 @@ def test_fast_mode_trains_and_loads_one_run(fast_run):
   assert math.isnan(facts["accuracy[location]"])        # initialised only
 
 
+def test_final_test_metrics_is_the_last_test_record(tmp_path):
+  assert metrics_io.final_test_metrics(str(tmp_path)) is None   # no file
+  writer = metrics_io.MetricWriter(str(tmp_path), enable_tensorboard=False)
+  writer.write(2, "valid", {"accuracy": 0.5})
+  assert metrics_io.final_test_metrics(str(tmp_path)) is None   # unfinished
+  writer.write(2, "test", {"accuracy": 0.25})
+  writer.write(4, "test", {"accuracy": 0.75})
+  assert metrics_io.final_test_metrics(str(tmp_path)) == {
+      "step": 4, "split": "test", "accuracy": 0.75}
+
+
 def test_unknown_names_are_rejected(tmp_path):
   with pytest.raises(ValueError, match="unknown figure.*masking"):
-    figures.make_figures(str(tmp_path), fast=True, only=["maskingg"])
+    guide.make_figures(str(tmp_path), fast=True, only=["maskingg"])
   with pytest.raises(ValueError, match="unknown run.*reverse"):
-    figures.make_figures(str(tmp_path), fast=True, only=["masking"],
+    guide.make_figures(str(tmp_path), fast=True, only=["masking"],
                          workdirs={"reverse_task": "x"})
 
 
@@ -133,8 +147,8 @@ def test_flags_parse_into_make_figures_arguments():
 
 
 def test_committed_figures_exist_and_are_small():
-  for name in figures.FIGURES:
-    path = os.path.join(ROOT, figures.DEFAULT_OUTPUT_DIR, f"guide_{name}.png")
+  for name in guide.FIGURES:
+    path = os.path.join(ROOT, guide.DEFAULT_OUTPUT_DIR, f"guide_{name}.png")
     assert os.path.exists(path), f"run `python -m experiments.figures` ({path})"
     assert 5_000 < os.path.getsize(path) <= 150_000, (path,
                                                        os.path.getsize(path))

@@ -8,7 +8,8 @@ import pytest
 
 import attn
 from attn import registry
-from attn.models import (EncoderClassifier, RNNSeq2Seq, Seq2SeqTransformer,
+from attn.models import (EncoderClassifier, RNNConfig, RNNSeq2Seq,
+                         Seq2SeqTransformer, TransformerConfig,
                          TransformerEncoder, TransformerLM, ViT,
                          attention_rollout, attention_weights, cls_saliency)
 
@@ -16,6 +17,11 @@ KEY = jax.random.key(0)
 # Tiny shared shapes: eager JAX compiles each op once per shape.
 B, T, D, V = 2, 6, 16, 11
 TINY = dict(emb_dim=D, num_heads=2, num_layers=1, mlp_dim=32)
+
+
+def cfg(**kw):
+  """A tiny :class:`TransformerConfig` (``kw`` overrides)."""
+  return TransformerConfig(**{**TINY, **kw})
 
 
 def tokens(seed, shape=(B, T)):
@@ -29,7 +35,7 @@ def count(tree):
 
 
 def tiny_lm(**kw):
-  return TransformerLM(vocab_size=V, max_len=12, **{**TINY, **kw})
+  return TransformerLM(cfg(vocab_size=V, max_len=12, **kw))
 
 
 # --------------------------------------------------------------------------
@@ -68,7 +74,7 @@ def test_lm_cached_decoding_gives_full_forward_logits(lm_and_variables):
   lm, variables = lm_and_variables
   x = tokens(2)
   full = lm.apply(variables, x)
-  decoder = lm.clone(decode=True)
+  decoder = lm.clone(config=lm.config.replace(decode=True))
   cache = decoder.init(KEY, x)["cache"]
   step = jax.jit(lambda c, t: decoder.apply(  # pylint: disable=g-long-lambda
       {"params": variables["params"], "cache": c}, t, mutable=["cache"]))
@@ -127,7 +133,8 @@ def test_lm_sows_causal_weights_for_every_layer(lm_and_variables):
 
 def test_lm_dropout_only_in_training(lm_and_variables):
   lm, variables = lm_and_variables
-  lm = lm.clone(dropout_rate=0.3, attention_dropout_rate=0.3)
+  lm = lm.clone(config=lm.config.replace(dropout_rate=0.3,
+                                         attention_dropout_rate=0.3))
   x = tokens(5)
   eval_logits = lm.apply(variables, x)
   train = jax.jit(lambda seed: lm.apply(  # pylint: disable=g-long-lambda
@@ -139,14 +146,15 @@ def test_lm_dropout_only_in_training(lm_and_variables):
 
 def test_lm_post_ln_in_bfloat16(lm_and_variables):
   lm, variables = lm_and_variables
-  lm = lm.clone(pre_ln=False)
+  lm = lm.clone(config=lm.config.replace(pre_ln=False))
   x = tokens(6)
   params = {"params": {**variables["params"], "decoder": {
       k: v for k, v in variables["params"]["decoder"].items()
       if k != "final_norm"}}}
   chex.assert_trees_all_equal_structs(params, lm.init(KEY, x))
   logits = lm.apply(params, x)
-  bf16 = jax.jit(lm.clone(dtype=jnp.bfloat16).apply)(params, x)
+  bf16 = jax.jit(lm.clone(config=lm.config.replace(dtype=jnp.bfloat16))
+                 .apply)(params, x)
   assert bf16.dtype == jnp.float32 and np.all(np.isfinite(bf16))
   np.testing.assert_allclose(bf16, logits, atol=0.25)
   assert not np.allclose(logits, lm_and_variables[0].apply(variables, x),
@@ -169,8 +177,9 @@ def test_lm_under_jit_and_eager(lm_and_variables, transform):
 @pytest.mark.parametrize("positional,equivariant", [("none", True),
                                                     ("rope", False)])
 def test_encoder_permutation_equivariance(positional, equivariant):
-  enc = TransformerEncoder(num_layers=2, num_heads=2, mlp_dim=32,
-                           positional=positional)
+  enc = TransformerEncoder(TransformerConfig(num_layers=2, num_heads=2,
+                                             mlp_dim=32,
+                                             positional=positional))
   x = jnp.asarray(np.random.RandomState(0).randn(B, T, D), jnp.float32)
   perm = np.array([3, 0, 5, 1, 4, 2])
   variables = enc.init(KEY, x)
@@ -181,8 +190,8 @@ def test_encoder_permutation_equivariance(positional, equivariant):
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_classifier_padding_does_not_leak(pooling):
-  clf = EncoderClassifier(vocab_size=V, num_classes=3, pooling=pooling,
-                          max_len=8, **TINY)
+  clf = EncoderClassifier(cfg(vocab_size=V, max_len=8), num_classes=3,
+                          pooling=pooling)
   x = tokens(8)
   valid = jnp.array([[True] * T, [True] * 4 + [False] * 2])
   variables = clf.init(KEY, x, padding_mask=valid)
@@ -197,8 +206,8 @@ def test_classifier_padding_does_not_leak(pooling):
 
 
 def test_seq2seq_causal_decoder_cross_attention_and_padding():
-  model = Seq2SeqTransformer(vocab_size=V, output_vocab_size=7, max_len=8,
-                             **TINY)
+  model = Seq2SeqTransformer(cfg(vocab_size=V, output_vocab_size=7,
+                                 max_len=8))
   src, dec = tokens(9), tokens(10) % 7
   valid = jnp.array([[True] * T, [True] * 3 + [False] * 3])
   variables = model.init(KEY, src, dec, padding_mask=valid)
@@ -240,14 +249,14 @@ def np_rollout(weights):
 
 @pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
 def test_vit_shapes_weights_and_rollout(positional):
-  vit = ViT(num_classes=3, patch_size=2, positional=positional,
-            **{**TINY, "num_layers": 2})
+  vit = ViT(cfg(positional=positional, num_layers=2), num_classes=3,
+            patch_size=2)
   images = IMAGES
   variables = vit.init(KEY, images)
   n_pos = 6 * D if positional == "learned" else 0
   assert count(variables) - n_pos == count(
-      ViT(num_classes=3, patch_size=2, positional="none",
-          **{**TINY, "num_layers": 2}).init(KEY, images))
+      ViT(cfg(positional="none", num_layers=2), num_classes=3,
+          patch_size=2).init(KEY, images))
   logits, state = vit.apply(variables, images, mutable=["intermediates"])
   chex.assert_shape(logits, (B, 3))
   weights = [w for _, w in attention_weights(state)]
@@ -262,8 +271,8 @@ def test_vit_shapes_weights_and_rollout(positional):
 
 def test_vit_rejects_bad_patch_size():
   with pytest.raises(ValueError, match="patch_size"):
-    ViT(num_classes=3, patch_size=4, **TINY).init(KEY, jnp.zeros((1, 6, 6,
-                                                                   3)))
+    ViT(cfg(), num_classes=3, patch_size=4).init(KEY,
+                                                 jnp.zeros((1, 6, 6, 3)))
 
 
 # --------------------------------------------------------------------------
@@ -273,8 +282,9 @@ def test_vit_rejects_bad_patch_size():
 @pytest.mark.parametrize("style,attention,mode", [
     ("bahdanau", "additive", "global"), ("luong", "dot", "local_p")])
 def test_rnn_seq2seq_causal_and_padding(style, attention, mode):
-  model = RNNSeq2Seq(vocab_size=V, emb_dim=8, hidden_dim=D, style=style,
-                     attention=attention, luong_mode=mode)
+  model = RNNSeq2Seq(RNNConfig(vocab_size=V, emb_dim=8, hidden_dim=D,
+                               style=style, attention=attention,
+                               luong_mode=mode))
   src, dec = tokens(11), tokens(12)
   valid = jnp.array([[True] * T, [True] * 4 + [False] * 2])
   variables = jax.jit(model.init)(KEY, src, dec, padding_mask=valid)
@@ -295,8 +305,8 @@ def test_rnn_seq2seq_causal_and_padding(style, attention, mode):
 
 def test_rnn_rejects_relative_positional():
   with pytest.raises(ValueError, match="absolute positional"):
-    RNNSeq2Seq(vocab_size=V, positional="rope").init(KEY, tokens(0),
-                                                     tokens(1))
+    RNNSeq2Seq(RNNConfig(vocab_size=V, positional="rope")).init(
+        KEY, tokens(0), tokens(1))
 
 
 # --------------------------------------------------------------------------
@@ -311,15 +321,16 @@ VALID = jnp.array([[True] * T, [True] * 4 + [False] * 2])
 MODELS = {
     "lm": (lambda a: tiny_lm(attention=a), (tokens(0),), {}),
     "classifier": (lambda a: EncoderClassifier(
-        vocab_size=V, num_classes=3, max_len=8, attention=a, **TINY),
+        cfg(vocab_size=V, max_len=8, attention=a), num_classes=3),
                    (tokens(0),), {"padding_mask": VALID}),
     "seq2seq": (lambda a: Seq2SeqTransformer(
-        vocab_size=V, max_len=8, attention=a, **TINY),
+        cfg(vocab_size=V, max_len=8, attention=a)),
                 (tokens(0), tokens(1)), {"padding_mask": VALID}),
-    "vit": (lambda a: ViT(num_classes=3, patch_size=2, attention=a, **TINY),
+    "vit": (lambda a: ViT(cfg(attention=a), num_classes=3, patch_size=2),
             (IMAGES,), {}),
-    "rnn": (lambda a: RNNSeq2Seq(vocab_size=V, emb_dim=8, hidden_dim=D,
-                                 style="luong", attention=a),
+    "rnn": (lambda a: RNNSeq2Seq(RNNConfig(vocab_size=V, emb_dim=8,
+                                           hidden_dim=D, style="luong",
+                                           attention=a)),
             (tokens(0), tokens(1)), {"padding_mask": VALID}),
 }
 

@@ -252,7 +252,9 @@ MUST_FAIL = [
      "--config.model.no_such_field=1"],
     ["experiments.main", "--config=configs/reverse.py",
      "--config.model.attention=no_such_attention"],
-    ["experiments.benchmark", "--seq_lens=64", "--dtypes=fp8"],
+    ["experiments.benchmark", "--config=configs/benchmark.py",
+     "--config.dtypes=('fp8',)"],
+    ["experiments.benchmark", "--quick"],      # the retired shadow flags
     ["experiments.figures", "--only=no_such_figure"],
     ["experiments.data", "--count", "two"],
 ]

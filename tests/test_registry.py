@@ -195,3 +195,62 @@ class TestFlaxCompatibleWrapper:
             q, k, v, return_weights=True)[1], rtol=1e-6)
     np.testing.assert_allclose(out, attn.dot_product_attention(q, k, v),
                                rtol=1e-6)
+
+
+def _attn_import_graph():
+  """``{module: {imported attn modules}}`` over every module of ``attn/``.
+
+  Counts ``import attn...`` and ``from attn... import ...`` statements at any
+  depth (top level and inside functions); ``from attn.x import y`` is an edge
+  to ``attn.x.y`` when that is a module, else to ``attn.x``.
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(attn.__file__).parent
+  files = {}
+  for path in root.rglob("*.py"):
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    files[name] = path
+  graph = {}
+  for name, path in files.items():
+    edges = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        edges.update(a.name for a in node.names)
+      elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        for a in node.names:
+          sub = f"{node.module}.{a.name}"
+          edges.add(sub if sub in files else node.module)
+    graph[name] = {e for e in edges if e in files and e != name}
+  return graph
+
+
+def test_no_import_cycles_inside_attn():
+  graph = _attn_import_graph()
+  assert "attn.registry" in graph and "attn.kernels.exact" in graph
+  # The arrow between the registry and the kernels runs one way.
+  assert not any(m.startswith("attn.kernels") for m in graph["attn.registry"])
+  assert "attn.registry" in graph["attn.kernels.exact"]
+  assert "attn.kernels" in graph["attn"]
+  state = {}   # module -> "open" while on the DFS stack, "done" after
+
+  def visit(module, stack):
+    state[module] = "open"
+    for dep in sorted(graph[module]):
+      if state.get(dep) == "open":
+        cycle = stack[stack.index(dep):] + [dep]
+        raise AssertionError("import cycle: " + " -> ".join(cycle))
+      if dep not in state:
+        visit(dep, stack + [dep])
+    state[module] = "done"
+
+  for module in sorted(graph):
+    if module not in state:
+      visit(module, [module])
+
+
+def test_builtins_registered_on_import_attn():
+  names = attn.list_attention()
+  for name in ("softmax", "xla", "chunked", "cudnn", "ring"):
+    assert name in names

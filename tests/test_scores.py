@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attn import scores
-from tests.reference import reference_attention
+from tests.reference import reference_attention, reference_from_logits
 
 T, S, H, HK, A = 3, 4, 5, 6, 7
 
@@ -126,15 +126,6 @@ def test_unknown_score_lists_known():
     scores.get_score("bilinear")
 
 
-def _masked_np_attention(logits_BNTS, v, mask):
-  """softmax over allowed keys (zeros for empty rows), then weights @ v."""
-  w = np.where(mask, np.exp(logits_BNTS - logits_BNTS.max(-1, keepdims=True)),
-               0.0)
-  den = w.sum(-1, keepdims=True)
-  w = w / np.where(den == 0, 1, den)
-  return np.einsum("bnts,bsnd->btnd", w, v), w
-
-
 def test_score_attention_scaled_dot_equals_reference(np_rng):
   q = np_rng.standard_normal((2, T, 2, H)).astype(np.float32)
   k = np_rng.standard_normal((2, S, 2, H)).astype(np.float32)
@@ -161,7 +152,7 @@ def test_score_attention_additive_with_mask_under_jit(np_rng):
   logits = np.stack([np.stack([
       _np_scores("additive", q[b, :, n], k[b, :, n], **params)
       for n in range(2)]) for b in range(2)])
-  want_out, want_w = _masked_np_attention(logits, v, mask)
+  want_out, want_w = reference_from_logits(logits, v, mask)
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-5)
 

@@ -127,11 +127,11 @@ def bigbird_attention(query, key, value, bias=None, mask=None, *,
     if not n_global_q:
       return out_TD
     # Queries of the global blocks attend to every key: O(g·b·S).
-    rows_GD = blocks.dense_rows_one_head(
+    rows_YD = blocks.dense_rows_one_head(
         q_TH[:n_global_q], np.arange(n_global_q), k_SH, v_SD,
         scale=inputs.scale, is_causal=inputs.is_causal, kv_valid=kv_valid_S,
         q_segment=q_seg_T, kv_segment=kv_seg_S)
-    return jnp.concatenate([rows_GD, out_TD[n_global_q:]], axis=0)
+    return jnp.concatenate([rows_YD, out_TD[n_global_q:]], axis=0)
 
   out = blocks.map_heads(one_head, inputs.query, inputs.key, inputs.value,
                          kv_valid, inputs.q_segment_ids, inputs.kv_segment_ids)

@@ -1,40 +1,30 @@
 """Memory-efficient exact attention (``implementation="chunked"``).
 
 Online softmax over blocks of keys (Rabe & Staats 2021, "Self-attention Does
-Not Need O(n²) Memory"; Dao et al. 2022, FlashAttention). For one head, a
-query block ``q_i`` visits the key/value blocks ``(k_j, v_j)`` it can see and
-keeps, per query row, a running max ``m``, a running sum ``l`` and an
-unnormalised output ``acc``::
+Not Need O(n²) Memory"; Dao et al. 2022, FlashAttention): a query block
+visits the key/value blocks it can see and keeps a running max, sum and
+unnormalised output per query row. The block step, forward and backward,
+is :mod:`attn.kernels.online_softmax` (shared with ring attention; its
+docstring has the formulas and the masking convention).
 
-    s    = scale · q_i k_jᵀ + bias_ij         (masked entries = -inf)
-    m'   = max(m, rowmax(s))
-    p    = exp(s - m')
-    l'   = exp(m - m') · l + rowsum(p)
-    acc' = exp(m - m') · acc + p v_j
-
-    out_i = acc / l,   lse_i = m + log l      (l == 0: out 0, lse = +inf)
-
-Only one ``[block_q, block_k]`` score block per head is alive at a time, so
-memory is O(T) instead of O(T·S). Gradients come from a ``jax.custom_vjp``
-that saves only ``out`` and ``lse`` and recomputes ``p = exp(s - lse)`` block
-by block (FlashAttention-2 backward)::
-
-    dv_j += pᵀ do_i,   dp = do_i v_jᵀ,   ds = p ⊙ (dp - rowsum(do_i ⊙ out_i))
-    dq_i += scale · ds k_j,   dk_j += scale · dsᵀ q_i,   dbias_ij = ds
+Only one ``[R, C]`` score block per head is alive at a time, so memory is
+O(T) instead of O(T·S). Gradients come from a ``jax.custom_vjp`` that saves
+only ``out`` and ``lse`` and recomputes the probabilities block by block
+(FlashAttention-2 backward).
 
 Key blocks that causal or local-window structure masks entirely are never
 visited: the inner loop bounds depend on the query block index (and the
 backward's on the key block index), so causal attention costs about half the
 FLOPs of full attention.
 
-The math is written for ONE head (``*_one_head`` functions, einsum with
-shapes in names) and lifted with ``jax.vmap`` over the ``B·K`` (batch × key/
-value head) axis inside each block step, so every block matmul is one
+The one-head step is lifted with ``jax.vmap`` over the ``B·K`` (batch ×
+key/value head) axis inside each block step, so every block matmul is one
 batched dot over all heads. The ``G = N / K`` query heads that share a
-key/value head (GQA) are stacked as ``G·block_q`` rows of that head. Arrays
-live in a blocked layout (``q[nq, B·K, G·block_q, H]``,
-``k[nk, B·K, block_k, H]``) so that a block is a contiguous slice and no
-axis of size 1 reaches XLA (such axes made it copy whole score blocks).
+key/value head (GQA) are stacked as ``R = G·bq`` rows of that head. Arrays
+live in a blocked layout (``q[nq, B·K, G·bq, H]``, ``k[nk, B·K, bk, H]``) so
+that a block is a contiguous slice and no axis of size 1 reaches XLA (such
+axes made it copy whole score blocks). Shape letters as in
+:mod:`attn.kernels`.
 """
 
 from __future__ import annotations
@@ -43,12 +33,14 @@ import dataclasses
 import functools
 from typing import Optional, Tuple
 
+import einops
 import jax
 import jax.numpy as jnp
 
-from attn.masks import structure_mask
-from attn.kernels import canonical
+from attn.kernels import canonical, online_softmax
 from attn.kernels.canonical import AttentionInputs
+from attn.masks import structure_mask
+from attn.registry import register_attention
 
 Array = jax.Array
 
@@ -149,78 +141,6 @@ def visited_blocks(T: int, S: int, *, block_q: Optional[int] = None,
 
 
 # ----------------------------------------------------------------------------
-# One head, one block. Rows R = the G·block_q query rows of one key/value
-# head; C = the block_k key columns.
-
-
-def _scores_one_head(q_RH: Array, k_CH: Array, bias_RC: Optional[Array],
-                     mask_RC: Optional[Array]) -> Array:
-  """float32 ``q kᵀ + bias`` with masked entries at ``-inf`` (``[R, C]``).
-
-  ``q`` arrives pre-multiplied by ``scale`` (see :func:`chunked_attention`),
-  which saves a full pass over every score block.
-  """
-  s_RC = jnp.einsum("rh,ch->rc", q_RH, k_CH,
-                    preferred_element_type=jnp.float32)
-  if bias_RC is not None:
-    s_RC = s_RC + bias_RC.astype(jnp.float32)
-  if mask_RC is not None:
-    s_RC = jnp.where(mask_RC, s_RC, -jnp.inf)
-  return s_RC
-
-
-def _forward_step_one_head(m_R, l_R, acc_RD, q_RH, k_CH, v_CD, bias_RC,
-                           mask_RC):
-  """One online-softmax update of ``(m, l, acc)`` with key block ``k, v``."""
-  s_RC = _scores_one_head(q_RH, k_CH, bias_RC, mask_RC)
-  m_new_R = jnp.maximum(m_R, jnp.max(s_RC, axis=-1))
-  # Rows with nothing visible yet keep m = -inf; shift them by 0 instead so
-  # that exp(-inf - shift) = 0 rather than NaN.
-  shift_R = jnp.where(m_new_R == -jnp.inf, 0.0, m_new_R)
-  p_RC = jnp.exp(s_RC - shift_R[:, None])
-  alpha_R = jnp.exp(m_R - shift_R)
-  l_R = alpha_R * l_R + jnp.sum(p_RC, axis=-1)
-  pv_RD = jnp.einsum("rc,cd->rd", p_RC.astype(v_CD.dtype), v_CD,
-                     preferred_element_type=jnp.float32)
-  return m_new_R, l_R, alpha_R[:, None] * acc_RD + pv_RD
-
-
-def _backward_step_one_head(q_RH, k_CH, v_CD, do_RD, lse_R, delta_R, bias_RC,
-                            mask_RC):
-  """Gradient contributions of one score block (scaled ``q``).
-
-  Works on the transposed block ``s[C, R] = k qᵀ`` so that three of the
-  four gradient matmuls contract over the leading axis of both operands;
-  XLA:CPU runs a dot whose left operand is contracted over its *leading*
-  axis about 2x slower, and only ``dq`` needs one here.
-
-  Returns ``(dq[R, H], dk[C, H], dv[C, Dv], ds[R, C])`` in float32.
-  """
-  transpose = lambda x: None if x is None else x.T  # noqa: E731
-  s_CR = _scores_one_head(k_CH, q_RH, transpose(bias_RC), transpose(mask_RC))
-  p_CR = jnp.exp(s_CR - lse_R[None, :])          # lse = +inf: dead row -> 0
-  dv_CD = jnp.einsum("cr,rd->cd", p_CR.astype(do_RD.dtype), do_RD,
-                     preferred_element_type=jnp.float32)
-  dp_CR = jnp.einsum("cd,rd->cr", v_CD, do_RD,
-                     preferred_element_type=jnp.float32)
-  ds_CR = p_CR * (dp_CR - delta_R[None, :])
-  dk_CH = jnp.einsum("cr,rh->ch", ds_CR.astype(q_RH.dtype), q_RH,
-                     preferred_element_type=jnp.float32)
-  dq_RH = jnp.einsum("cr,ch->rh", ds_CR.astype(k_CH.dtype), k_CH,
-                     preferred_element_type=jnp.float32)
-  return dq_RH, dk_CH, dv_CD, ds_CR.T
-
-
-def _over_kv_heads(fn, *args):
-  """Lifts a one-head ``fn`` over the leading ``B·K`` axis of every argument.
-
-  A plain ``jax.vmap``: each block matmul becomes one dot batched over all
-  heads, with the ``G`` query heads of a key/value head as extra rows.
-  """
-  return jax.vmap(fn)(*args)
-
-
-# ----------------------------------------------------------------------------
 # Blocks of bias / mask, kept as 5-D [B|1, K|1, G|1, Tp|1, Sp|1] arrays.
 
 
@@ -244,7 +164,7 @@ def _as_rows(x: Optional[Array], B: int, K: int, G: int, block_q: int):
   _, _, g, t, c = x.shape
   rows = (1, 1) if g == 1 and t == 1 else (G, block_q)
   x = jnp.broadcast_to(x, (B, K) + rows + (c,))
-  return x.reshape(B * K, rows[0] * rows[1], c)
+  return einops.rearrange(x, "b k g r c -> (b k) (g r) c")
 
 
 def _add_block(acc: Array, ds_RC: Array, i, j, heads: Tuple[int, int, int],
@@ -254,7 +174,8 @@ def _add_block(acc: Array, ds_RC: Array, i, j, heads: Tuple[int, int, int],
   ``acc`` is 5-D ``[B|1, K|1, G|1, Tp|1, Sp|1]``; ``ds`` is
   ``[B·K, G·block_q, block_k]`` and ``heads = (B, K, G)``.
   """
-  ds = ds_RC.reshape(heads + (block_q, block_k))
+  B, K, G = heads
+  ds = einops.rearrange(ds_RC, "(b k) (g bq) bk -> b k g bq bk", b=B, g=G)
   update = jnp.sum(ds, axis=tuple(a for a in range(5) if acc.shape[a] == 1),
                    keepdims=True)
   start = [0, 0, 0, 0, 0]
@@ -360,19 +281,14 @@ def _forward(cfg: _Config, q, k, v, bias, masks):
           _block_of(bias, i, j, bq, bk), B, K, G, bq)
 
       def step(mask_ij):
-        return _over_kv_heads(_forward_step_one_head, *carry, q_i, k[j], v[j],
-                              bias_ij, _as_rows(mask_ij, B, K, G, bq))
+        return jax.vmap(online_softmax.forward_step)(
+            q_i, k[j], v[j], bias_ij, _as_rows(mask_ij, B, K, G, bq), *carry)
 
       return _masked_or_not(cfg, i, j, masks, step)
 
-    init = (jnp.full((BK, R), -jnp.inf, jnp.float32),
-            jnp.zeros((BK, R), jnp.float32),
-            jnp.zeros((BK, R, Dv), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(lo, hi, body, init)
-    dead = l == 0.0
-    l = jnp.where(dead, 1.0, l)
-    out = acc / l[..., None]
-    lse = jnp.where(dead, jnp.inf, m + jnp.log(l))
+    state = jax.lax.fori_loop(lo, hi, body,
+                              online_softmax.init_state((BK, R), Dv))
+    out, lse = online_softmax.finalize(*state)
     return out.astype(q.dtype), lse
 
   return jax.lax.map(lambda x: one_q_block(*x), (jnp.arange(nq), q))
@@ -407,9 +323,9 @@ def _blocked_attention_bwd(cfg, residuals, do):
           _block_of(bias, i, j, bq, bk), B, K, G, bq)
 
       def step(mask_ij):
-        return _over_kv_heads(_backward_step_one_head, q[i], k_j, v_j, do[i],
-                              lse[i], delta[i], bias_ij,
-                              _as_rows(mask_ij, B, K, G, bq))
+        return jax.vmap(online_softmax.backward_step)(
+            q[i], k_j, v_j, bias_ij, _as_rows(mask_ij, B, K, G, bq), do[i],
+            lse[i], delta[i])
 
       dq_i, dk_ij, dv_ij, ds = _masked_or_not(cfg, i, j, masks, step)
       dq = dq.at[i].add(dq_i)
@@ -440,28 +356,24 @@ _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
 def _kv_blocks(x: Array, size: int, count: int) -> Array:
-  """``[B, S, K, D]`` -> zero-padded ``[count, B·K, size, D]``."""
-  B, S, K, D = x.shape
+  """``[B, S, K, D]`` -> zero-padded ``[nk, B·K, bk, D]`` (``bk = size``)."""
+  S = x.shape[1]
   x = jnp.pad(x, ((0, 0), (0, size * count - S), (0, 0), (0, 0)))
-  x = x.reshape(B, count, size, K, D).transpose(1, 0, 3, 2, 4)
-  return x.reshape(count, B * K, size, D)
+  return einops.rearrange(x, "b (nk bk) k d -> nk (b k) bk d", nk=count)
 
 
 def _q_blocks(x: Array, size: int, count: int, K: int) -> Array:
-  """``[B, T, N, D]`` -> zero-padded ``[count, B·K, G·size, D]``."""
-  B, T, N, D = x.shape
-  G = N // K
+  """``[B, T, N, D]`` -> zero-padded ``[nq, B·K, G·bq, D]`` (``bq = size``)."""
+  T = x.shape[1]
   x = jnp.pad(x, ((0, 0), (0, size * count - T), (0, 0), (0, 0)))
-  x = x.reshape(B, count, size, K, G, D).transpose(1, 0, 3, 4, 2, 5)
-  return x.reshape(count, B * K, G * size, D)
+  return einops.rearrange(x, "b (nq bq) (k g) d -> nq (b k) (g bq) d",
+                          nq=count, k=K)
 
 
 def _from_q_blocks(x: Array, B: int, K: int, G: int, T: int) -> Array:
   """Inverse of :func:`_q_blocks` (drops the padding)."""
-  count, _, rows, D = x.shape
-  size = rows // G
-  x = x.reshape(count, B, K, G, size, D).transpose(1, 0, 4, 2, 3, 5)
-  return x.reshape(B, count * size, K * G, D)[:, :T]
+  x = einops.rearrange(x, "nq (b k) (g bq) d -> b (nq bq) (k g) d", b=B, g=G)
+  return x[:, :T]
 
 
 def _broadcast_5d(x: Optional[Array], K: int, G: int, Tp: int, Sp: int,
@@ -470,7 +382,7 @@ def _broadcast_5d(x: Optional[Array], K: int, G: int, Tp: int, Sp: int,
   if x is None:
     return None
   b, n, t, s = x.shape
-  x = x.reshape((b, K, G, t, s) if n != 1 else (b, 1, 1, t, s))
+  x = einops.rearrange(x, "b (k g) t s -> b k g t s", k=K if n != 1 else 1)
   pad = [(0, 0)] * 3 + [(0, Tp - t if t != 1 else 0),
                         (0, Sp - s if s != 1 else 0)]
   return jnp.pad(x, pad, constant_values=pad_value)
@@ -530,3 +442,30 @@ def chunked_attention(inputs: AttentionInputs, *,
       _kv_blocks(inputs.value, bk, nk),
       _broadcast_5d(inputs.bias, K, G, Tp, Sp, 0), masks)
   return _from_q_blocks(out, B, K, G, T)
+
+
+@register_attention(
+    "chunked", aliases=("flash", "memory_efficient"), exact=True,
+    complexity="time O(T·S) (half when causal), memory O(T)",
+    description="exact attention by online softmax over key/query blocks "
+    "with a recomputing custom VJP (Rabe & Staats 2021; FlashAttention)")
+def chunked_attention_kernel(query, key, value, bias=None, mask=None, *,
+                             block_q=None, block_k=None, scale=None,
+                             is_causal=False, query_seq_lengths=None,
+                             key_value_seq_lengths=None,
+                             local_window_size=None, segment_ids=None):
+  """Exact memory-efficient attention, ``implementation="chunked"``.
+
+  The same as ``attn.dot_product_attention(..., implementation="chunked")``.
+  No dropout and no weights: they would need the ``[T, S]`` matrix.
+
+  ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Dv]``
+  (``N`` a multiple of ``K``) -> ``[B, T, N, Dv]``.
+  """
+  inputs = canonical.canonicalize(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size, segment_ids=segment_ids)
+  out = chunked_attention(inputs, block_q=block_q, block_k=block_k)
+  return out[0] if inputs.squeeze_batch else out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -101,8 +102,7 @@ def feature_attention_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
                      f"T={T}")
   c = max(1, min(chunk_size, max(T, S)))
   n_q, n_k = -(-T // c), -(-S // c)
-  chunks = lambda x, n, fill=0: blocks.pad_axis0(x, n * c, fill).reshape(
-      (n, c) + x.shape[1:])
+  chunks = lambda x, n, fill=0: blocks.to_blocks(x, c, fill, num_blocks=n)
   valid = jnp.ones((S,), bool) if kv_valid_S is None else kv_valid_S
   k_ncH, v_ncD = chunks(k_SH, n_k), chunks(v_SD.astype(F32), n_k)
   ok_nc = chunks(valid, n_k, False)
@@ -130,8 +130,7 @@ def feature_attention_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
       phi_q = features.query(q_cH)
       return _safe_divide(phi_q @ kv_MD, phi_q @ z_M)
 
-    out = jax.lax.map(read, chunks(q_TH, n_q))
-    return out.reshape(n_q * c, Dv)[:T]
+    return blocks.from_blocks(jax.lax.map(read, chunks(q_TH, n_q)), T)
 
   tril_cc = jnp.tril(jnp.ones((c, c), bool))
 
@@ -146,7 +145,7 @@ def feature_attention_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
     return new_state, _safe_divide(num, den)
 
   _, out = jax.lax.scan(step, init, (chunks(q_TH, n_q), k_ncH, ok_nc, v_ncD))
-  return out.reshape(n_q * c, Dv)[:T]
+  return blocks.from_blocks(out, T)
 
 
 def feature_attention_noncausal(q: Array, k: Array, v: Array,
@@ -173,7 +172,6 @@ def feature_attention_noncausal(q: Array, k: Array, v: Array,
   """
   B, T, N, H = q.shape
   S, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
-  G = N // K
   c_k, c_q = max(1, min(chunk_size, S)), max(1, min(chunk_size, T))
   n_k, n_q = -(-S // c_k), -(-T // c_q)
   def pad(x, n, fill=0):  # pads the length axis (1) to n
@@ -207,7 +205,7 @@ def feature_attention_noncausal(q: Array, k: Array, v: Array,
           jnp.full((B, K), MASK_VALUE, F32))
   kv_BKMD, z_BKM, _ = jax.lax.fori_loop(0, n_k, add_keys, init)
 
-  q = pad(q, n_q * c_q).reshape(B, n_q * c_q, K, G, H)
+  q = einops.rearrange(pad(q, n_q * c_q), "b t (k g) h -> b t k g h", k=K)
   # per (b, kv head, group member): q chunk [c, H] of [B, c, K, G, H].
   query_phi = jax.vmap(jax.vmap(jax.vmap(features.query, in_axes=1,
                                          out_axes=1), in_axes=1, out_axes=1))
@@ -217,10 +215,11 @@ def feature_attention_noncausal(q: Array, k: Array, v: Array,
     phi_q = query_phi(q_c)                                # [B, c, K, G, M]
     num = jnp.einsum("bckgm,bkmd->bckgd", phi_q, kv_BKMD)
     den = jnp.einsum("bckgm,bkm->bckg", phi_q, z_BKM)
-    return _safe_divide(num, den).reshape(B, c_q, N, Dv)
+    return einops.rearrange(_safe_divide(num, den),
+                            "b c k g d -> b c (k g) d")
 
   out = jax.lax.map(read, jnp.arange(n_q))               # [n_q, B, c, N, Dv]
-  out = jnp.moveaxis(out, 0, 1).reshape(B, n_q * c_q, N, Dv)
+  out = einops.rearrange(out, "i b c n d -> b (i c) n d")
   return out[:, :T]
 
 

@@ -77,7 +77,8 @@ def local_attention(query, key, value, bias=None, mask=None, *,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
       local_window_size=local_window_size, segment_ids=segment_ids)
-  blocks.check_supported("local", inputs, causal=True, segments=True)
+  blocks.check_supported("local", inputs, causal=True, segments=True,
+                         window=True)
   q_valid, kv_valid = blocks.validity("local", inputs)
   B, T, S, *_ = inputs.shape
   win = blocks.intersect_windows(canonical.normalize_window(window),

@@ -12,7 +12,7 @@ multiplied by a Gaussian centred on ``p_t``:
 As in the paper the weights are not renormalised after the Gaussian (they
 sum to at most 1), and ``p_t`` is learned through the Gaussian term. Only
 the ``2D + 1`` window keys are gathered per query, in blocks of
-``QUERY_BLOCK`` queries run in steps (:func:`attn.kernels.sparse.map_blocks`):
+``QUERY_BLOCK`` queries run in steps (:func:`attn.kernels.blocks.map_blocks`):
 time ``O(T·D·H)``, independent of ``S``; memory ``O(T·H)`` forward and
 ``O(T·D·H)`` backward.
 """
@@ -23,13 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from attn.masks import masked_softmax
-from attn.kernels.sparse import (finish, key_valid_or_all, map_blocks,
-                                 map_heads, pad_axis0, prepare)
+from attn.kernels import blocks, canonical
+from attn.kernels.blocks import from_blocks, map_blocks, to_blocks
 from attn.registry import register_attention
 
 Array = jax.Array
 F32 = jnp.float32
-# Queries are processed in blocks of this many (see sparse.map_blocks).
+# Queries are processed in blocks of this many (see blocks.map_blocks).
 QUERY_BLOCK = 64
 
 
@@ -79,11 +79,10 @@ def _local_p_head(q_TH, k_SH, v_SD, valid_S, *, w_p, v_p, window: int, scale,
     return jnp.einsum("qw,qwd->qd", weights_QW.astype(v_SD.dtype),
                       v_SD[idx_QW], preferred_element_type=F32)
 
-  q_blocks = pad_axis0(q_TH, n_blocks * QUERY_BLOCK).reshape(
-      n_blocks, QUERY_BLOCK, H)
-  t_blocks = jnp.arange(n_blocks * QUERY_BLOCK).reshape(n_blocks, QUERY_BLOCK)
+  q_blocks = to_blocks(q_TH, QUERY_BLOCK, num_blocks=n_blocks)
+  t_blocks = to_blocks(jnp.arange(n_blocks * QUERY_BLOCK), QUERY_BLOCK)
   out = map_blocks(block, (q_blocks, t_blocks), QUERY_BLOCK)
-  return out.reshape(n_blocks * QUERY_BLOCK, -1)[:T]
+  return from_blocks(out, T)
 
 
 @register_attention(
@@ -103,7 +102,7 @@ def local_p_attention(query, key, value, bias=None, mask=None, *,
 
   Args:
     query: ``[B, T, N, H]``; key ``[B, S, K, H]``; value ``[B, S, K, Dv]``
-      with ``N % K == 0`` (kv heads are repeated).
+      with ``N % K == 0`` (kv heads are shared).
     bias: not supported (``ValueError``).
     mask: ``None`` or a key-padding mask broadcastable to ``[B, N, 1, S]``;
       dense masks raise ``ValueError``.
@@ -128,12 +127,14 @@ def local_p_attention(query, key, value, bias=None, mask=None, *,
         "local_p needs params {'w_p': [H, A], 'v_p': [A]}, got "
         f"{None if params is None else sorted(params)}; create them from "
         "attn.registry.attention_param_shapes")
-  inp = prepare("local_p", query, key, value, bias, mask, dense=False,
-                scale=scale, is_causal=is_causal,
-                query_seq_lengths=query_seq_lengths,
-                key_value_seq_lengths=key_value_seq_lengths,
-                segment_ids=segment_ids, local_window_size=local_window_size)
-  H = inp.shape[4]
+  inputs = canonical.canonicalize(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size, segment_ids=segment_ids)
+  blocks.check_supported("local_p", inputs, causal=True, segments=False)
+  q_valid, kv_valid = blocks.validity("local_p", inputs, per_head=True)
+  H = inputs.shape[5]
   w_p, v_p = params["w_p"], params["v_p"]
   if w_p.ndim != 2 or w_p.shape[0] != H or v_p.shape != w_p.shape[1:]:
     raise ValueError(f"local_p: params must be w_p [H={H}, A] and v_p [A], "
@@ -141,8 +142,9 @@ def local_p_attention(query, key, value, bias=None, mask=None, *,
 
   def one_head(q_TH, k_SH, v_SD, valid_S):
     return _local_p_head(q_TH, k_SH, v_SD, valid_S, w_p=w_p, v_p=v_p,
-                         window=int(window), scale=inp.scale,
-                         is_causal=inp.is_causal)
+                         window=int(window), scale=inputs.scale,
+                         is_causal=inputs.is_causal)
 
-  return finish(inp, map_heads(one_head, inp.q, inp.k, inp.v,
-                               key_valid_or_all(inp)))
+  out = blocks.map_heads(one_head, inputs.query, inputs.key, inputs.value,
+                         per_head=(kv_valid,))
+  return blocks.finish(out, inputs, q_valid)

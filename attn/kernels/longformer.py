@@ -3,8 +3,8 @@
 Every query attends, with one exact softmax, to the keys in its window
 ``t - left <= s <= t + right`` plus the global tokens; the global tokens'
 queries attend to every key. The window part is blockwise (see
-:mod:`attn.kernels.local`), the global part is ``G`` dense rows and ``G``
-extra keys per query: time and memory ``O(T·(w + b + G) + G·S)``.
+:mod:`attn.kernels.local`), the global part is ``Y`` dense rows and ``Y``
+extra keys per query: time and memory ``O(T·(w + b + Y) + Y·S)``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def global_positions(global_tokens: Union[int, Sequence[int]], T: int,
 
 @register_attention(
     "longformer", exact=False, causal=True, padding=True, cross=True,
-    complexity="time O(T·(w+G) + G·S), memory the same (window w, G global "
+    complexity="time O(T·(w+Y) + Y·S), memory the same (window w, Y global "
     "tokens)",
     description="sliding window plus global tokens, exact softmax on the "
     "pattern (Beltagy et al. 2020)")
@@ -82,14 +82,15 @@ def longformer_attention(query, key, value, bias=None, mask=None, *,
 
   Returns:
     ``[B, T, N, Dv]`` in the input dtype. Time and memory
-    ``O(B·N·(T·(left + right + block + G) + G·S))``.
+    ``O(B·N·(T·(left + right + block + Y) + Y·S))``.
   """
   inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
       local_window_size=local_window_size, segment_ids=segment_ids)
-  blocks.check_supported("longformer", inputs, causal=True, segments=True)
+  blocks.check_supported("longformer", inputs, causal=True, segments=True,
+                         window=True)
   q_valid, kv_valid = blocks.validity("longformer", inputs)
   B, T, S, *_ = inputs.shape
   win = blocks.intersect_windows(canonical.normalize_window(window),
@@ -108,11 +109,11 @@ def longformer_attention(query, key, value, bias=None, mask=None, *,
         q_segment=q_seg_T, kv_segment=kv_seg_S, global_keys=glob_k)
     if not len(glob_q):
       return window_part
-    rows_GD = blocks.dense_rows_one_head(
+    rows_YD = blocks.dense_rows_one_head(
         q_TH[glob_q], glob_q, k_SH, v_SD, scale=inputs.scale,
         is_causal=inputs.is_causal, kv_valid=kv_valid_S, q_segment=q_seg_T,
         kv_segment=kv_seg_S)
-    return window_part.at[glob_q].set(rows_GD)
+    return window_part.at[glob_q].set(rows_YD)
 
   out = blocks.map_heads(one_head, inputs.query, inputs.key, inputs.value,
                          kv_valid, inputs.q_segment_ids, inputs.kv_segment_ids)

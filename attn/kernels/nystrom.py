@@ -85,8 +85,7 @@ def landmark_readout(ql_mH: Array, k_SH: Array, v_SD: Array,
   c = max(1, min(chunk, S))
   n = -(-S // c)
   valid = jnp.ones((S,), bool) if kv_valid_S is None else kv_valid_S
-  pieces = lambda x, fill=0: blocks.pad_axis0(x, n * c, fill).reshape(
-      (n, c) + x.shape[1:])
+  pieces = lambda x, fill=0: blocks.to_blocks(x, c, fill, num_blocks=n)
 
   def step(state, xs):
     run_max, run_sum, acc_mD = state

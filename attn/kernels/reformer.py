@@ -27,7 +27,7 @@ after ``t`` never changes output ``t``.
 Time ``O(n_hashes·(T·(c + n_buckets)·H + T log T))`` for chunk size ``c``
 (``n_buckets`` is capped by default, see ``MAX_AUTO_BUCKETS``); no ``[T, S]``
 matrix. Chunks run in steps of ``QUERIES_PER_STEP`` queries
-(:func:`attn.kernels.sparse.map_blocks`): memory ``O(n_hashes·T·(H +
+(:func:`attn.kernels.blocks.map_blocks`): memory ``O(n_hashes·T·(H +
 n_buckets))`` forward, ``O(n_hashes·T·c)`` backward.
 """
 
@@ -39,8 +39,8 @@ import numpy as np
 
 from attn.masks import MASK_VALUE
 from attn.masks import masked_softmax
-from attn.kernels.sparse import (finish, key_valid_or_all, map_blocks,
-                                 map_heads, pad_axis0, prepare)
+from attn.kernels import blocks, canonical
+from attn.kernels.blocks import map_blocks, pad_axis0
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -193,7 +193,7 @@ def reformer_attention(query, key, value, bias=None, mask=None, *,
 
   Args:
     query: ``[B, T, N, H]``; key ``[B, S, K, H]``; value ``[B, S, K, Dv]``
-      with ``N % K == 0`` (kv heads are repeated).
+      with ``N % K == 0`` (kv heads are shared).
     bias: not supported (``ValueError``).
     mask: ``None`` or a key-padding mask broadcastable to ``[B, N, 1, S]``;
       dense masks raise ``ValueError``.
@@ -226,16 +226,18 @@ def reformer_attention(query, key, value, bias=None, mask=None, *,
     raise ValueError(f"reformer: n_hashes must be >= 1, got {n_hashes}")
   if int(chunk_size) < 1:
     raise ValueError(f"reformer: chunk_size must be >= 1, got {chunk_size}")
-  inp = prepare("reformer", query, key, value, bias, mask, dense=False,
-                scale=scale, is_causal=is_causal,
-                query_seq_lengths=query_seq_lengths,
-                key_value_seq_lengths=key_value_seq_lengths,
-                segment_ids=segment_ids, local_window_size=local_window_size)
-  B, T, S, N, H, Dv = inp.shape
+  inputs = canonical.canonicalize(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size, segment_ids=segment_ids)
+  blocks.check_supported("reformer", inputs, causal=True, segments=False)
+  q_valid, kv_valid = blocks.validity("reformer", inputs, per_head=True)
+  B, T, S, N, K, H, Dv = inputs.shape
   if shared_qk and S != T:
     raise ValueError(f"reformer(shared_qk=True) derives keys from queries and "
                      f"needs self-attention lengths, got T={T}, S={S}")
-  if inp.is_causal and not shared_qk:
+  if inputs.is_causal and not shared_qk:
     raise ValueError(
         "reformer: is_causal=True needs shared_qk=True (with separately "
         "sorted keys, which past keys share a chunk with a query depends on "
@@ -256,8 +258,9 @@ def reformer_attention(query, key, value, bias=None, mask=None, *,
   def one_head(q_TH, k_SH, v_SD, valid_S):
     return _reformer_head(q_TH, k_SH, v_SD, valid_S, rotations,
                           n_chunks=n_chunks, n_buckets=int(n_buckets),
-                          shared_qk=bool(shared_qk), scale=inp.scale,
-                          is_causal=inp.is_causal)
+                          shared_qk=bool(shared_qk), scale=inputs.scale,
+                          is_causal=inputs.is_causal)
 
-  return finish(inp, map_heads(one_head, inp.q, inp.k, inp.v,
-                               key_valid_or_all(inp)))
+  out = blocks.map_heads(one_head, inputs.query, inputs.key, inputs.value,
+                         per_head=(kv_valid,))
+  return blocks.finish(out, inputs, q_valid)

@@ -7,12 +7,10 @@ Near-Infinite Context". With ``n`` devices on the ``seq`` mesh axis, device
 key/value block it currently holds, ``K_{(i-r) mod n}``, then passes that
 block to device ``i+1`` with ``jax.lax.ppermute``. Blocks are combined with
 the online softmax (running max ``m``, running sum ``l``, unnormalised
-output ``o``)::
-
-    s = scale · q kᵀ + bias            (masked entries -> MASK_VALUE)
-    m' = max(m, rowmax(s));  p = exp(s - m')  (0 where masked)
-    l' = exp(m - m') l + rowsum(p);  o' = exp(m - m') o + p v
-    out = o / l,  lse = m + log l
+output ``o``): the block step, forward and backward, and its masking
+convention are :mod:`attn.kernels.online_softmax`, shared with the chunked
+kernel. Shape letters as in :mod:`attn.kernels` (``b``, ``tq``: the batch
+and query length held by one device).
 
 Within a ring step the block pair is itself processed in ``block_q × block_k``
 chunks, so no device ever holds more than one chunk of scores: per-device
@@ -47,14 +45,14 @@ import functools
 import math
 from typing import Any, Dict, Optional, Tuple
 
+import einops
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from attn import masks
-from attn.kernels import canonical
-from attn.masks import MASK_VALUE
+from attn.kernels import canonical, online_softmax
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -66,68 +64,22 @@ DEFAULT_BLOCK = 256
 
 
 # --------------------------------------------------------------------------
-# The math for ONE head and one chunk pair: q_TH against k_SH / v_SD.
+# The one-head block step (attn.kernels.online_softmax), lifted to the ring's
+# layout.
 # --------------------------------------------------------------------------
-
-def _scores(q_TH, k_SH, bias_TS, mask_TS, scale):
-  """float32 ``scale · q kᵀ + bias`` with masked entries set to MASK_VALUE."""
-  s_TS = jnp.einsum("th,sh->ts", q_TH, k_SH,
-                    preferred_element_type=jnp.float32) * scale
-  if bias_TS is not None:
-    s_TS = s_TS + bias_TS.astype(jnp.float32)
-  if mask_TS is not None:
-    s_TS = jnp.where(mask_TS, s_TS, MASK_VALUE)
-  return s_TS
-
-
-def _chunk_forward(q_TH, k_SH, v_SD, bias_TS, mask_TS, o_TD, m_T, l_T, *,
-                   scale):
-  """One online-softmax update: ``(o, m, l)`` after seeing keys ``k_SH``."""
-  s_TS = _scores(q_TH, k_SH, bias_TS, mask_TS, scale)
-  m_new_T = jnp.maximum(m_T, jnp.max(s_TS, axis=-1))
-  p_TS = jnp.exp(s_TS - m_new_T[:, None])
-  if mask_TS is not None:
-    p_TS = jnp.where(mask_TS, p_TS, 0.0)
-  alpha_T = jnp.exp(m_T - m_new_T)
-  l_new_T = alpha_T * l_T + jnp.sum(p_TS, axis=-1)
-  pv_TD = jnp.einsum("ts,sd->td", p_TS.astype(v_SD.dtype), v_SD,
-                     preferred_element_type=jnp.float32)
-  return alpha_T[:, None] * o_TD + pv_TD, m_new_T, l_new_T
-
-
-def _chunk_backward(q_TH, k_SH, v_SD, bias_TS, mask_TS, do_TD, lse_T,
-                    delta_T, *, scale):
-  """Gradient contributions of one chunk pair, recomputed from ``lse``.
-
-  ``delta_T = rowsum(dout · out)``. Returns ``(dq_TH, dk_SH, dv_SD, ds_TS)``
-  in float32; ``ds_TS`` is the gradient with respect to the biased scores.
-  """
-  s_TS = _scores(q_TH, k_SH, bias_TS, mask_TS, scale)
-  p_TS = jnp.exp(s_TS - lse_T[:, None])
-  if mask_TS is not None:
-    p_TS = jnp.where(mask_TS, p_TS, 0.0)
-  dv_SD = jnp.einsum("ts,td->sd", p_TS.astype(do_TD.dtype), do_TD,
-                     preferred_element_type=jnp.float32)
-  dp_TS = jnp.einsum("td,sd->ts", do_TD, v_SD,
-                     preferred_element_type=jnp.float32)
-  ds_TS = p_TS * (dp_TS - delta_T[:, None])
-  dq_TH = jnp.einsum("ts,sh->th", ds_TS.astype(k_SH.dtype), k_SH,
-                     preferred_element_type=jnp.float32) * scale
-  dk_SH = jnp.einsum("ts,th->sh", ds_TS.astype(q_TH.dtype), q_TH,
-                     preferred_element_type=jnp.float32) * scale
-  return dq_TH, dk_SH, dv_SD, ds_TS
-
 
 def _over_heads(fn, out_axes):
   """Lifts a one-head chunk function over batch, kv heads and groups.
 
-  Arguments are ``(q, k, v, bias, mask, *per_query)`` in the sequence-major
-  layout of the ring: ``q[b, t, K, G, H]``, ``k[b, s, K, H]``,
-  ``v[b, s, K, Dv]``, ``bias/mask[b, K, G, t, s]`` (or ``None``) and
-  per-query arrays ``[b, t, K, G, ...]``. ``k``/``v`` are shared by the ``G``
-  query heads of a group (grouped-query attention). ``out_axes`` gives, per
-  output, its axis at the group and kv-head levels (batch is always 0).
-  Mapping non-leading axes avoids transposing the large per-device arrays.
+  ``fn`` is :func:`attn.kernels.online_softmax.forward_step` or
+  ``backward_step``. Arguments are ``(q, k, v, bias, mask, *per_query)`` in
+  the sequence-major layout of the ring: ``q[b, t, K, G, H]``,
+  ``k[b, s, K, H]``, ``v[b, s, K, Dv]``, ``bias/mask[b, K, G, t, s]`` (or
+  ``None``) and per-query arrays ``[b, t, K, G, ...]``. ``k``/``v`` are
+  shared by the ``G`` query heads of a group (grouped-query attention).
+  ``out_axes`` gives, per output, its axis at the group and kv-head levels
+  (batch is always 0). Mapping non-leading axes avoids transposing the large
+  per-device arrays.
   """
   def lift(q, k, v, bias, mask, *rest):
     per_query = (1,) * len(rest)
@@ -206,7 +158,7 @@ def _chunk_mask(cfg, ex, q_pos, k_pos, q_start, kv_seg, k_start, k_col):
 
   Combines the user mask with the structure mask (causal, window, lengths,
   segments, ring padding) built from global positions by
-  :func:`attn.kernels.masks.structure_mask`.
+  :func:`attn.masks.structure_mask`.
   """
   bq, bk = q_pos.shape[0], k_pos.shape[0]
   b, N = ex["q"].shape[0], ex["q"].shape[2]
@@ -234,12 +186,11 @@ def _chunk_mask(cfg, ex, q_pos, k_pos, q_start, kv_seg, k_start, k_col):
   return jnp.broadcast_to(mask, (b, N, bq, bk))
 
 
-def _heads_ts(x, K, G):
+def _heads_ts(x, K):
   """``[b, K·G, bq, bk]`` -> ``[b, K, G, bq, bk]`` (``None`` passes)."""
   if x is None:
     return None
-  b, _, t, s = x.shape
-  return x.reshape(b, K, G, t, s)
+  return einops.rearrange(x, "b (k g) bq bk -> b k g bq bk", k=K)
 
 
 def _pair_loop(cfg, q_offset, k_offset, n_q, n_k, body, carry):
@@ -290,21 +241,24 @@ def _chunk_inputs(cfg, ex, blk, q_start, k_start, q_pos, k_pos, k_offset):
   if "bias" in ex:
     bias = jnp.broadcast_to(_slice_ts(ex["bias"], q_start, k_col, bq, bk),
                             (b, N, bq, bk))
-  args = (_groups(sl_q(ex["q"]), K), sl_k(blk["k"]), sl_k(blk["v"]),
-          _heads_ts(bias, K, N // K), _heads_ts(mask, K, N // K))
+  # The block step takes q pre-multiplied by the scale; scaling the chunk
+  # (not the whole local q) keeps no scaled copy of q alive.
+  q = ex["q"]
+  q_c = (sl_q(q).astype(jnp.float32) * cfg.scale).astype(q.dtype)
+  args = (_groups(q_c, K), sl_k(blk["k"]), sl_k(blk["v"]),
+          _heads_ts(bias, K), _heads_ts(mask, K))
   return sl_q, sl_k, args
 
 
 def _step_forward(cfg, ex, acc, blk, q_offset, k_offset):
-  """Folds key/value block ``blk`` into the accumulators ``(o, m, l)``.
+  """Folds key/value block ``blk`` into the accumulators ``(m, l, o)``.
 
-  ``o[b, tq, N, Dv]``, ``m/l[b, tq, N]``. Returns ``(acc, blk)``.
+  ``m/l[b, tq, N]``, ``o[b, tq, N, Dv]``. Returns ``(acc, blk)``.
   """
   K = blk["k"].shape[2]
   n_q = ex["q"].shape[1] // cfg.block_q
   n_k = blk["k"].shape[1] // cfg.block_k
-  step = _over_heads(functools.partial(_chunk_forward, scale=cfg.scale),
-                     out_axes=(1, 1, 1))
+  step = _over_heads(online_softmax.forward_step, out_axes=(1, 1, 1))
 
   def body(acc, q_start, k_start, q_pos, k_pos, skip):
     sl_q, _, args = _chunk_inputs(cfg, ex, blk, q_start, k_start, q_pos,
@@ -329,8 +283,7 @@ def _step_backward(cfg, ex, grads, blk, q_offset, k_offset):
   K = blk["k"].shape[2]
   bq, bk = cfg.block_q, cfg.block_k
   n_q, n_k = tq // bq, blk["k"].shape[1] // bk
-  step = _over_heads(functools.partial(_chunk_backward, scale=cfg.scale),
-                     out_axes=(1, 1, 1, 0))
+  step = _over_heads(online_softmax.backward_step, out_axes=(1, 1, 1, 0))
 
   def body(carry, q_start, k_start, q_pos, k_pos, skip):
     dq, dbias, dk, dv = carry
@@ -345,10 +298,12 @@ def _step_backward(cfg, ex, grads, blk, q_offset, k_offset):
           *args, *(_groups(sl_q(ex[name]), K)
                    for name in ("do", "lse", "delta")))
       # dk_c/dv_c are [b, bk, K, G, D]: sum the G query heads of each group.
-      new = [old[0] + _ungroup(dq_c), old[1] + dk_c.sum(axis=3),
+      # dq_c is with respect to the scaled query chunk.
+      new = [old[0] + _ungroup(dq_c) * cfg.scale, old[1] + dk_c.sum(axis=3),
              old[2] + dv_c.sum(axis=3), None]
       if dbias is not None:
-        new[3] = old[3] + _sum_to(ds_c.reshape(b, N, bq, bk), old[3].shape)
+        ds_c = einops.rearrange(ds_c, "b k g bq bk -> b (k g) bq bk")
+        new[3] = old[3] + _sum_to(ds_c, old[3].shape)
       return tuple(new)
 
     dq_c, dk_c, dv_c, dbias_c = _unless(skip, lambda: old, compute)
@@ -391,15 +346,13 @@ def _shift(cfg, tree):
 
 
 def _groups(x, K):
-  """``[b, t, N, ...]`` -> ``[b, t, K, N // K, ...]`` (a free reshape)."""
-  b, t, N = x.shape[:3]
-  return x.reshape((b, t, K, N // K) + x.shape[3:])
+  """``[b, t, N, ...]`` -> ``[b, t, K, G, ...]`` (a free reshape)."""
+  return einops.rearrange(x, "b t (k g) ... -> b t k g ...", k=K)
 
 
 def _ungroup(x):
   """``[b, t, K, G, ...]`` -> ``[b, t, K·G, ...]``."""
-  b, t, K, G = x.shape[:4]
-  return x.reshape((b, t, K * G) + x.shape[4:])
+  return einops.rearrange(x, "b t k g ... -> b t (k g) ...")
 
 
 def _offsets(cfg, ex, blk, r):
@@ -420,16 +373,13 @@ def _forward_body(cfg, arrays):
   if "kv_segment_ids" in ex:
     blk["kv_seg"] = ex.pop("kv_segment_ids")
   b, tq, N, _ = ex["q"].shape
-  acc = (jnp.zeros((b, tq, N, blk["v"].shape[-1]), jnp.float32),
-         jnp.full((b, tq, N), MASK_VALUE, jnp.float32),
-         jnp.zeros((b, tq, N), jnp.float32))
+  acc = online_softmax.init_state((b, tq, N), blk["v"].shape[-1])
 
   def step(r, acc, blk):
     return _step_forward(cfg, ex, acc, blk, *_offsets(cfg, ex, blk, r))
 
-  (o, m, l), _ = _ring_loop(cfg, step, acc, blk)
-  out = o / jnp.where(l == 0.0, 1.0, l)[..., None]
-  lse = jnp.where(l > 0.0, m + jnp.log(jnp.where(l > 0.0, l, 1.0)), 0.0)
+  acc, _ = _ring_loop(cfg, step, acc, blk)
+  out, lse = online_softmax.finalize(*acc)
   return out.astype(ex["q"].dtype), lse
 
 

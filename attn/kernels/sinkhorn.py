@@ -27,7 +27,7 @@ which leaves the softmax average unchanged).
 Time ``O(T·(b + m)·H + n_b²·(hidden + n_iters))`` per head with
 ``n_b = S/b``; the ``[n_b, n_b]`` permutation is the only quadratic term,
 ``b²`` times smaller than the scores of exact attention. Blocks run in steps
-of ``QUERIES_PER_STEP`` queries (:func:`attn.kernels.sparse.map_blocks`):
+of ``QUERIES_PER_STEP`` queries (:func:`attn.kernels.blocks.map_blocks`):
 memory ``O(T·H + n_b²)`` forward, ``O(T·(b + m·H))`` backward.
 """
 
@@ -39,8 +39,8 @@ import numpy as np
 
 from attn.masks import MASK_VALUE
 from attn.masks import masked_softmax
-from attn.kernels.sparse import (finish, key_valid_or_all, map_blocks,
-                                 map_heads, pad_axis0, prepare)
+from attn.kernels import blocks, canonical
+from attn.kernels.blocks import from_blocks, map_blocks, to_blocks
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -107,18 +107,18 @@ def _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, *, n_b: int,
   T, H = q_TH.shape
   S = k_SH.shape[0]
   bq, bk = int(np.ceil(T / n_b)), int(np.ceil(S / n_b))
-  q_IQH = pad_axis0(q_TH, n_b * bq).reshape(n_b, bq, H)
-  k_IBH = pad_axis0(k_SH, n_b * bk).reshape(n_b, bk, H)
-  v_IBD = pad_axis0(v_SD, n_b * bk).reshape(n_b, bk, -1)
-  ok_IB = pad_axis0(valid_S, n_b * bk, False).reshape(n_b, bk)
+  q_IQH = to_blocks(q_TH, bq, num_blocks=n_b)
+  k_IBH = to_blocks(k_SH, bk, num_blocks=n_b)
+  v_IBD = to_blocks(v_SD, bk, num_blocks=n_b)
+  ok_IB = to_blocks(valid_S, bk, False, num_blocks=n_b)
 
   pooled_IH = _pooled_keys(k_IBH, ok_IB, is_causal)
   hidden_IA = jax.nn.relu(pooled_IH @ params["sort_w1"].astype(F32)
                           + params["sort_b1"].astype(F32))
   logits_IJ = (hidden_IA @ params["sort_w2"][:, :n_b].astype(F32)
                + params["sort_b2"][:n_b].astype(F32)) / temperature
-  blocks = jnp.arange(n_b)
-  allowed_IJ = (blocks[None, :] < blocks[:, None] if is_causal
+  block_I = jnp.arange(n_b)
+  allowed_IJ = (block_I[None, :] < block_I[:, None] if is_causal
                 else jnp.ones((n_b, n_b), bool))
   # Column balancing would let later blocks reweight earlier rows, so causal
   # attention only normalises rows (one softmax over the earlier blocks).
@@ -148,7 +148,7 @@ def _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, *, n_b: int,
             + jnp.einsum("qb,bd->qd", w[:, bk:], vs_BD))
 
   out_IQD = map_blocks(block, (q_IQH, k_IBH, v_IBD, ok_IB, p_IM, idx_IM), bq)
-  return out_IQD.reshape(n_b * bq, -1)[:T]
+  return from_blocks(out_IQD, T)
 
 
 @register_attention(
@@ -169,7 +169,7 @@ def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
 
   Args:
     query: ``[B, T, N, H]``; key ``[B, S, K, H]``; value ``[B, S, K, Dv]``
-      with ``N % K == 0`` (kv heads are repeated).
+      with ``N % K == 0`` (kv heads are shared).
     bias: not supported (``ValueError``).
     mask: ``None`` or a key-padding mask broadcastable to ``[B, N, 1, S]``;
       dense masks raise ``ValueError``.
@@ -205,13 +205,15 @@ def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
         f"sinkhorn needs params {list(_PARAMS)}, got "
         f"{None if params is None else sorted(params)}; create them from "
         "attn.registry.attention_param_shapes")
-  inp = prepare("sinkhorn", query, key, value, bias, mask, dense=False,
-                scale=scale, is_causal=is_causal,
-                query_seq_lengths=query_seq_lengths,
-                key_value_seq_lengths=key_value_seq_lengths,
-                segment_ids=segment_ids, local_window_size=local_window_size)
-  B, T, S, N, H, Dv = inp.shape
-  if inp.is_causal and T != S:
+  inputs = canonical.canonicalize(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size, segment_ids=segment_ids)
+  blocks.check_supported("sinkhorn", inputs, causal=True, segments=False)
+  q_valid, kv_valid = blocks.validity("sinkhorn", inputs, per_head=True)
+  B, T, S, N, K, H, Dv = inputs.shape
+  if inputs.is_causal and T != S:
     raise ValueError(f"sinkhorn: causal attention needs T == S (aligned "
                      f"blocks), got T={T}, S={S}")
   n_b = num_blocks(S, int(block_size))
@@ -224,8 +226,9 @@ def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
   def one_head(q_TH, k_SH, v_SD, valid_S):
     return _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, n_b=n_b,
                           partners=int(partners), n_iters=int(n_iters),
-                          temperature=float(temperature), scale=inp.scale,
-                          is_causal=inp.is_causal)
+                          temperature=float(temperature), scale=inputs.scale,
+                          is_causal=inputs.is_causal)
 
-  return finish(inp, map_heads(one_head, inp.q, inp.k, inp.v,
-                               key_valid_or_all(inp)))
+  out = blocks.map_heads(one_head, inputs.query, inputs.key, inputs.value,
+                         per_head=(kv_valid,))
+  return blocks.finish(out, inputs, q_valid)

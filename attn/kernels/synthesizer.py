@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from attn.masks import masked_softmax
-from attn.kernels.sparse import finish, map_heads, prepare
+from attn.kernels import blocks, canonical
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -94,7 +94,7 @@ def synthesizer_attention(query, key, value, bias=None, mask=None, *,
   Args:
     query: ``[B, T, N, H]`` (the input of the dense MLP).
     key: ``[B, S, K, H]``; only its length ``S`` is used.
-    value: ``[B, S, K, Dv]``, ``N % K == 0`` (kv heads are repeated).
+    value: ``[B, S, K, Dv]``, ``N % K == 0`` (kv heads are shared).
     bias, mask, is_causal, query_seq_lengths, key_value_seq_lengths,
       segment_ids, local_window_size: as in :func:`attn.dot_product_attention`.
     kind: ``"dense"`` (``B_t = MLP(q_t)``) or ``"random"`` (``B`` a table).
@@ -112,11 +112,14 @@ def synthesizer_attention(query, key, value, bias=None, mask=None, *,
     raise ValueError(f"synthesizer: unknown kind {kind!r}; choose from "
                      f"{KINDS}")
   del hidden  # sets the parameter shapes only
-  inp = prepare("synthesizer", query, key, value, bias, mask, dense=True,
-                is_causal=is_causal, query_seq_lengths=query_seq_lengths,
-                key_value_seq_lengths=key_value_seq_lengths,
-                segment_ids=segment_ids, local_window_size=local_window_size)
-  B, T, S, N, H, Dv = inp.shape
+  inputs = canonical.canonicalize(
+      query, key, value, bias, mask, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size, segment_ids=segment_ids)
+  q_valid, _ = blocks.lengths_valid(inputs)
+  bias_BNTS, mask_BNTS = blocks.dense_masks(inputs)
+  B, T, S, N, *_ = inputs.shape
   _check_params(params, kind, T, S, N)
 
   if kind == "dense":
@@ -135,7 +138,8 @@ def synthesizer_attention(query, key, value, bias=None, mask=None, *,
       del q_TH
       return table_TS
 
-  def one_head(q_TH, v_SD, table_TS, bias_TS, mask_TS):
+  def one_head(q_TH, k_SH, v_SD, table_TS, bias_TS, mask_TS):
+    del k_SH  # only its length S matters
     logits_TS = logits_fn(q_TH, table_TS)
     if bias_TS is not None:
       logits_TS = logits_TS + bias_TS
@@ -143,5 +147,6 @@ def synthesizer_attention(query, key, value, bias=None, mask=None, *,
     return jnp.einsum("ts,sd->td", w_TS.astype(v_SD.dtype), v_SD,
                       preferred_element_type=F32)
 
-  return finish(inp, map_heads(one_head, inp.q, inp.v, table, inp.bias,
-                               inp.mask))
+  out = blocks.map_heads(one_head, inputs.query, inputs.key, inputs.value,
+                         per_head=(table, bias_BNTS, mask_BNTS))
+  return blocks.finish(out, inputs, q_valid)

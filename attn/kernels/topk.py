@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from attn.masks import MASK_VALUE
 from attn.masks import masked_softmax
-from attn.kernels.sparse import HeadInputs, finish, map_heads, prepare
+from attn.kernels import blocks, canonical
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -37,8 +37,12 @@ def _scores_TS(q_TH, k_SH, bias_TS, scale) -> Array:
   return scores if bias_TS is None else scores + bias_TS
 
 
-def _dense_inputs(name, query, key, value, bias, mask, **kwargs) -> HeadInputs:
-  return prepare(name, query, key, value, bias, mask, dense=True, **kwargs)
+def _dense_inputs(query, key, value, bias, mask, **options):
+  """``(inputs, q_valid, bias[B, N, T, S], mask[B, N, T, S])``: every option
+  of exact attention is honoured through the dense mask."""
+  inputs = canonical.canonicalize(query, key, value, bias, mask, **options)
+  q_valid, _ = blocks.lengths_valid(inputs)
+  return (inputs, q_valid) + blocks.dense_masks(inputs)
 
 
 @register_attention(
@@ -59,7 +63,7 @@ def topk_attention(query, key, value, bias=None, mask=None, *, k: int = 32,
 
   Args:
     query: ``[B, T, N, H]``; key ``[B, S, K, H]``; value ``[B, S, K, Dv]``
-      with ``N % K == 0`` (grouped-query attention by repeating kv heads).
+      with ``N % K == 0`` (grouped-query attention).
     bias, mask: any bias / boolean mask broadcastable to ``[B, N, T, S]``.
     k: keys kept per query; ``k >= S`` equals exact softmax attention.
     scale: multiplier of ``q·k``, default ``1/sqrt(H)``.
@@ -72,16 +76,16 @@ def topk_attention(query, key, value, bias=None, mask=None, *, k: int = 32,
   """
   if int(k) < 1:
     raise ValueError(f"topk: k must be >= 1, got {k}")
-  inp = _dense_inputs("topk", query, key, value, bias, mask, scale=scale,
-                      is_causal=is_causal, query_seq_lengths=query_seq_lengths,
-                      key_value_seq_lengths=key_value_seq_lengths,
-                      segment_ids=segment_ids,
-                      local_window_size=local_window_size)
-  S = inp.shape[2]
+  inputs, q_valid, bias_BNTS, mask_BNTS = _dense_inputs(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids,
+      local_window_size=local_window_size)
+  S = inputs.shape[2]
   kk = min(int(k), S)
 
   def one_head(q_TH, k_SH, v_SD, bias_TS, mask_TS):
-    scores = _scores_TS(q_TH, k_SH, bias_TS, inp.scale)
+    scores = _scores_TS(q_TH, k_SH, bias_TS, inputs.scale)
     if mask_TS is not None:
       scores = jnp.where(mask_TS, scores, MASK_VALUE)
     top_TK, idx_TK = jax.lax.top_k(scores, kk)
@@ -91,8 +95,9 @@ def topk_attention(query, key, value, bias=None, mask=None, *, k: int = 32,
     return jnp.einsum("tk,tkd->td", w_TK.astype(v_SD.dtype), v_SD[idx_TK],
                       preferred_element_type=F32)
 
-  return finish(inp, map_heads(one_head, inp.q, inp.k, inp.v, inp.bias,
-                               inp.mask))
+  out = blocks.map_heads(one_head, inputs.query, inputs.key, inputs.value,
+                         per_head=(bias_BNTS, mask_BNTS))
+  return blocks.finish(out, inputs, q_valid)
 
 
 ESTIMATORS = ("straight_through", "gumbel")
@@ -167,19 +172,20 @@ def hard_attention(query, key, value, bias=None, mask=None, *,
                      f"{ESTIMATORS}")
   if not float(temperature) > 0:
     raise ValueError(f"hard: temperature must be > 0, got {temperature}")
-  inp = _dense_inputs("hard", query, key, value, bias, mask, scale=scale,
-                      is_causal=is_causal, query_seq_lengths=query_seq_lengths,
-                      key_value_seq_lengths=key_value_seq_lengths,
-                      segment_ids=segment_ids,
-                      local_window_size=local_window_size)
-  B, _, _, N, *_ = inp.shape
+  inputs, q_valid, bias_BNTS, mask_BNTS = _dense_inputs(
+      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids,
+      local_window_size=local_window_size)
+  B, _, _, N, *_ = inputs.shape
   sample = rng is not None and not deterministic
   keys = jax.random.split(rng, (B, N)) if sample else None
 
   def one_head(q_TH, k_SH, v_SD, bias_TS, mask_TS, key_):
     return _hard_head(q_TH, k_SH, v_SD, bias_TS, mask_TS, key_,
-                      scale=inp.scale, estimator=estimator,
+                      scale=inputs.scale, estimator=estimator,
                       temperature=float(temperature), sample=sample)
 
-  return finish(inp, map_heads(one_head, inp.q, inp.k, inp.v, inp.bias,
-                               inp.mask, keys))
+  out = blocks.map_heads(one_head, inputs.query, inputs.key, inputs.value,
+                         per_head=(bias_BNTS, mask_BNTS, keys))
+  return blocks.finish(out, inputs, q_valid)

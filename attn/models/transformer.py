@@ -1,5 +1,10 @@
 """Transformers whose attention and positional encoding are chosen by name.
 
+Every model here is built from one :class:`TransformerConfig` (as Flax's
+lm1b ``TransformerConfig``, to avoid keyword plumbing): the model passes it to
+each stack, each stack to its blocks, and each block reads the fields its
+attention module and MLP need. A new option is one config field.
+
 Blocks (:class:`TransformerBlock`, :class:`DecoderBlock`) and stacks
 (:class:`TransformerEncoder`, :class:`TransformerDecoder`) take embedded
 inputs ``[B, T, D]``; the models take int token ids ``[B, T]``:
@@ -11,16 +16,17 @@ inputs ``[B, T, D]``; the models take int token ids ``[B, T]``:
 * :class:`Seq2SeqTransformer` — encoder–decoder: encoder self-attention,
   causal decoder self-attention and cross-attention.
 
-Every model has ``attention`` (registry spec, used for every attention
-layer) and ``positional`` (one of ``attn.positional.POSITIONAL_ENCODINGS``)
-fields, ``train: bool`` on ``__call__`` (dropout needs the ``"dropout"`` rng;
-random-feature kernels draw from the ``"attention"`` rng when given) and
-sows every layer's attention weights when called with
+``config.attention`` (registry spec) is used for every attention layer and
+``config.positional`` is one of ``attn.positional.POSITIONAL_ENCODINGS``.
+Models take ``train: bool`` on ``__call__`` (dropout needs the ``"dropout"``
+rng; random-feature kernels draw from the ``"attention"`` rng when given) and
+sow every layer's attention weights when called with
 ``mutable=["intermediates"]`` (see :func:`attention_weights`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
@@ -33,6 +39,65 @@ from attn.modules import MultiHeadAttention, PositionalEmbedding
 
 Array = jax.Array
 AttentionSpec = Union[str, Callable[..., Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Everything a Transformer model, stack and block needs.
+
+  Attributes:
+    vocab_size: input token ids (token models; unused by ViT/set encoders).
+    output_vocab_size: target ids of :class:`Seq2SeqTransformer`
+      (default ``vocab_size``).
+    emb_dim: model width ``D``.
+    num_heads / num_kv_heads: query heads and key/value heads (GQA/MQA;
+      ``None`` = ``num_heads``).
+    num_layers: blocks per stack (encoder and decoder each).
+    mlp_dim: hidden width of the MLP (default ``4 * emb_dim``).
+    max_len: longest sequence (learned positions, generation length).
+    attention: registry spec or ``attention_fn``, used by every layer.
+    cross_attention: spec for decoder-to-encoder attention (default
+      ``attention``).
+    positional: ``"none"``, ``"sinusoidal"``, ``"learned"``, ``"rope"``,
+      ``"alibi"`` or ``"t5"`` (rotary/bias kinds act in self-attention).
+    pre_ln: LayerNorm before each sublayer (True) or after the residual sum.
+    dropout_rate: on embeddings, sublayer outputs and in the MLP.
+    attention_dropout_rate: on the attention weights.
+    decode: KV-cache decoding (causal self-attention; set by
+      :func:`generate`).
+    dtype: activation dtype (softmax and logits stay float32).
+  """
+  vocab_size: Optional[int] = None
+  output_vocab_size: Optional[int] = None
+  emb_dim: int = 64
+  num_heads: int = 4
+  num_kv_heads: Optional[int] = None
+  num_layers: int = 2
+  mlp_dim: Optional[int] = None
+  max_len: int = 256
+  attention: AttentionSpec = "softmax"
+  cross_attention: Optional[AttentionSpec] = None
+  positional: str = "sinusoidal"
+  pre_ln: bool = True
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  decode: bool = False
+  dtype: Any = jnp.float32
+
+  def replace(self, **changes) -> "TransformerConfig":
+    """A copy with ``changes`` (``dataclasses.replace``)."""
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def mlp_width(self) -> int:
+    """``mlp_dim``, or ``4 * emb_dim`` when unset."""
+    return self.mlp_dim or 4 * self.emb_dim
+
+  def need_vocab(self, model: str) -> int:
+    """``vocab_size``, or a ValueError naming ``model`` when unset."""
+    if not self.vocab_size:
+      raise ValueError(f"{model} needs TransformerConfig.vocab_size")
+    return self.vocab_size
 
 
 def attention_weights(intermediates) -> list[tuple[str, Array]]:
@@ -77,69 +142,60 @@ def residual(x: Array, sublayer: Callable[[Array], Array], norm: nn.Module,
   return norm(x + dropout(sublayer(x), deterministic=deterministic))
 
 
+def _attention(config: TransformerConfig, **fields) -> MultiHeadAttention:
+  """The block's :class:`MultiHeadAttention` from ``config`` (+ ``fields``)."""
+  return MultiHeadAttention(
+      num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+      dropout_rate=config.attention_dropout_rate, dtype=config.dtype,
+      **fields)
+
+
+def _mlp(config: TransformerConfig) -> Mlp:
+  return Mlp(config.mlp_width, config.dropout_rate, config.dtype, name="mlp")
+
+
+def _norm(config: TransformerConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=1e-6, dtype=config.dtype, name=name)
+
+
 class TransformerBlock(nn.Module):
   """Self-attention + MLP, each in a residual branch.
 
   Attributes:
-    num_heads / num_kv_heads: query heads and key/value heads (GQA/MQA).
-    mlp_dim: hidden width of the MLP.
-    attention: registry spec or ``attention_fn``.
-    positional: positional-encoding name (rotary/bias kinds act here).
-    causal: decoder-style (autoregressive) self-attention.
-    pre_ln: LayerNorm before each sublayer (True) or after the residual sum.
-    dropout_rate: on sublayer outputs and in the MLP.
-    attention_dropout_rate: on the attention weights.
-    decode: KV-cache decoding (needs ``causal``).
+    config: sizes, attention, positional encoding, dropout, dtype.
+    causal: decoder-style (autoregressive) self-attention; with
+      ``config.decode`` it decodes with a KV cache.
   """
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: Optional[int] = None
-  attention: AttentionSpec = "softmax"
-  positional: str = "none"
+  config: TransformerConfig
   causal: bool = False
-  pre_ln: bool = True
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  decode: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, *, mask: Optional[Array] = None,
                deterministic: bool = True) -> Array:
     """``x[B, T, D]``, ``mask`` broadcastable to ``[B, N, T, T]`` -> ``[B, T, D]``."""
-    attention = MultiHeadAttention(
-        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-        attention=self.attention, positional=self.positional,
-        causal=self.causal, dropout_rate=self.attention_dropout_rate,
-        decode=self.decode, dtype=self.dtype, name="attention")
-    mlp = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")
-    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
-    dropout = nn.Dropout(self.dropout_rate)
+    cfg = self.config
+    attention = _attention(cfg, attention=cfg.attention,
+                           positional=cfg.positional, causal=self.causal,
+                           decode=cfg.decode, name="attention")
+    mlp = _mlp(cfg)
+    dropout = nn.Dropout(cfg.dropout_rate)
     x = residual(x, lambda h: attention(h, mask=mask,
                                         deterministic=deterministic),
-                 norm(name="attention_norm"), self.pre_ln, dropout,
+                 _norm(cfg, "attention_norm"), cfg.pre_ln, dropout,
                  deterministic)
     return residual(x, lambda h: mlp(h, deterministic=deterministic),
-                    norm(name="mlp_norm"), self.pre_ln, dropout, deterministic)
+                    _norm(cfg, "mlp_norm"), cfg.pre_ln, dropout,
+                    deterministic)
 
 
 class DecoderBlock(nn.Module):
   """Causal self-attention, cross-attention to the encoder, then MLP.
 
-  Attributes are those of :class:`TransformerBlock` (always causal), plus
-  ``cross_attention``: spec for the cross-attention (default ``attention``).
-  Rotary/bias positional encodings act in self-attention only.
+  ``config.cross_attention`` (default ``config.attention``) is the
+  cross-attention spec; rotary/bias positional encodings act in
+  self-attention only.
   """
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: Optional[int] = None
-  attention: AttentionSpec = "softmax"
-  cross_attention: Optional[AttentionSpec] = None
-  positional: str = "none"
-  pre_ln: bool = True
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
+  config: TransformerConfig
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, *,
@@ -149,118 +205,88 @@ class DecoderBlock(nn.Module):
 
     ``cross_mask`` broadcastable to ``[B, N, T, S]`` (encoder padding).
     """
-    mha = functools.partial(
-        MultiHeadAttention, num_heads=self.num_heads,
-        num_kv_heads=self.num_kv_heads,
-        dropout_rate=self.attention_dropout_rate, dtype=self.dtype)
-    self_attention = mha(attention=self.attention, positional=self.positional,
-                         causal=True, name="self_attention")
-    cross_attention = mha(attention=self.cross_attention or self.attention,
-                          name="cross_attention")
-    mlp = Mlp(self.mlp_dim, self.dropout_rate, self.dtype, name="mlp")
-    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
-    dropout = nn.Dropout(self.dropout_rate)
+    cfg = self.config
+    self_attention = _attention(cfg, attention=cfg.attention,
+                                positional=cfg.positional, causal=True,
+                                name="self_attention")
+    cross_attention = _attention(
+        cfg, attention=cfg.cross_attention or cfg.attention,
+        name="cross_attention")
+    mlp = _mlp(cfg)
+    dropout = nn.Dropout(cfg.dropout_rate)
     x = residual(x, lambda h: self_attention(h, deterministic=deterministic),
-                 norm(name="self_attention_norm"), self.pre_ln, dropout,
+                 _norm(cfg, "self_attention_norm"), cfg.pre_ln, dropout,
                  deterministic)
     x = residual(x, lambda h: cross_attention(h, encoded, mask=cross_mask,
                                               deterministic=deterministic),
-                 norm(name="cross_attention_norm"), self.pre_ln, dropout,
+                 _norm(cfg, "cross_attention_norm"), cfg.pre_ln, dropout,
                  deterministic)
     return residual(x, lambda h: mlp(h, deterministic=deterministic),
-                    norm(name="mlp_norm"), self.pre_ln, dropout, deterministic)
+                    _norm(cfg, "mlp_norm"), cfg.pre_ln, dropout,
+                    deterministic)
 
 
 class TransformerEncoder(nn.Module):
-  """``num_layers`` :class:`TransformerBlock` s (+ final LayerNorm if pre-LN).
+  """``config.num_layers`` :class:`TransformerBlock` s (+ final LayerNorm if
+  pre-LN).
 
-  Attributes: ``num_layers`` and those of :class:`TransformerBlock`.
   Without positional information (``positional="none"``, non-causal) the
   encoder is permutation-equivariant.
   """
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: Optional[int] = None
-  attention: AttentionSpec = "softmax"
-  positional: str = "none"
+  config: TransformerConfig
   causal: bool = False
-  pre_ln: bool = True
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  decode: bool = False
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, *, mask: Optional[Array] = None,
                deterministic: bool = True) -> Array:
     """``x[B, T, D]`` -> ``[B, T, D]``; ``mask`` broadcastable to ``[B,N,T,T]``."""
-    for i in range(self.num_layers):
-      x = TransformerBlock(
-          num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-          num_kv_heads=self.num_kv_heads, attention=self.attention,
-          positional=self.positional, causal=self.causal, pre_ln=self.pre_ln,
-          dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate,
-          decode=self.decode, dtype=self.dtype, name=f"layer_{i}")(
-              x, mask=mask, deterministic=deterministic)
-    if self.pre_ln:
-      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="final_norm")(x)
+    cfg = self.config
+    for i in range(cfg.num_layers):
+      x = TransformerBlock(cfg, causal=self.causal, name=f"layer_{i}")(
+          x, mask=mask, deterministic=deterministic)
+    if cfg.pre_ln:
+      x = _norm(cfg, "final_norm")(x)
     return x
 
 
 class TransformerDecoder(nn.Module):
-  """``num_layers`` :class:`DecoderBlock` s (+ final LayerNorm if pre-LN)."""
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  num_kv_heads: Optional[int] = None
-  attention: AttentionSpec = "softmax"
-  cross_attention: Optional[AttentionSpec] = None
-  positional: str = "none"
-  pre_ln: bool = True
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
+  """``config.num_layers`` :class:`DecoderBlock` s (+ final LayerNorm if
+  pre-LN)."""
+  config: TransformerConfig
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, *,
                cross_mask: Optional[Array] = None,
                deterministic: bool = True) -> Array:
     """``x[B, T, D]``, ``encoded[B, S, D]`` -> ``[B, T, D]``."""
-    for i in range(self.num_layers):
-      x = DecoderBlock(
-          num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-          num_kv_heads=self.num_kv_heads, attention=self.attention,
-          cross_attention=self.cross_attention, positional=self.positional,
-          pre_ln=self.pre_ln, dropout_rate=self.dropout_rate,
-          attention_dropout_rate=self.attention_dropout_rate,
-          dtype=self.dtype, name=f"layer_{i}")(
-              x, encoded, cross_mask=cross_mask, deterministic=deterministic)
-    if self.pre_ln:
-      x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="final_norm")(x)
+    cfg = self.config
+    for i in range(cfg.num_layers):
+      x = DecoderBlock(cfg, name=f"layer_{i}")(
+          x, encoded, cross_mask=cross_mask, deterministic=deterministic)
+    if cfg.pre_ln:
+      x = _norm(cfg, "final_norm")(x)
     return x
 
 
 class TokenEmbedding(nn.Module):
-  """Token ids ``[B, T]`` -> embeddings ``[B, T, D]`` + absolute positions."""
-  vocab_size: int
-  emb_dim: int
-  positional: str
-  max_len: int
-  dropout_rate: float = 0.0
-  decode: bool = False
-  dtype: Any = jnp.float32
+  """Token ids ``[B, T]`` -> embeddings ``[B, T, D]`` + absolute positions.
+
+  ``vocab_size`` overrides ``config.vocab_size`` (the target side of a
+  seq2seq model).
+  """
+  config: TransformerConfig
+  vocab_size: Optional[int] = None
 
   @nn.compact
   def __call__(self, tokens: Array, *, deterministic: bool = True) -> Array:
     """int ``tokens[B, T]`` -> ``[B, T, emb_dim]`` (dropout unless
     ``deterministic``)."""
-    x = nn.Embed(self.vocab_size, self.emb_dim, dtype=self.dtype,
-                 name="embed")(tokens)
-    x = PositionalEmbedding(self.positional, self.max_len, decode=self.decode,
-                            dtype=self.dtype, name="positional")(x)
-    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    cfg = self.config
+    x = nn.Embed(self.vocab_size or cfg.need_vocab("TokenEmbedding"),
+                 cfg.emb_dim, dtype=cfg.dtype, name="embed")(tokens)
+    x = PositionalEmbedding(cfg.positional, cfg.max_len, decode=cfg.decode,
+                            dtype=cfg.dtype, name="positional")(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
 def key_padding_mask(padding_mask: Optional[Array]) -> Optional[Array]:
@@ -273,33 +299,11 @@ def key_padding_mask(padding_mask: Optional[Array]) -> Optional[Array]:
 class TransformerLM(nn.Module):
   """Decoder-only (causal) Transformer language model.
 
-  Attributes:
-    vocab_size: number of token ids.
-    emb_dim / num_heads / num_kv_heads / num_layers / mlp_dim: sizes
-      (``mlp_dim`` defaults to ``4 * emb_dim``).
-    max_len: longest sequence (learned positions, generation length).
-    attention: registry spec; must support causal masking (``ValueError``
-      otherwise) and, for :meth:`generate`, be exact.
-    positional: ``"none"``, ``"sinusoidal"``, ``"learned"``, ``"rope"``,
-      ``"alibi"`` or ``"t5"``.
-    pre_ln, dropout_rate, attention_dropout_rate, dtype: see
-      :class:`TransformerBlock`.
-    decode: KV-cache mode (set by :meth:`generate`).
+  ``config.vocab_size`` is required; ``config.attention`` must support
+  causal masking (``ValueError`` otherwise) and, for :meth:`generate`, be
+  exact; ``config.max_len`` bounds the generated length.
   """
-  vocab_size: int
-  emb_dim: int = 64
-  num_heads: int = 4
-  num_layers: int = 2
-  mlp_dim: Optional[int] = None
-  num_kv_heads: Optional[int] = None
-  max_len: int = 256
-  attention: AttentionSpec = "softmax"
-  positional: str = "sinusoidal"
-  pre_ln: bool = True
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  decode: bool = False
-  dtype: Any = jnp.float32
+  config: TransformerConfig
 
   @nn.compact
   def __call__(self, tokens: Array, *, train: bool = False) -> Array:
@@ -313,21 +317,14 @@ class TransformerLM(nn.Module):
     Returns:
       float32 logits ``[B, T, vocab_size]``.
     """
+    cfg = self.config
     deterministic = not train
-    x = TokenEmbedding(self.vocab_size, self.emb_dim, self.positional,
-                       self.max_len, self.dropout_rate, decode=self.decode,
-                       dtype=self.dtype, name="embedding")(
-                           tokens, deterministic=deterministic)
-    x = TransformerEncoder(
-        num_layers=self.num_layers, num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim or 4 * self.emb_dim,
-        num_kv_heads=self.num_kv_heads, attention=self.attention,
-        positional=self.positional, causal=True, pre_ln=self.pre_ln,
-        dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate,
-        decode=self.decode, dtype=self.dtype, name="decoder")(
-            x, deterministic=deterministic)
-    logits = nn.Dense(self.vocab_size, dtype=self.dtype, name="logits")(x)
+    x = TokenEmbedding(cfg, name="embedding")(tokens,
+                                              deterministic=deterministic)
+    x = TransformerEncoder(cfg, causal=True, name="decoder")(
+        x, deterministic=deterministic)
+    logits = nn.Dense(cfg.need_vocab("TransformerLM"), dtype=cfg.dtype,
+                      name="logits")(x)
     return logits.astype(jnp.float32)
 
   @nn.nowrap
@@ -366,11 +363,11 @@ def generate(model: TransformerLM, params, prompt: Array, max_new_tokens: int,
   step, inside ``lax.scan``.
 
   Args:
-    model: a :class:`TransformerLM` (its ``decode`` field is ignored).
+    model: a :class:`TransformerLM` (its ``config.decode`` is ignored).
     params: the model's ``params`` tree or ``{"params": ...}``.
     prompt: int ``[B, P]`` with ``P >= 1`` (no padding).
     max_new_tokens: how many tokens to append (``P + max_new_tokens <=
-      max_len``).
+      config.max_len``).
     rng: PRNG key for sampling (unused when ``temperature == 0``).
     temperature: ``0`` = greedy, else sampling temperature.
     top_k: sample among the ``top_k`` most likely tokens (``None`` = all).
@@ -382,23 +379,25 @@ def generate(model: TransformerLM, params, prompt: Array, max_new_tokens: int,
     ValueError: bad lengths/temperature/top_k, or an attention variant that
       cannot decode with a cache.
   """
+  cfg = model.config
   prompt = jnp.asarray(prompt, jnp.int32)
   if prompt.ndim != 2 or prompt.shape[1] < 1:
     raise ValueError(f"prompt must be int [B, P] with P >= 1, got shape "
                      f"{prompt.shape}")
   total = prompt.shape[1] + max_new_tokens
-  if max_new_tokens < 1 or total > model.max_len:
+  if max_new_tokens < 1 or total > cfg.max_len:
     raise ValueError(f"need 1 <= max_new_tokens and prompt length + "
-                     f"max_new_tokens <= max_len={model.max_len}; got "
+                     f"max_new_tokens <= max_len={cfg.max_len}; got "
                      f"{prompt.shape[1]} + {max_new_tokens}")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
-  if top_k is not None and not 1 <= top_k <= model.vocab_size:
-    raise ValueError(f"top_k must be in [1, vocab_size={model.vocab_size}], "
+  if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
+    raise ValueError(f"top_k must be in [1, vocab_size={cfg.vocab_size}], "
                      f"got {top_k}")
   variables = params if "params" in params else {"params": params}
-  return _generate(model.clone(decode=True, parent=None), variables, prompt,
-                   rng, jnp.float32(temperature), max_new_tokens, top_k)
+  decoder = model.clone(config=cfg.replace(decode=True), parent=None)
+  return _generate(decoder, variables, prompt, rng, jnp.float32(temperature),
+                   max_new_tokens, top_k)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
@@ -439,28 +438,14 @@ class EncoderClassifier(nn.Module):
   """Transformer encoder + pooling + linear classifier.
 
   Attributes:
-    vocab_size / num_classes: input ids and output classes.
-    emb_dim, num_heads, num_kv_heads, num_layers, mlp_dim, max_len,
-    attention, positional, pre_ln, dropout_rate, attention_dropout_rate,
-    dtype: as in :class:`TransformerLM` (non-causal).
+    config: the encoder (non-causal); ``config.vocab_size`` is required.
+    num_classes: output classes.
     pooling: ``"mean"`` (over real tokens), ``"max"`` or ``"cls"`` (a learned
       token prepended to the sequence).
   """
-  vocab_size: int
+  config: TransformerConfig
   num_classes: int
-  emb_dim: int = 64
-  num_heads: int = 4
-  num_layers: int = 2
-  mlp_dim: Optional[int] = None
-  num_kv_heads: Optional[int] = None
-  max_len: int = 512
-  attention: AttentionSpec = "softmax"
-  positional: str = "sinusoidal"
   pooling: str = "mean"
-  pre_ln: bool = True
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: Array, *, padding_mask: Optional[Array] = None,
@@ -479,30 +464,23 @@ class EncoderClassifier(nn.Module):
     if self.pooling not in POOLINGS:
       raise ValueError(f"unknown pooling {self.pooling!r}; choose from "
                        f"{POOLINGS}")
+    cfg = self.config
     deterministic = not train
     B, T = tokens.shape
     valid = (jnp.ones((B, T), bool) if padding_mask is None
              else jnp.asarray(padding_mask, bool))
-    x = TokenEmbedding(self.vocab_size, self.emb_dim, self.positional,
-                       self.max_len, self.dropout_rate, dtype=self.dtype,
-                       name="embedding")(tokens, deterministic=deterministic)
+    x = TokenEmbedding(cfg, name="embedding")(tokens,
+                                              deterministic=deterministic)
     if self.pooling == "cls":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.emb_dim))
-      x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, self.emb_dim))
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.emb_dim))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, cfg.emb_dim))
                            .astype(x.dtype), x], axis=1)
       valid = jnp.concatenate([jnp.ones((B, 1), bool), valid], axis=1)
-    x = TransformerEncoder(
-        num_layers=self.num_layers, num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim or 4 * self.emb_dim,
-        num_kv_heads=self.num_kv_heads, attention=self.attention,
-        positional=self.positional, pre_ln=self.pre_ln,
-        dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-        name="encoder")(
-            x, mask=None if padding_mask is None else key_padding_mask(valid),
-            deterministic=deterministic)
+    x = TransformerEncoder(cfg, name="encoder")(
+        x, mask=None if padding_mask is None else key_padding_mask(valid),
+        deterministic=deterministic)
     pooled = pool(x, valid, self.pooling)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
+    logits = nn.Dense(self.num_classes, dtype=cfg.dtype, name="head")(pooled)
     return logits.astype(jnp.float32)
 
 
@@ -519,52 +497,22 @@ def pool(x: Array, valid: Array, pooling: str) -> Array:
 class Seq2SeqTransformer(nn.Module):
   """Encoder–decoder Transformer (Vaswani et al. 2017).
 
-  Attention appears in three places: encoder self-attention (``attention``),
-  causal decoder self-attention (``attention``) and decoder-to-encoder
-  cross-attention (``cross_attention``, default ``attention``).
-
-  Attributes:
-    vocab_size: input ids; ``output_vocab_size`` (default ``vocab_size``).
-    emb_dim, num_heads, num_kv_heads, num_layers (each side), mlp_dim,
-    max_len, positional, pre_ln, dropout_rate, attention_dropout_rate,
-    dtype: as in :class:`TransformerLM`.
+  Attention appears in three places: encoder self-attention
+  (``config.attention``), causal decoder self-attention (``config.attention``)
+  and decoder-to-encoder cross-attention (``config.cross_attention``, default
+  ``config.attention``). ``config.vocab_size`` is required;
+  ``config.output_vocab_size`` defaults to it.
   """
-  vocab_size: int
-  output_vocab_size: Optional[int] = None
-  emb_dim: int = 64
-  num_heads: int = 4
-  num_layers: int = 2
-  mlp_dim: Optional[int] = None
-  num_kv_heads: Optional[int] = None
-  max_len: int = 256
-  attention: AttentionSpec = "softmax"
-  cross_attention: Optional[AttentionSpec] = None
-  positional: str = "sinusoidal"
-  pre_ln: bool = True
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
+  config: TransformerConfig
 
   def setup(self):
-    mlp_dim = self.mlp_dim or 4 * self.emb_dim
-    common = dict(num_layers=self.num_layers, num_heads=self.num_heads,
-                  mlp_dim=mlp_dim, num_kv_heads=self.num_kv_heads,
-                  attention=self.attention, positional=self.positional,
-                  pre_ln=self.pre_ln, dropout_rate=self.dropout_rate,
-                  attention_dropout_rate=self.attention_dropout_rate,
-                  dtype=self.dtype)
-    embed = functools.partial(TokenEmbedding, emb_dim=self.emb_dim,
-                              positional=self.positional,
-                              max_len=self.max_len,
-                              dropout_rate=self.dropout_rate,
-                              dtype=self.dtype)
-    self.source_embedding = embed(self.vocab_size)
-    self.target_embedding = embed(self.output_vocab_size or self.vocab_size)
-    self.encoder = TransformerEncoder(**common)
-    self.decoder = TransformerDecoder(cross_attention=self.cross_attention,
-                                      **common)
-    self.logits = nn.Dense(self.output_vocab_size or self.vocab_size,
-                           dtype=self.dtype)
+    cfg = self.config
+    vocab_out = cfg.output_vocab_size or cfg.need_vocab("Seq2SeqTransformer")
+    self.source_embedding = TokenEmbedding(cfg)
+    self.target_embedding = TokenEmbedding(cfg, vocab_out)
+    self.encoder = TransformerEncoder(cfg)
+    self.decoder = TransformerDecoder(cfg)
+    self.logits = nn.Dense(vocab_out, dtype=cfg.dtype)
 
   def encode(self, inputs: Array, *, padding_mask: Optional[Array] = None,
              train: bool = False) -> Array:
@@ -606,6 +554,7 @@ class Seq2SeqTransformer(nn.Module):
 
 
 __all__ = ["DecoderBlock", "EncoderClassifier", "Mlp", "Seq2SeqTransformer",
-           "TokenEmbedding", "TransformerBlock", "TransformerDecoder",
-           "TransformerEncoder", "TransformerLM", "attention_weights",
-           "generate", "key_padding_mask", "pool", "residual", "sample_logits"]
+           "TokenEmbedding", "TransformerBlock", "TransformerConfig",
+           "TransformerDecoder", "TransformerEncoder", "TransformerLM",
+           "attention_weights", "generate", "key_padding_mask", "pool",
+           "residual", "sample_logits"]

@@ -8,14 +8,15 @@ per-layer weights into a saliency map over patches.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import einsum, rearrange
 
 from attn import positional as pe
-from attn.models.transformer import AttentionSpec, TransformerEncoder, pool
+from attn.models.transformer import TransformerConfig, TransformerEncoder, pool
 
 Array = jax.Array
 
@@ -26,32 +27,20 @@ class ViT(nn.Module):
   """Vision Transformer classifier.
 
   Attributes:
-    num_classes: output classes.
-    patch_size: side of the square patches; image sides must be multiples.
-    emb_dim, num_heads, num_kv_heads, num_layers, mlp_dim (default
-      ``4 * emb_dim``), pre_ln, dropout_rate, attention_dropout_rate, dtype:
-      see :class:`~attn.models.transformer.TransformerBlock`.
-    attention: registry spec used by every layer.
-    positional: ``"learned"`` (a table per patch), ``"sinusoidal"`` (2-D:
-      half the channels encode the row, half the column), ``"none"``, or a
+    config: the encoder (:class:`~attn.models.transformer.TransformerConfig`;
+      ``vocab_size``/``max_len`` unused). ``config.positional``:
+      ``"learned"`` (a table per patch), ``"sinusoidal"`` (2-D: half the
+      channels encode the row, half the column), ``"none"``, or a
       rotary/bias kind (``"rope"``, ``"alibi"``, ``"t5"``) applied over the
       flattened patch order. The class token has no position.
+    num_classes: output classes.
+    patch_size: side of the square patches; image sides must be multiples.
     pooling: ``"cls"`` (class token) or ``"mean"`` (over patches).
   """
+  config: TransformerConfig
   num_classes: int
   patch_size: int = 4
-  emb_dim: int = 64
-  num_heads: int = 4
-  num_layers: int = 2
-  mlp_dim: Optional[int] = None
-  num_kv_heads: Optional[int] = None
-  attention: AttentionSpec = "softmax"
-  positional: str = "learned"
   pooling: str = "cls"
-  pre_ln: bool = True
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images: Array, *, train: bool = False) -> Array:
@@ -63,38 +52,35 @@ class ViT(nn.Module):
     if self.pooling not in VIT_POOLINGS:
       raise ValueError(f"unknown pooling {self.pooling!r}; choose from "
                        f"{VIT_POOLINGS}")
+    cfg = self.config
     B, H, W, _ = images.shape
     p = self.patch_size
     if H % p or W % p:
       raise ValueError(f"image size {H}x{W} is not a multiple of "
                        f"patch_size={p}")
-    x = nn.Conv(self.emb_dim, (p, p), strides=(p, p), padding="VALID",
-                dtype=self.dtype, name="patch_embedding")(images)
+    x = nn.Conv(cfg.emb_dim, (p, p), strides=(p, p), padding="VALID",
+                dtype=cfg.dtype, name="patch_embedding")(images)
     h, w = x.shape[1], x.shape[2]
-    x = x.reshape(B, h * w, self.emb_dim)
-    kind = pe.positional_kind(self.positional)
-    if self.positional == "learned":
+    x = rearrange(x, "b h w d -> b (h w) d")
+    kind = pe.positional_kind(cfg.positional)
+    if cfg.positional == "learned":
       x = x + self.param("pos_embedding", nn.initializers.normal(0.02),
-                         (h * w, self.emb_dim)).astype(x.dtype)
+                         (h * w, cfg.emb_dim)).astype(x.dtype)
     elif kind == "absolute":
-      x = x + pe.sinusoidal_2d(h, w, self.emb_dim).astype(x.dtype)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, self.emb_dim))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, self.emb_dim))
+      x = x + pe.sinusoidal_2d(h, w, cfg.emb_dim).astype(x.dtype)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, cfg.emb_dim))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (B, 1, cfg.emb_dim))
                          .astype(x.dtype), x], axis=1)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-    x = TransformerEncoder(
-        num_layers=self.num_layers, num_heads=self.num_heads,
-        mlp_dim=self.mlp_dim or 4 * self.emb_dim,
-        num_kv_heads=self.num_kv_heads, attention=self.attention,
-        positional=self.positional if kind in ("rotary", "bias") else "none",
-        pre_ln=self.pre_ln, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, dtype=self.dtype,
-        name="encoder")(x, deterministic=not train)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+    encoder_config = cfg.replace(
+        positional=cfg.positional if kind in ("rotary", "bias") else "none")
+    x = TransformerEncoder(encoder_config, name="encoder")(
+        x, deterministic=not train)
     if self.pooling == "cls":
       pooled = x[:, 0]
     else:
       pooled = pool(x[:, 1:], jnp.ones((B, h * w), bool), "mean")
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(pooled)
+    logits = nn.Dense(self.num_classes, dtype=cfg.dtype, name="head")(pooled)
     return logits.astype(jnp.float32)
 
 
@@ -130,8 +116,8 @@ def attention_rollout(weights: Sequence[Array], *,
       a_BTT = 0.5 * a_BTT + 0.5 * jnp.eye(a_BTT.shape[-1])
     rows = jnp.sum(a_BTT, axis=-1, keepdims=True)
     a_BTT = a_BTT / jnp.where(rows == 0, 1.0, rows)
-    rollout = a_BTT if rollout is None else jnp.einsum(
-        "bts,bsu->btu", a_BTT, rollout)
+    rollout = a_BTT if rollout is None else einsum(
+        a_BTT, rollout, "b t s, b s u -> b t u")
   return rollout
 
 
@@ -145,4 +131,4 @@ def cls_saliency(rollout: Array, grid: tuple[int, int]) -> Array:
   if rollout.shape[-1] != 1 + h * w:
     raise ValueError(f"rollout over {rollout.shape[-1]} tokens does not "
                      f"match 1 class token + {h}x{w} patches")
-  return rollout[:, 0, 1:].reshape(rollout.shape[0], h, w)
+  return rearrange(rollout[:, 0, 1:], "b (h w) -> b h w", h=h, w=w)

@@ -101,7 +101,7 @@ _CAPABILITIES = {
     "padding": ("padding masks", lambda e: e.padding),
     "cross": ("cross-attention", lambda e: e.cross),
     "decode": ("incremental decoding with a KV cache (exact kernels only)",
-               lambda e: e.exact),
+               lambda e: getattr(e, "decode", e.exact)),
 }
 
 

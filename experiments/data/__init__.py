@@ -1,4 +1,8 @@
-"""Built-in tasks: deterministic data for the experiments.
+"""Built-in tasks: deterministic data (examples) for the experiments.
+
+This package makes examples only. What is learned from them (model, loss,
+metrics, pictures) is :mod:`experiments.problems`, chosen by ``task.kind``:
+the kinds are the keys of :data:`experiments.problems.PROBLEMS`.
 
 ``get_task("reverse", seed=0, length=24)`` returns a :class:`Task`;
 ``task.batch(split, step, batch_size)`` gives the same arrays for the same
@@ -13,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from experiments.data.algorithmic import AssociativeRecall, Copy, Reverse, Sort
-from experiments.data.base import KINDS, SPLITS, Task, Vocabulary
+from experiments.data.base import SPLITS, Task, Vocabulary
 from experiments.data.dates import Dates
 from experiments.data.digits import DigitsSetAnomaly, DigitsViT
 from experiments.data.glimpse import Glimpse
@@ -50,5 +54,5 @@ def get_task(name: str, **options: Any) -> Task:
   return cls(**options)
 
 
-__all__ = ["KINDS", "SPLITS", "TASKS", "Task", "Vocabulary", "get_task",
+__all__ = ["SPLITS", "TASKS", "Task", "Vocabulary", "get_task",
            "list_tasks", "read_lra_tsv", "write_lra_tsv"]

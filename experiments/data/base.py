@@ -36,8 +36,6 @@ import numpy as np
 Batch = Dict[str, np.ndarray]
 
 SPLITS = ("train", "valid", "test")
-KINDS = ("seq2seq", "lm", "classification", "regression", "glimpse",
-         "set_anomaly")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 NUM_SPECIAL = 3
 # Cumulative fractions of the content hash assigned to train / valid / test.
@@ -233,7 +231,9 @@ def symbol_names(count: int, alphabet: str, prefix: str) -> list[str]:
 class Task:
   """A built-in task: a deterministic source of batches.
 
-  Subclasses set ``name`` and ``kind``, take their options as keyword
+  Subclasses set ``name`` and ``kind`` (a key of
+  :data:`experiments.problems.PROBLEMS`, which says what is learned from the
+  examples: model, loss, metrics, pictures), take their options as keyword
   parameters of ``__init__(self, seed=0, *, <options>)`` and implement
   :meth:`_sample` (``n`` examples of a split from a generator) and
   :meth:`spec`. Tasks over a finite data set override :meth:`_batch` and

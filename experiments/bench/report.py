@@ -1,0 +1,221 @@
+"""Benchmark reports: log-log slopes, CSV, JSON, markdown and pictures.
+
+:func:`write_outputs` writes, in ``config.output_dir``: ``results.csv``,
+``results.json`` (cells, slopes and run metadata), ``summary.md`` (tables
+and log-log slopes of time and temporary memory against T) and
+``time_vs_T.png``, ``memory_vs_T.png``, ``roofline_fraction.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+
+from experiments.bench.sweep import COLUMNS, SETTING_KEYS, setting_key
+
+_MIB = 2 ** 20
+
+
+# --------------------------------------------------------------------------
+# Slopes
+
+
+def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:
+  """Least-squares slope of ``log y`` against ``log x`` (``None`` if fewer
+  than two distinct x or any y <= 0)."""
+  if len(set(xs)) < 2 or any(y is None or y <= 0 for y in ys):
+    return None
+  return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
+
+
+def slopes(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """Per (variant, setting) with at least two T: log-log slope of median
+  time and of temporary memory against T over the cells that ran (``ok``)."""
+  groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+  for r in rows:
+    if r["status"] == "ok":
+      groups.setdefault((r["variant"],) + setting_key(r), []).append(r)
+  out = []
+  for key, group in groups.items():
+    group = sorted(group, key=lambda r: r["seq_len"])
+    ts = [r["seq_len"] for r in group]
+    if len(set(ts)) < 2:
+      continue
+    out.append(dict(
+        zip(("variant",) + SETTING_KEYS, key),
+        seq_lens=ts,
+        time_slope=loglog_slope(ts, [r["time_median_s"] for r in group]),
+        temp_memory_slope=loglog_slope(ts, [r["temp_bytes"] for r in group])))
+  return out
+
+
+# --------------------------------------------------------------------------
+# Outputs
+
+
+def write_csv(rows: List[Dict[str, Any]], path: str) -> None:
+  """One line per cell, columns :data:`COLUMNS`; ``None`` as empty."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer.writeheader()
+    for r in rows:
+      writer.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+
+
+def run_metadata(config: ml_collections.ConfigDict,
+                 command: Sequence[str]) -> Dict[str, Any]:
+  """Device, versions, time, command line and config for ``results.json``."""
+  return {
+      "device": jax.devices()[0].device_kind,
+      "platform": jax.devices()[0].platform,
+      "jax": jax.__version__, "flax": flax.__version__,
+      "python": platform.python_version(), "cpu_count": os.cpu_count(),
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "command": list(command),
+      "config": config.to_dict(),
+  }
+
+
+def _fmt(x, spec: str, scale: float = 1.0) -> str:
+  return "" if x is None else format(x * scale, spec)
+
+
+def _setting_title(s: Dict[str, Any]) -> str:
+  return (f"{s['dtype']}, {s['mode']}, "
+          f"{'causal' if s['causal'] else 'non-causal'}, B={s['batch']}, "
+          f"N={s['heads']}, K={s['kv_heads']}, H={s['head_dim']}")
+
+
+def markdown_summary(rows: List[Dict[str, Any]],
+                     slope_rows: List[Dict[str, Any]],
+                     meta: Dict[str, Any]) -> str:
+  """Markdown: one table per setting (ratios vs jax_nn in their own
+  columns), then the log-log slopes of time and temporary memory vs T."""
+  lines = [
+      "# Attention kernel benchmark", "",
+      f"Device: {meta['device']} ({meta['platform']}, {meta['cpu_count']} "
+      f"CPUs); jax {meta['jax']}, flax {meta['flax']}; {meta['date']}.",
+      "Times are medians; `× jax.nn` is jax_nn's time divided by the "
+      "variant's (> 1 = faster); `temp/jax.nn` compares XLA temporary "
+      "memory; `% matmul` is FLOP/s over a same-run square matmul.", ""]
+  settings_seen: Dict[Tuple, List[Dict[str, Any]]] = {}
+  for r in rows:
+    settings_seen.setdefault(setting_key(r), []).append(r)
+  header = ("| variant | T | status | compile s | median ms | × jax.nn | "
+            "GFLOP/s | % matmul | temp MiB | temp/jax.nn | max abs err |")
+  for key, group in settings_seen.items():
+    lines += [f"## {_setting_title(dict(zip(SETTING_KEYS, key)))}", "",
+              header, "|" + "---|" * 11]
+    for r in group:
+      status = r["status"] if len(r["status"]) <= 60 else (
+          r["status"][:57] + "...")
+      status = status.replace("|", "\\|")
+      lines.append(
+          f"| {r['variant']} | {r['seq_len']} | {status} | "
+          f"{_fmt(r['compile_s'], '.2f')} | "
+          f"{_fmt(r['time_median_s'], '.2f', 1e3)} | "
+          f"{_fmt(r['speedup_vs_jax_nn'], '.2f')} | "
+          f"{_fmt(r['flops_per_s'], '.1f', 1e-9)} | "
+          f"{_fmt(r['roofline_frac'], '.0f', 100)} | "
+          f"{_fmt(r['temp_bytes'], '.1f', 1 / _MIB)} | "
+          f"{_fmt(r['temp_ratio_vs_jax_nn'], '.3f')} | "
+          f"{_fmt(r['max_abs_err'], '.1e')} |")
+    lines.append("")
+  lines += ["## Log-log slopes against T", "",
+            "Least-squares slope of log(median time) and log(XLA temporary "
+            "bytes) against log T over the cells that ran; 1 = linear, "
+            "2 = quadratic. Empty: zero temporary memory at some T.", "",
+            "| variant | setting | T | time slope | temp memory slope |",
+            "|---|---|---|---|---|"]
+  for s in slope_rows:
+    ts = s["seq_lens"]
+    lines.append(
+        f"| {s['variant']} | {_setting_title(s)} | {ts[0]}–{ts[-1]} "
+        f"({len(ts)}) | {_fmt(s['time_slope'], '.2f')} | "
+        f"{_fmt(s['temp_memory_slope'], '.2f')} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_vs_t(rows: List[Dict[str, Any]], path: str, *, value: str,
+              ylabel: str, scale: float = 1.0, logy: bool = True) -> None:
+  """One subplot per setting, one line per variant, ``value`` against T
+  (log-log, or log-x when ``logy`` is False)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  groups: Dict[Tuple, List[Dict[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault(setting_key(r), []).append(r)
+  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups) + 1.5, 4),
+                           squeeze=False, layout="constrained")
+  names = list(dict.fromkeys(r["variant"] for r in rows))
+  colors = plt.get_cmap("tab10")
+  styles = ("-", "--", ":", "-.")
+  handles = {}
+  for ax, (key, group) in zip(axes[0], groups.items()):
+    for i, name in enumerate(names):
+      pts = sorted((r["seq_len"], r[value] * scale) for r in group
+                   if r["variant"] == name and r[value] is not None
+                   and (r[value] > 0 or not logy))
+      if not pts:
+        continue
+      line, = ax.plot(*zip(*pts), marker="o", markersize=3,
+                      color=colors(i % 10), linestyle=styles[i // 10 % 4],
+                      label=name)
+      handles[name] = line
+    ax.set_xscale("log", base=2)
+    if logy:
+      ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel(ylabel)
+    ax.set_title(_setting_title(dict(zip(SETTING_KEYS, key))), fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+  if handles:
+    fig.legend(list(handles.values()), list(handles),
+               loc="outside right center", fontsize=7)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def write_outputs(rows: List[Dict[str, Any]],
+                  config: ml_collections.ConfigDict,
+                  command: Sequence[str] = ()) -> Dict[str, str]:
+  """Writes CSV, JSON, markdown and PNGs to ``config.output_dir``.
+
+  ``command`` (the command line) is recorded in the JSON metadata.
+
+  Returns ``{kind: path}`` for the files written.
+  """
+  out_dir = config.output_dir
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {name: os.path.join(out_dir, file) for name, file in (
+      ("csv", "results.csv"), ("json", "results.json"),
+      ("markdown", "summary.md"), ("time_plot", "time_vs_T.png"),
+      ("memory_plot", "memory_vs_T.png"),
+      ("roofline_plot", "roofline_fraction.png"))}
+  meta = run_metadata(config, command)
+  slope_rows = slopes(rows)
+  write_csv(rows, paths["csv"])
+  with open(paths["json"], "w") as f:
+    json.dump({"meta": meta, "cells": rows, "slopes": slope_rows}, f,
+              indent=1)
+  with open(paths["markdown"], "w") as f:
+    f.write(markdown_summary(rows, slope_rows, meta))
+  plot_vs_t(rows, paths["time_plot"], value="time_median_s",
+            ylabel="median time (s)")
+  plot_vs_t(rows, paths["memory_plot"], value="temp_bytes",
+            ylabel="XLA temporary memory (MiB)", scale=1 / _MIB)
+  plot_vs_t(rows, paths["roofline_plot"], value="roofline_frac",
+            ylabel="FLOP/s / matmul FLOP/s", logy=False)
+  return paths
+
