@@ -71,12 +71,12 @@ def masked_softmax(logits: Array, mask: Optional[Array]) -> Array:
   """float32 softmax over the last axis where ``mask`` is True.
 
   ``logits [..., S]``; ``mask`` bool, broadcastable to it, or None. Returns
-  float32 weights of the broadcast shape.
+  weights of the broadcast shape in float32 (float64 for float64 logits).
 
   A row with no True entry returns all zeros (not the uniform average), and
   its gradient is zero and finite.
   """
-  logits = logits.astype(jnp.float32)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   if mask is None:
     return jax.nn.softmax(logits, axis=-1)
   logits = jnp.where(mask, logits, MASK_VALUE)

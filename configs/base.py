@@ -31,6 +31,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.mlp_dim = 128           # hidden width of the MLP blocks
   c.model.dropout_rate = 0.0      # residual/MLP dropout
   c.model.attention_dropout_rate = 0.0  # dropout on attention weights
+  c.model.logits_soft_cap = 0.0   # c > 0: scores -> c*tanh(scores/c); 0 = off
   c.model.pre_ln = True           # pre-LayerNorm (True) or post-LN (False)
   c.model.score = "additive"      # score function for rnn/glimpse models
   c.model.options = ml_collections.ConfigDict()  # extra model kwargs

@@ -9,15 +9,18 @@ calls :func:`checkpoints_dir`, :func:`latest_dir`, :func:`best_dir`, the
 
 Every save is synchronous (a killed run never leaves a half-written "latest"
 that it would resume from: Orbax writes to a temporary directory and renames
-it on completion). A checkpoint that exists but cannot be read raises
-:class:`CheckpointError` naming it; nothing is silently restarted.
+it on completion; leftover temporary directories are removed at the next
+start). An evaluated step is saved to ``best`` (when it is the best) BEFORE
+it is saved to ``latest``: a kill between the two leaves ``latest`` at the
+previous checkpoint, the resumed run recomputes the step bit-identically and
+finds it already in ``best``, so ``best`` is never behind ``latest``. A
+checkpoint that exists but cannot be read raises :class:`CheckpointError`
+naming it; nothing is silently restarted.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import time
 from typing import Any, Optional
 
 import jax
@@ -82,14 +85,20 @@ class Checkpointer:
     return self._best.best_step()
 
   def save(self, step: int, state: Any, metrics: Optional[dict] = None):
-    """Saves ``state`` as the latest; also as best if ``metrics`` beat it."""
-    self._latest.save(step, args=ocp.args.StandardSave(state), force=True)
-    if metrics is not None and self.best_metric in metrics:
+    """Saves ``state`` as best if ``metrics`` beat it, then as the latest.
+
+    A step already saved (by a run killed after saving it) is not saved
+    again: the resumed run recomputed the same state.
+    """
+    if (metrics is not None and self.best_metric in metrics
+        and step not in self._best.all_steps()):
       scalar = {k: float(v) for k, v in metrics.items()}
       self._best.save(step, args=ocp.args.StandardSave(state),
                       metrics=scalar, force=True)
-    self._latest.wait_until_finished()
-    self._best.wait_until_finished()
+      self._best.wait_until_finished()
+    if step not in self._latest.all_steps():
+      self._latest.save(step, args=ocp.args.StandardSave(state), force=True)
+      self._latest.wait_until_finished()
 
   def restore_latest(self, target: Any):
     """``(step, state)`` of the latest checkpoint, or ``(None, target)``."""
@@ -130,6 +139,18 @@ def restore_best(workdir: str, target: Any, *, best_metric: str,
     manager.close()
 
 
+def restore_latest(workdir: str, target: Any):
+  """``(step, state)`` of the latest checkpoint, or ``(None, None)``."""
+  manager = _manager(latest_dir(workdir), 1 << 30, None, "max")
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return None, None
+    return step, _restore(manager, step, target, "latest")
+  finally:
+    manager.close()
+
+
 def _restore(manager, step: int, target: Any, kind: str):
   path = os.path.join(str(manager.directory), str(step))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -154,13 +175,3 @@ def _check_compatible(target, restored, path):
         f"checkpoint at {path} does not match this model (different shapes, "
         "dtypes or structure). Use another --workdir, or rerun with "
         "--config.fresh_start=True to set it aside.")
-
-
-def set_aside(workdir: str) -> Optional[str]:
-  """Renames ``workdir/checkpoints`` to a timestamped name; returns it."""
-  root = checkpoints_dir(workdir)
-  if not os.path.exists(root):
-    return None
-  dest = f"{root}.set_aside.{time.strftime('%Y%m%d-%H%M%S')}"
-  shutil.move(root, dest)
-  return dest

@@ -66,7 +66,7 @@ class MetricWriter:
     record = {"step": int(step), "split": split}
     record.update({k: _scalar(v) for k, v in metrics.items()})
     with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(json.dumps(record) + "\n")  # one write: torn only at the end
     if self._tb is not None:
       for k, v in record.items():
         if k not in ("step", "split") and isinstance(v, float):
@@ -79,22 +79,55 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All records of ``workdir/metrics.jsonl`` (empty list if none)."""
+  """All records of ``workdir/metrics.jsonl`` (empty list if none).
+
+  A torn last line (a kill while it was being written) is dropped with a
+  warning; an unreadable line before the last raises ``ValueError`` naming
+  the file and line.
+  """
   path = metrics_path(workdir)
   if not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.read().split("\n")
+  records = []
+  numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+  for n, (i, line) in enumerate(numbered):
+    try:
+      records.append(json.loads(line))
+    except ValueError as e:
+      if n == len(numbered) - 1:
+        get_logger().warning("%s:%d: dropped a torn last line (%r)", path, i,
+                             line[:60])
+        break
+      raise ValueError(f"{path}:{i} is not a JSON record ({e}); the file is "
+                       "damaged before its last line") from e
+  return records
+
+
+def _rewrite(path: str, records: list[dict]) -> None:
+  """Replaces ``path`` by ``records`` atomically (temporary file + rename)."""
+  from experiments import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.atomic_write_text(
+      path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def truncate_metrics(workdir: str, after_step: int) -> None:
-  """Drops records past ``after_step`` (a resumed run rewrites them)."""
-  records = read_metrics(workdir)
-  kept = [r for r in records if r["step"] <= after_step]
-  if len(kept) != len(records):
-    with open(metrics_path(workdir), "w", encoding="utf-8") as f:
-      for r in kept:
-        f.write(json.dumps(r) + "\n")
+  """Keeps what a run resumed from checkpoint ``after_step`` must keep.
+
+  Drops records past ``after_step`` (the resumed run writes them again), any
+  ``test`` record (the final evaluation writes the one of the run) and a
+  torn last line. The file is rewritten atomically, and only if it changes.
+  """
+  path = metrics_path(workdir)
+  if not os.path.exists(path):
+    return
+  with open(path, "rb") as f:
+    before = f.read()
+  kept = [r for r in read_metrics(workdir)
+          if r.get("step", 0) <= after_step and r.get("split") != "test"]
+  if "".join(json.dumps(r) + "\n" for r in kept).encode() != before:
+    _rewrite(path, kept)
 
 
 def final_test_metrics(workdir: str) -> Optional[Dict[str, Any]]:

@@ -26,69 +26,146 @@ def _save(fig, path: str) -> str:
 
 
 def plot_curves(workdir: str, path: str) -> Optional[str]:
-  """Training loss and every validation metric against step."""
+  """Loss (train and valid, log scale) and every other validation metric
+  against step, one panel each; accuracies on a fixed [0, 1] axis."""
   records = metrics_io.read_metrics(workdir)
   train = [r for r in records if r["split"] == "train"]
   valid = [r for r in records if r["split"] == "valid"]
   if not train:
     return None
-  keys = sorted(k for k in valid[0] if k not in ("step", "split")) if valid \
-      else []
-  fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3))
-  axes = np.atleast_1d(axes)
+  keys = sorted({k for r in valid for k in r
+                 if k not in ("step", "split", "loss")
+                 and isinstance(r[k], (int, float))})
+  fig, axes = plt.subplots(1, 1 + len(keys),
+                           figsize=(3.6 * (1 + len(keys)), 3.0),
+                           squeeze=False)
+  axes = axes[0]
   axes[0].plot([r["step"] for r in train], [r["loss"] for r in train],
                label="train")
-  if valid and "loss" in valid[0]:
-    axes[0].plot([r["step"] for r in valid], [r["loss"] for r in valid],
-                 label="valid")
-  axes[0].set(title="loss", xlabel="step")
+  vl = [r for r in valid if "loss" in r]
+  if vl:
+    axes[0].plot([r["step"] for r in vl], [r["loss"] for r in vl],
+                 marker=".", label="valid")
+  axes[0].set(title="loss", xlabel="step", ylabel="loss (log scale)")
   axes[0].set_yscale("log")
-  axes[0].legend()
+  axes[0].legend(fontsize=8)
   for ax, k in zip(axes[1:], keys):
-    ax.plot([r["step"] for r in valid], [r[k] for r in valid], marker=".")
-    ax.set(title=f"valid {k}", xlabel="step")
+    rs = [r for r in valid if k in r]
+    ax.plot([r["step"] for r in rs], [r[k] for r in rs], marker=".")
+    ax.set(title=f"valid {k}", xlabel="step", ylabel=k)
+    if "accuracy" in k:
+      ax.set_ylim(0.0, 1.02)
+  for ax in axes:
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
   fig.tight_layout()
   return _save(fig, path)
+
+
+def _ticks(ax, n: int, labels: Optional[Sequence[str]], axis: str):
+  """Position indices on the main axis, tokens (if any) on the other side."""
+  step = max(1, int(np.ceil(n / 24)))
+  idx = list(range(0, n, step))
+  secondary = (ax.secondary_xaxis("top") if axis == "x"
+               else ax.secondary_yaxis("right"))
+  if axis == "x":
+    ax.set_xticks(idx, [str(i) for i in idx], fontsize=8)
+  else:
+    ax.set_yticks(idx, [str(i) for i in idx], fontsize=8)
+  if labels is not None and n <= 48:
+    labels = [str(x) for x in list(labels)[:n]]
+    if axis == "x":
+      secondary.set_xticks(range(len(labels)), labels, fontsize=8)
+    else:
+      secondary.set_yticks(range(len(labels)), labels, fontsize=8)
+  else:
+    secondary.set_visible(False)
 
 
 def plot_attention_grid(weights_LNTS: np.ndarray, path: str, *,
                         x_labels: Optional[Sequence[str]] = None,
                         y_labels: Optional[Sequence[str]] = None,
                         title: str = "", row_names: Optional[Sequence[str]]
-                        = None, xlabel: str = "key", ylabel: str = "query"
+                        = None, xlabel: str = "key position",
+                        ylabel: str = "query position", note: str = ""
                         ) -> str:
-  """One heat map per (layer, head): rows = layers, columns = heads."""
+  """One heat map per (layer, head): rows = layers, columns = heads.
+
+  One colour scale for the whole figure (0 to the largest weight, with a
+  colour bar), so a flat head looks flat next to a sharp one. Axes show
+  position indices; ``x_labels``/``y_labels`` (tokens) go on the top/right
+  axes when the sequence is short enough to read them. ``note`` is printed
+  under the title (e.g. "implied weights").
+  """
   w = np.asarray(weights_LNTS, np.float32)
   if w.ndim == 2:
     w = w[None, None]
   elif w.ndim == 3:
     w = w[None]
   L, N, T, S = w.shape
-  cell = max(1.6, min(4.0, 0.22 * max(T, S)))
-  fig, axes = plt.subplots(L, N, figsize=(cell * N + 0.6, cell * L + 0.6),
+  vmax = max(float(np.nanmax(w)) if w.size else 1.0, 1e-6)
+  vmin = min(0.0, float(np.nanmin(w)) if w.size else 0.0)
+  cell = max(2.2, min(4.5, 0.2 * max(T, S)))
+  fig, axes = plt.subplots(L, N, figsize=(cell * N + 1.6, cell * L + 1.4),
                            squeeze=False)
+  image = None
   for l in range(L):
     for n in range(N):
       ax = axes[l, n]
-      ax.imshow(w[l, n], cmap="viridis", vmin=0.0, aspect="auto",
-                interpolation="nearest")
+      image = ax.imshow(w[l, n], cmap="viridis", vmin=vmin, vmax=vmax,
+                        aspect="auto", interpolation="nearest")
       name = row_names[l] if row_names else f"layer {l}"
-      ax.set_title(f"{name} head {n}", fontsize=8)
-      small = max(T, S) <= 40
-      if x_labels is not None and small:
-        ax.set_xticks(range(S), list(x_labels)[:S], fontsize=6, rotation=90)
-      else:
-        ax.set_xticks([])
-      if y_labels is not None and small:
-        ax.set_yticks(range(T), list(y_labels)[:T], fontsize=6)
-      else:
-        ax.set_yticks([])
-      if l == L - 1:
-        ax.set_xlabel(xlabel, fontsize=7)
-      if n == 0:
-        ax.set_ylabel(ylabel, fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=9)
+      ax.set_title(f"{name}, head {n}", fontsize=8)
+      _ticks(ax, S, x_labels, "x")
+      _ticks(ax, T, y_labels, "y")
+      ax.set_xlabel(xlabel, fontsize=8)
+      ax.set_ylabel(ylabel, fontsize=8)
+  heading = title + (f"\n{note}" if note else "")
+  if heading:
+    fig.suptitle(heading, fontsize=9)
+  fig.tight_layout()
+  bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, pad=0.06)
+  bar.set_label("attention weight", fontsize=8)
+  bar.ax.tick_params(labelsize=8)
+  return _save(fig, path)
+
+
+def plot_attention_summary(summaries, path: str, title: str = "",
+                           note: str = "") -> str:
+  """The batch summary: one panel per statistic (entropy, distance,
+  aligned mass), rows = attention modules, columns = heads, values
+  written in the cells."""
+  paths = list(summaries)
+  stats = [s for s in ("entropy", "distance", "aligned_mass")
+           if all(s in summaries[p] for p in paths)]
+  nheads = max(len(next(iter(summaries[p].values()))) for p in paths)
+  units = {"entropy": "mean entropy (nats)",
+           "distance": "mean distance |t - s|",
+           "aligned_mass": "mean weight on the correct source"}
+  fig, axes = plt.subplots(1, len(stats), squeeze=False, figsize=(
+      (1.3 + 0.7 * nheads) * len(stats) + 3.0, 1.2 + 0.45 * len(paths)))
+  for ax, stat in zip(axes[0], stats):
+    grid = np.full((len(paths), nheads), np.nan)
+    for i, p in enumerate(paths):
+      v = np.asarray(summaries[p][stat])
+      grid[i, :len(v)] = v
+    kw = {"vmin": 0.0, "vmax": 1.0} if stat == "aligned_mass" else {}
+    im = ax.imshow(grid, cmap="magma", aspect="auto", **kw)
+    for i in range(len(paths)):
+      for n in range(nheads):
+        if np.isfinite(grid[i, n]):
+          lo, hi = im.get_clim()
+          light = (grid[i, n] - lo) / max(hi - lo, 1e-9) < 0.5
+          ax.text(n, i, f"{grid[i, n]:.2f}", ha="center", va="center",
+                  fontsize=8, color="white" if light else "black")
+    ax.set_xticks(range(nheads), [f"head {n}" for n in range(nheads)],
+                  fontsize=8)
+    ax.set_yticks(range(len(paths)), paths if ax is axes[0, 0] else
+                  [""] * len(paths), fontsize=8)
+    ax.set_title(units[stat], fontsize=9)
+  heading = title + (f"\n{note}" if note else "")
+  if heading:
+    fig.suptitle(heading, fontsize=9)
   fig.tight_layout()
   return _save(fig, path)
 

@@ -451,6 +451,7 @@ def transformer_config(config, **fields) -> models.TransformerConfig:
       mlp_dim=m.mlp_dim, attention=m.attention, positional=m.positional,
       pre_ln=m.pre_ln, dropout_rate=m.dropout_rate,
       attention_dropout_rate=m.attention_dropout_rate,
+      logits_soft_cap=m.get("logits_soft_cap", 0.0) or None,
       dtype=DTYPES[config.dtype], **fields)
 
 

@@ -5,14 +5,25 @@ or inverse-sqrt schedule and gradient clipping, Orbax checkpoints (latest-N
 and best), data generated from ``(seed, step)`` so that a resumed run sees
 exactly the batches an uninterrupted one would, metrics to
 ``metrics.jsonl`` + TensorBoard, and pictures in ``workdir/figures/``.
+
+Run integrity (README "The training loop"): the workdir is locked for the
+run's life (:mod:`experiments.workdir`), records the config and provenance
+that made it and refuses a resume with a different config
+(:mod:`experiments.provenance`); SIGTERM/SIGINT stop at the next step
+boundary after saving a checkpoint of that step (:class:`Preempted`); a full
+or read-only disk is one :class:`WorkdirError` naming the path.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +32,39 @@ import numpy as np
 import optax
 
 from attn import parallel
+from experiments import checkpoints
 from experiments import config_validation
 from experiments import metrics_io
 from experiments import problems
-from experiments.checkpoints import Checkpointer, CheckpointError, set_aside
+from experiments import provenance
+from experiments import workdir as workdir_lib
+from experiments.checkpoints import Checkpointer, CheckpointError
 from experiments.config_validation import ConfigError
+from experiments.workdir import WorkdirError
 
 logging = metrics_io.get_logger()
 
-__all__ = ["train_and_evaluate", "ConfigError", "CheckpointError",
-           "NonFiniteLossError", "config_name"]
+__all__ = ["train_and_evaluate", "init_state", "ConfigError",
+           "CheckpointError", "NonFiniteLossError", "WorkdirError",
+           "Preempted", "config_name"]
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
+
+
+class Preempted(Exception):
+  """SIGTERM / SIGINT stopped the run at a step boundary, checkpoint saved.
+
+  ``exit_code`` is 128 + the signal number (143 SIGTERM, 130 SIGINT).
+  """
+
+  def __init__(self, signum: int, step: int, path: str):
+    self.signum, self.step, self.path = signum, step, path
+    self.exit_code = 128 + signum
+    super().__init__(
+        f"stopped by {signal.Signals(signum).name} at step {step}; "
+        f"checkpoint saved in {path}. Rerun the same command to resume")
 
 
 def config_name(path: str) -> str:
@@ -95,13 +125,24 @@ def evaluate(problem, params, task, split: str, config) -> dict:
   return {k: v / max(count, 1) for k, v in totals.items()}
 
 
-def _check_finite(step: int, metrics: dict, ckpt: Checkpointer):
+def init_state(config, params) -> dict:
+  """The train state ``{"step", "params", "opt_state"}`` for ``params``.
+
+  Its structure is the one the checkpoints hold: pass it as the target of
+  :func:`experiments.checkpoints.restore_best` / ``restore_latest``.
+  """
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": make_optimizer(config).init(params)}
+
+
+def _check_finite(step: int, metrics: dict, ckpt: Checkpointer, workdir):
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
     last = ckpt.latest_step()
     raise NonFiniteLossError(
         f"training loss is {loss} at step {step}; stopping. The last good "
-        f"checkpoint is step {last} in {ckpt.root}/latest" if last is not None
+        f"checkpoint is step {last} in {checkpoints.latest_dir(workdir)}"
+        if last is not None
         else f"training loss is {loss} at step {step}; stopping (no "
         "checkpoint was written yet). Try a lower learning_rate, "
         "grad_clip_norm > 0, or dtype=float32.")
@@ -111,30 +152,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict:
   """Trains, evaluates and draws; returns the best checkpoint's test metrics.
 
-  Resumes from ``workdir/checkpoints/latest`` when present. Raises
-  :class:`ConfigError` for a bad config (before any compilation),
-  :class:`CheckpointError` for an unreadable checkpoint, and
-  :class:`NonFiniteLossError` for a NaN/inf loss.
+  Resumes from ``workdir/checkpoints/latest`` when present, after checking
+  that ``workdir/config.json`` records the same experiment. Raises
+  :class:`ConfigError` for a bad config (before any compilation) or one that
+  differs from the workdir's, :class:`CheckpointError` for an unreadable
+  checkpoint, :class:`NonFiniteLossError` for a NaN/inf loss,
+  :class:`WorkdirError` when another run holds the workdir or it cannot be
+  written, and :class:`Preempted` after SIGTERM/SIGINT.
   """
   config = config_validation.prepare(config)
-  os.makedirs(workdir, exist_ok=True)
-  if config.fresh_start:
-    if _is_main_process():
-      moved = set_aside(workdir)
-      if moved:
-        logging.info("fresh_start: previous checkpoints moved to %s", moved)
-    _sync_processes("fresh_start")
-  task = config_validation.make_task(config)
-  mesh = parallel.make_mesh(data=config.mesh.data, seq=config.mesh.seq,
-                            model=config.mesh.model)
-  if config.batch_size % mesh.shape["data"]:
-    raise ConfigError(f"batch_size={config.batch_size} is not divisible by "
-                      f"the data-parallel size {mesh.shape['data']}")
-  problem = problems.make_problem(config, task)
-  # Everything that runs the model happens under the mesh, so kernels that
-  # need it (ring attention over the "seq" axis) find it.
-  with jax.set_mesh(mesh):
-    return _run(config, workdir, task, mesh, problem)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise workdir_lib.disk_error(e, workdir) from e
+  lock = workdir_lib.RunLock(workdir)
+  stop = _StopRequest()
+  with workdir_lib.disk_errors(workdir):
+    try:
+      if _is_main_process():  # one lock per run: process 0 holds it
+        lock.acquire()
+        if lock.took_over is not None:
+          logging.warning("took over the lock of a process that no longer "
+                          "exists (%s)", lock.took_over)
+      _sync_processes("lock")
+      stop.install()
+      if config.fresh_start:
+        if _is_main_process():
+          moved = workdir_lib.set_aside(workdir)
+          if moved:
+            logging.info("fresh_start: the previous run was moved to %s",
+                         moved)
+        _sync_processes("fresh_start")
+      provenance.check_resume(workdir, config.to_dict())
+      task = config_validation.make_task(config)
+      mesh = parallel.make_mesh(data=config.mesh.data, seq=config.mesh.seq,
+                                model=config.mesh.model)
+      if config.batch_size % mesh.shape["data"]:
+        raise ConfigError(f"batch_size={config.batch_size} is not divisible "
+                          f"by the data-parallel size {mesh.shape['data']}")
+      # Everything that runs the model happens under the mesh, so kernels
+      # that need it (ring attention over the "seq" axis) find it.
+      with jax.set_mesh(mesh):
+        return _run(config, workdir, task, mesh, stop)
+    finally:
+      stop.restore()
+      lock.release()
+
+
+class _StopRequest:
+  """SIGTERM / SIGINT handlers that ask the loop to stop at a step boundary.
+
+  A second SIGINT raises KeyboardInterrupt at once. Installed only in the
+  main thread (Python delivers signals there alone).
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def install(self):
+    if threading.current_thread() is not threading.main_thread():
+      return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning("%s received: stopping after this step",
+                    signal.Signals(signum).name)
+
+  def requested(self) -> int:
+    """The signal number (agreed by all processes), or 0."""
+    signum = self.signum or 0
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      signum = int(np.max(multihost_utils.process_allgather(
+          np.int32(signum))))
+    return signum
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
 
 
 def _is_main_process() -> bool:
@@ -179,36 +280,63 @@ def _host_batch(task, mesh, step, batch_size):
   return parallel.shard_batch(rows, mesh)
 
 
-def _run(config, workdir, task, mesh, problem):
+# Fields that change neither the model, the data nor the optimizer: runs
+# differing only in these share compiled functions (_compiled).
+_NOT_COMPILED = ("log_every_steps", "eval_every_steps",
+                 "checkpoint_every_steps", "keep_checkpoints", "figures",
+                 "fresh_start", "runlocal")
+_COMPILED: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
+
+
+def _compiled(config, task, mesh):
+  """``(problem, tx, train_step)``, reused by later runs of the same config
+  in this process (a notebook, the guide, the tests), so they compile once."""
+  fields = {k: v for k, v in provenance.flatten(config.to_dict()).items()
+            if not any(k == p or k.startswith(p + ".") for p in _NOT_COMPILED)}
+  key = json.dumps([fields, [d.id for d in mesh.devices.flat],
+                    list(mesh.shape.items())], sort_keys=True, default=str)
+  if key not in _COMPILED:
+    problem = problems.make_problem(config, task)
+    _, dropout_rng = jax.random.split(jax.random.key(config.seed))
+    tx = make_optimizer(config)
+    train_step = jax.jit(functools.partial(_train_step, problem, tx,
+                                           dropout_rng), donate_argnums=(0,))
+    _COMPILED[key] = (problem, tx, train_step)
+    while len(_COMPILED) > 2:
+      _COMPILED.popitem(last=False)
+  _COMPILED.move_to_end(key)
+  return _COMPILED[key]
+
+
+def _run(config, workdir, task, mesh, stop):
   """The loop proper (called under ``jax.set_mesh(mesh)``)."""
-  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
+  problem, tx, train_step = _compiled(config, task, mesh)
+  init_rng, _ = jax.random.split(jax.random.key(config.seed))
   first = task.batch("train", 0, config.batch_size)
-  params = problem.init(init_rng, first)
-  tx = make_optimizer(config)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": tx.init(params)}
+  state = init_state(config, problem.init(init_rng, first))
   state = jax.device_put(state, parallel.replicated(mesh))
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
                       best_metric=problem.best_metric,
                       best_mode=problem.best_mode)
-  start, state = ckpt.restore_latest(state)
-  start = int(start or 0)
-  if start:
-    logging.info("resumed from checkpoint step %d in %s", start, ckpt.root)
-    state = jax.device_put(state, parallel.replicated(mesh))
-  if _is_main_process():
-    metrics_io.truncate_metrics(workdir, start)
-  writer = metrics_io.MetricWriter(workdir, enabled=_is_main_process())
-  train_step = jax.jit(functools.partial(_train_step, problem, tx,
-                                         dropout_rng), donate_argnums=(0,))
-  progress = metrics_io.Progress(start, config.num_train_steps,
-                                 config.log_every_steps)
+  writer = progress = None
   try:
+    start, state = ckpt.restore_latest(state)
+    start = int(start or 0)
+    if start:
+      logging.info("resumed from checkpoint step %d in %s", start,
+                   checkpoints.latest_dir(workdir))
+      state = jax.device_put(state, parallel.replicated(mesh))
+    if _is_main_process():
+      provenance.record_start(workdir, config.to_dict(), start)
+      metrics_io.truncate_metrics(workdir, start)
+    writer = metrics_io.MetricWriter(workdir, enabled=_is_main_process())
+    progress = metrics_io.Progress(start, config.num_train_steps,
+                                   config.log_every_steps)
     for step in range(start, config.num_train_steps):
       batch = _host_batch(task, mesh, step, config.batch_size)
       state, metrics = train_step(state, batch)
       metrics = jax.device_get(metrics)
-      _check_finite(step + 1, metrics, ckpt)
+      _check_finite(step + 1, metrics, ckpt, workdir)
       done = step + 1
       progress.update(done, float(metrics["loss"]))
       if done % config.log_every_steps == 0 or done == config.num_train_steps:
@@ -225,13 +353,21 @@ def _run(config, workdir, task, mesh, problem):
       if (config.figures.every_steps and config.figures.enabled
           and done % config.figures.every_steps == 0):
         _draw(problem, state["params"], task, workdir, done)
+      signum = stop.requested()
+      if signum:
+        ckpt.save(done, state)  # a no-op when this step was just saved
+        raise Preempted(signum, done, checkpoints.latest_dir(workdir))
     progress.close()
     result = _final_evaluation(problem, task, ckpt, state, config, workdir,
-                               writer)
+                               writer, stop)
   finally:
-    progress.close()
-    writer.close()
-    ckpt.close()
+    for close in (progress and progress.close, writer and writer.close,
+                  ckpt.close):
+      if close is not None:
+        try:
+          close()
+        except Exception as e:  # pylint: disable=broad-except
+          logging.warning("while closing: %s: %s", type(e).__name__, e)
   return result
 
 
@@ -239,12 +375,18 @@ def _fmt(metrics: dict) -> str:
   return " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
 
 
-def _final_evaluation(problem, task, ckpt, state, config, workdir, writer):
+def _final_evaluation(problem, task, ckpt, state, config, workdir, writer,
+                      stop):
+  step = int(state["step"])
+  if stop.requested():  # the last step is saved (it is an eval step)
+    raise Preempted(stop.requested(), step, checkpoints.latest_dir(workdir))
   best_step, best = ckpt.restore_best(state)
   if best is None:
     best_step, best = int(state["step"]), state
   test = evaluate(problem, best["params"], task, "test", config)
   test["best_step"] = best_step
+  if stop.requested():  # before the record: a rerun evaluates again
+    raise Preempted(stop.requested(), step, checkpoints.latest_dir(workdir))
   writer.write(best_step, "test", test)
   logging.info("test metrics of the BEST checkpoint (step %d, by valid %s): "
                "%s", best_step, problem.best_metric, _fmt(test))
@@ -254,6 +396,6 @@ def _final_evaluation(problem, task, ckpt, state, config, workdir, writer):
     test["figures"] = paths
   print(f"Finished. Best checkpoint: step {best_step}. Test metrics: "
         f"{_fmt({k: v for k, v in test.items() if isinstance(v, float)})}\n"
-        f"Results: {os.path.join(workdir, 'metrics.jsonl')}\n"
+        f"Results: {metrics_io.metrics_path(workdir)}\n"
         f"Figures: {os.path.join(workdir, 'figures')}")
   return test

@@ -14,7 +14,8 @@ def _to4d(x):
   return x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
-def reference_attention(q, k, v, bias=None, mask=None, scale=None):
+def reference_attention(q, k, v, bias=None, mask=None, scale=None,
+                        soft_cap=None):
   """Softmax attention in float64 with explicit loops over batch and heads.
 
   Args:
@@ -24,6 +25,8 @@ def reference_attention(q, k, v, bias=None, mask=None, scale=None):
     bias: ``None`` or broadcastable to ``[B, N, T, S]`` (any rank <= 4).
     mask: ``None`` or boolean, broadcastable to ``[B, N, T, S]``.
     scale: defaults to ``1 / sqrt(H)``.
+    soft_cap: ``None`` or ``c``: the scaled logits ``x`` become
+      ``c·tanh(x / c)`` before the bias is added (Gemma 2 soft-capping).
 
   Returns:
     ``(out[B, T, N, Dv], weights[B, N, T, S])`` as float64. A query row with
@@ -40,7 +43,10 @@ def reference_attention(q, k, v, bias=None, mask=None, scale=None):
   logits = np.zeros(full)
   for b in range(B):
     for n in range(N):
-      logits[b, n] = scale * q[b, :, n] @ k[b, :, n // G].T + bias[b, n]
+      x = scale * q[b, :, n] @ k[b, :, n // G].T
+      if soft_cap is not None:
+        x = soft_cap * np.tanh(x / soft_cap)
+      logits[b, n] = x + bias[b, n]
   return reference_from_logits(logits, v, mask)
 
 

@@ -205,34 +205,23 @@ def latest_params(config, workdir: str):
   initialised).
   """
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from attn import parallel
-  from experiments import config_validation, problems, train
-  from experiments.checkpoints import Checkpointer
+  from experiments import checkpoints, config_validation, problems, train
   task = config_validation.make_task(config)
   problem = problems.make_problem(config, task)
-  tx = train.make_optimizer(config)
   mesh = parallel.make_mesh(**config.mesh)
 
   def init_state(rng):
-    params = problem.init(rng, task.batch("train", 0, config.batch_size))
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
+    return train.init_state(
+        config, problem.init(rng, task.batch("train", 0, config.batch_size)))
 
   replicated = parallel.replicated(mesh)
-  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
-                      best_metric=problem.best_metric,
-                      best_mode=problem.best_mode)
-  try:
-    with jax.set_mesh(mesh):
-      target = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                         sharding=replicated),
-          jax.eval_shape(init_state, jax.random.key(0)))
-      step, state = ckpt.restore_latest(target)
-  finally:
-    ckpt.close()
+  with jax.set_mesh(mesh):
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(init_state, jax.random.key(0)))
+    step, state = checkpoints.restore_latest(workdir, target)
   if step is None:
     return None, {}
   flat, _ = jax.tree_util.tree_flatten_with_path(state["params"])

@@ -377,7 +377,8 @@ def test_registry_spec_options_reach_the_kernel():
   fn = attn.get_attention("chunked(block_q=8, block_k=16)")
   out = jax.jit(lambda q, k, v: fn(q, k, v, is_causal=True))(q, k, v)
   assert_close(out, reference(q, k, v, is_causal=True), 2e-5)
-  with pytest.raises(ValueError, match="block_q must be a positive int"):
+  with pytest.raises(ValueError, match=r"block_q(=0 is invalid| must be a "
+                     "positive int)"):
     attn.get_attention("chunked(block_q=0)")(q, k, v)
 
 
@@ -388,14 +389,16 @@ def test_bad_block_sizes_raise(bad):
     dot_product_attention(q, k, v, implementation="chunked", block_k=bad)
 
 
-def test_unsupported_options_raise_clear_errors():
+def test_registry_kernel_falls_back_to_xla_for_weights():
+  """``return_weights=True`` (Flax's sow_weights) gets the xla weights."""
   q, k, v = _qkv(B=1, T=8, S=8)
-  with pytest.raises(ValueError, match="dropout"):
-    dot_product_attention(q, k, v, implementation="chunked",
-                          dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0))
-  with pytest.raises(ValueError, match="return_weights"):
-    dot_product_attention(q, k, v, implementation="chunked",
-                          return_weights=True)
+  fn = attn.get_attention("chunked")
+  out, weights = fn(q, k, v, is_causal=True, return_weights=True)
+  ref_out, ref_weights = dot_product_attention(
+      q, k, v, is_causal=True, implementation="xla", return_weights=True)
+  assert_close(out, ref_out, 1e-6)
+  assert_close(weights, ref_weights, 1e-6)
+  assert weights.shape == (1, 4, 8, 8)
 
 
 def test_block_size_balances_padding():

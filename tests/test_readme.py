@@ -272,3 +272,13 @@ def test_every_command_parses_its_flags():
   bad = [(found[tuple(a)], " ".join(["python -m"] + a), r)
          for a, r in zip(argvs, results[:len(found)]) if r != "ok"]
   assert not bad, "commands that do not parse:\n" + "\n".join(map(str, bad))
+
+
+def test_ci_runs_the_readme_test_command():
+  """CI runs exactly the Quick start's test command (the line after "# 2.")."""
+  quick = read(os.path.join(ROOT, "README.md")).split("## Quick start")[1]
+  lines = quick.split("```bash")[1].split("```")[0].splitlines()
+  command = lines[[i for i, l in enumerate(lines) if l.startswith("# 2.")][0] + 1]
+  assert "pytest" in command and "venv" in command
+  ci = read(os.path.join(ROOT, ".ci", "run")).splitlines()
+  assert command in ci

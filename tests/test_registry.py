@@ -50,6 +50,9 @@ def test_parse_spec(spec, want):
     ("x(", "cannot parse"), ("x(1)", "keyword options only"),
     ("a.b", "keyword options only"), ("x(**o)", r"'\*\*' is not allowed"),
     ("x(a=foo)", "option a must be a literal.*foo"),
+    ("softmax(block_q=1, block_q=2)", "option block_q is given more than once"),
+    ("x(a={[1]: 2})", r"option a must be a literal.*\{\[1\]: 2\}"),
+    ("x(a={1, [2]})", "option a must be a literal"),
 ])
 def test_parse_spec_errors(spec, match):
   with pytest.raises(ValueError, match=match):
@@ -254,3 +257,145 @@ def test_builtins_registered_on_import_attn():
   names = attn.list_attention()
   for name in ("softmax", "xla", "chunked", "cudnn", "ring"):
     assert name in names
+
+
+# Option validation. Values a user could plausibly type that each option must
+# refuse: wrong type, zero / negative where not allowed, bools for numbers.
+# Every option of every registered variant needs a row here, so a new option
+# cannot arrive without its validation being tested.
+_INT1 = [1.5, "a", 0, -1, True, None, (1,)]       # int >= 1
+_INT1_OR_NONE = [1.5, "a", 0, -1, True, (1,)]
+_INT0 = [1.5, "a", -1, True, None]               # int >= 0
+_POS_FLOAT = ["a", 0, -1.0, True, None, 1e999]    # finite number > 0
+_SCALE = ["a", True, 1e999, (1.0,)]               # finite number or None
+BAD_OPTION_VALUES = {
+    "scale": _SCALE, "block_q": _INT1_OR_NONE, "block_k": _INT1_OR_NONE,
+    "chunk_size": _INT1, "seed": _INT0, "logits_soft_cap": _POS_FLOAT[:-2]
+    + [1e999], "precision": ["fast-ish", 1.5, 0, True],
+    "implementation": [1.5, 0, True, ()], "return_residual": [1, "yes", None],
+    "bigbird.block_size": _INT1, "bigbird.num_window_blocks": _INT1,
+    "bigbird.num_global_blocks": _INT0, "bigbird.num_random_blocks": _INT0,
+    "hard.estimator": ["argmax", 1, None, True],
+    "hard.temperature": _POS_FLOAT,
+    "linformer.k": _INT1, "linformer.max_length": _INT1_OR_NONE,
+    "local.window": [1.5, "a", -1, True, (1, -1), (1, 2, 3), None],
+    "local.block_size": _INT1_OR_NONE,
+    "local_p.window": _INT1, "local_p.hidden": _INT1,
+    "longformer.window": [1.5, "a", -1, True, (1, -1), None],
+    "longformer.global_tokens": [1.5, "a", -1, True, None, (0, 1.5)],
+    "longformer.block_size": _INT1_OR_NONE,
+    "nystrom.num_landmarks": _INT1, "nystrom.pinv_iterations": _INT0,
+    "performer.num_features": _INT1,
+    "reformer.n_hashes": _INT1, "reformer.n_buckets": [3, 0, -2, 1.5, "a",
+                                                       True],
+    "reformer.shared_qk": [1, 0, "yes", None],
+    "ring.mesh": ["seq", 1], "ring.seq_axis": [None, 1, True],
+    "ring.data_axis": [1, True, 1.5], "ring.model_axis": [1, True, 1.5],
+    "sinkhorn.block_size": _INT1, "sinkhorn.partners": _INT1,
+    "sinkhorn.n_iters": _INT0, "sinkhorn.temperature": _POS_FLOAT,
+    "sinkhorn.hidden": _INT1,
+    "sparse.pattern": ["diagonal", 1, None], "sparse.stride": _INT1,
+    "sparse.num_summary": _INT1,
+    "synthesizer.kind": ["mlp", 1, None], "synthesizer.hidden": _INT1,
+    "synthesizer.trainable": [1, "no", None],
+    "topk.k": _INT1,
+}
+# Accepted values other than the defaults (the rules must not be too strict).
+GOOD_OPTION_VALUES = {
+    "scale": [0.5, 2, -1.0, 0], "local.window": [0, (2, 3), [0, 5]],
+    "longformer.global_tokens": [0, 3, (0, 5), [-1]],
+    "reformer.n_buckets": [None, 2, 8], "implementation": ["xla",
+                                                           ("xla", "chunked")],
+    "precision": ["highest", ("high", "default")], "block_q": [1, 128],
+    "logits_soft_cap": [None, 30, 0.5], "hard.temperature": [0.1, 3],
+    "sinkhorn.n_iters": [0, 3], "bigbird.num_global_blocks": [0],
+}
+
+
+def _table(table, name, option):
+  return table.get(f"{name}.{option}", table.get(option))
+
+
+def _all_options():
+  return [(n, o) for n in attn.list_attention()
+          for o in registry.get_entry(n).options]
+
+
+def test_every_option_has_a_rule_and_a_row_of_bad_values():
+  missing_rule = [f"{n}.{o}" for n, o in _all_options()
+                  if registry.get_entry(n).option_rule(o) is None]
+  missing_row = [f"{n}.{o}" for n, o in _all_options()
+                 if _table(BAD_OPTION_VALUES, n, o) is None]
+  assert not missing_rule, f"options without option_rules: {missing_rule}"
+  assert not missing_row, f"add bad values to BAD_OPTION_VALUES: {missing_row}"
+
+
+@pytest.mark.parametrize("name, option", _all_options())
+def test_bad_option_values_raise_one_clear_value_error(name, option):
+  entry = registry.get_entry(name)
+  default = entry.fn.__kwdefaults__[option]
+  for good in [default] + (_table(GOOD_OPTION_VALUES, name, option) or []):
+    registry.check_options(name, **{option: good})       # no error
+  for bad in _table(BAD_OPTION_VALUES, name, option):
+    pattern = rf"attention '{name}'.*option {option}=.*allowed: "
+    with pytest.raises(ValueError, match=pattern):
+      registry.check_options(name, **{option: bad})
+    spec = f"{name}({option}={bad!r})"
+    if bad is None or bad == float("inf"):
+      spec = f"{name}({option}={'None' if bad is None else '1e999'})"
+    with pytest.raises(ValueError, match=rf"option {option}="):
+      registry.get_attention(spec)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("performer(num_features=1.5)", r"num_features=1.5 .*an int >= 1"),
+    ("performer(num_features='a')", r"num_features='a' .*an int >= 1"),
+    ("linformer(k=0)", r"'linformer': option k=0 .*an int >= 1"),
+    ("sinkhorn(block_size=0)", r"'sinkhorn': option block_size=0"),
+    ("chunked(block_q=0)", r"'chunked': option block_q=0"),
+    ("softmax(block_q='a')", r"'softmax': option block_q='a'"),
+    ("flash(scale='a')", r"'chunked': option scale='a'.*finite number"),
+])
+def test_issue_examples_are_clear_value_errors(spec, match):
+  with pytest.raises(ValueError, match=match):
+    registry.get_attention(spec)
+  with pytest.raises(ValueError, match=match):
+    registry.attention_param_shapes(spec, (1, 4, 2, 4), (1, 4, 2, 4))
+
+
+def test_decode_flag_defaults_to_exact_and_ring_has_none(temp_registry):
+  for name in attn.list_attention():
+    entry = registry.get_entry(name)
+    assert entry.decode == (entry.exact and name != "ring"), name
+  assert registry.get_entry("ring").exact
+  temp_registry("_exact_no_decode", lambda q, k, v, bias=None, mask=None: v,
+                exact=True, decode=False)
+  temp_registry("_approx_decode", lambda q, k, v, bias=None, mask=None: v,
+                decode=True)
+  assert not registry.get_entry("_exact_no_decode").decode
+  assert registry.get_entry("_approx_decode").decode
+
+
+def test_decode_module_refuses_ring():
+  from attn.modules import attention as attention_module
+  cfg = dict(num_heads=2, qkv_features=8, decode=True, causal=True)
+  x = jnp.ones((1, 4, 8))
+  ok = attention_module.MultiHeadAttention(attention="softmax", **cfg)
+  ok.init(jax.random.key(0), x)                          # builds
+  with pytest.raises(ValueError, match="ring"):
+    attention_module.MultiHeadAttention(attention="ring", **cfg).init(
+        jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("performer(num_features=-1)", r"option num_features=-1 is invalid"),
+    ("softmax(block_q=1, block_q=2)", "given more than once"),
+])
+def test_config_validation_rejects_bad_option_values_early(spec, match):
+  from configs import copy as copy_config
+  from experiments import config_validation
+  config = copy_config.get_config()
+  config.model.attention = spec
+  with pytest.raises(config_validation.ConfigError,
+                     match=rf"config.model.attention=.*{match}"):
+    config_validation.validate(config)

@@ -348,3 +348,54 @@ def test_drops_into_flax_multihead_attention():
     variables = layer.init(jax.random.PRNGKey(0), x)
     out = layer.apply(variables, x)
     assert out.shape == x.shape and np.isfinite(np.asarray(out)).all()
+
+
+# The efficient kernels validate their own options (not only through a spec
+# string): a direct call with a bad value is one ValueError naming the
+# variant and the option, raised at trace time before any XLA is built.
+_DIRECT_BAD_OPTIONS = [
+    ("performer", "num_features", 1.5), ("performer", "num_features", "a"),
+    ("performer", "chunk_size", 1.5), ("linear", "chunk_size", "a"),
+    ("linformer", "k", 0), ("sinkhorn", "block_size", 0),
+    ("sinkhorn", "temperature", "a"), ("nystrom", "num_landmarks", 1.5),
+    ("nystrom", "pinv_iterations", True), ("bigbird", "block_size", 1.5),
+    ("bigbird", "num_global_blocks", "a"), ("local", "block_size", 1.5),
+    ("local_p", "window", "a"), ("longformer", "block_size", True),
+    ("longformer", "global_tokens", "a"), ("reformer", "n_buckets", 3),
+    ("reformer", "shared_qk", "yes"), ("sparse", "num_summary", "a"),
+    ("sparse", "stride", 1.5), ("synthesizer", "hidden", 0),
+    ("topk", "k", 1.5), ("hard", "temperature", 0), ("hard", "scale", "a"),
+]
+
+
+@pytest.mark.parametrize("name, option, bad", _DIRECT_BAD_OPTIONS)
+def test_kernel_checks_its_own_option_values(name, option, bad):
+  q, k, v = make_inputs(b=1, t=8, s=8)
+  shapes = attention_param_shapes(name, q.shape, k.shape)
+  params = {n: jnp.zeros(s) for n, (s, _) in shapes.items()} or None
+  fn = get_entry(name).fn
+  kwargs = {option: bad} | ({"params": params} if params else {})
+  with pytest.raises(ValueError,
+                     match=rf"attention '{name}': option {option}="):
+    jax.eval_shape(lambda q, k, v: fn(q, k, v, **kwargs), q, k, v)
+
+
+# S = 0 (no keys at all): every query row is fully masked, so the result is
+# zeros with zero gradients, exactly what the exact kernel gives.
+_NO_KEY_SPECS = ["linear", "performer", "nystrom", "hard", "sinkhorn",
+                 "reformer", "local_p", "linformer", "synthesizer", "topk",
+                 "local", "longformer", "bigbird", "sparse", "chunked"]
+
+
+@pytest.mark.parametrize("spec", _NO_KEY_SPECS)
+def test_no_keys_gives_zeros_like_the_exact_kernel(spec):
+  q, k, v = make_inputs(b=1, t=4, s=0)
+  want = attn.dot_product_attention(q, k, v)
+  np.testing.assert_array_equal(np.asarray(want), 0.0)
+  got = run(spec, q, k, v)
+  assert got.shape == want.shape == (1, 4, N, DV) and got.dtype == q.dtype
+  np.testing.assert_array_equal(np.asarray(got), 0.0)
+  p = init_params_for_shapes(spec, q.shape, k.shape)
+  params = {"params": p} if p else {}
+  grad = jax.grad(lambda q: jnp.sum(get_attention(spec)(q, k, v, **params)))(q)
+  np.testing.assert_array_equal(np.asarray(grad), 0.0)

@@ -23,6 +23,9 @@ kernels:
   block as one head's block step sees them (``C = bk``; ``R = bq``, or
   ``G·bq`` where the ``G`` query heads of a key/value head are stacked as
   rows)
+* Sparse patterns (bigbird, longformer, blocks): ``Y`` global tokens
+  (keys every query sees / queries that see every key); ``W`` a
+  window's width in keys
 """
 
 # pylint: disable=unused-import

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn.kernels import blocks, canonical
+from attn import registry
 from attn.registry import register_attention
 
 
@@ -59,7 +60,12 @@ def bigbird_block_table(n_q: int, n_k: int, *, num_window_blocks: int,
     complexity="time O(T·b·(w+g+r) + g·b·S), memory the same (block b, "
     "w window / g global / r random blocks)",
     description="block-sparse window + global + random blocks, exact softmax "
-    "on the pattern (Zaheer et al. 2020)")
+    "on the pattern (Zaheer et al. 2020)",
+    option_rules={
+        "block_size": registry.int_option(1),
+        "num_window_blocks": registry.int_option(1),
+        "num_global_blocks": registry.int_option(0),
+        "num_random_blocks": registry.int_option(0)})
 def bigbird_attention(query, key, value, bias=None, mask=None, *,
                       block_size: int = 64, num_window_blocks: int = 3,
                       num_global_blocks: int = 2, num_random_blocks: int = 3,
@@ -97,6 +103,10 @@ def bigbird_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]`` in the input dtype. Time and memory
     ``O(B·N·(T·b·(w+g+r) + g·b·S))``.
   """
+  registry.check_options(
+      "bigbird", block_size=block_size, num_window_blocks=num_window_blocks,
+      num_global_blocks=num_global_blocks, num_random_blocks=num_random_blocks,
+      seed=seed, scale=scale)
   inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,

@@ -222,7 +222,21 @@ def finish(out_BTND: Array, inputs: canonical.AttentionInputs,
            q_valid: Optional[Array]) -> Array:
   """Zeros invalid query rows, casts to the input dtype, undoes batching."""
   out = zero_invalid_queries(out_BTND, q_valid).astype(inputs.query.dtype)
-  return out[0] if inputs.squeeze_batch else out
+  return canonical.restore_batch(out, inputs)
+
+
+def no_keys_output(inputs: canonical.AttentionInputs) -> Optional[Array]:
+  """Zeros ``[B, T, N, Dv]`` when there are no keys (``S == 0``), else None.
+
+  With nothing to attend every query row is fully masked, so the output is
+  zeros, as :func:`attn.dot_product_attention` gives for ``S == 0``; kernels
+  return this before building any per-key structure.
+  """
+  B, T, S, N, _, _, Dv = inputs.shape
+  if S:
+    return None
+  zeros = jnp.zeros((B, T, N, Dv), F32)
+  return finish(zeros, inputs, None)
 
 
 def map_blocks(fn: Callable[..., Array], xs, queries_per_block: int):

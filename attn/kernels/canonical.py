@@ -39,6 +39,12 @@ class AttentionInputs:
       ``t - left <= s <= t + right``.
     q_segment_ids / kv_segment_ids: ``None`` or int ``[B, T]`` / ``[B, S]``.
     squeeze_batch: the caller passed 3-D ``[T, N, H]`` arrays.
+    batch_shape: the caller's leading batch axes (``()`` for 3-D input);
+      ``B = prod(batch_shape)``. :func:`restore_batch` undoes the flattening.
+    precision: ``jax.lax.Precision`` (or ``None``) for every ``einsum`` of
+      the kernel, as Flax's ``precision``.
+    logits_soft_cap: ``None`` or ``c > 0``: the scaled scores ``scale·q·k``
+      become ``c·tanh(scale·q·k / c)`` before bias and masks are applied.
   """
   query: Array
   key: Array
@@ -53,6 +59,9 @@ class AttentionInputs:
   q_segment_ids: Optional[Array]
   kv_segment_ids: Optional[Array]
   squeeze_batch: bool = False
+  batch_shape: Optional[Tuple[int, ...]] = None
+  precision: Any = None
+  logits_soft_cap: Optional[float] = None
 
   @property
   def shape(self):
@@ -102,43 +111,96 @@ def normalize_window(local_window_size) -> Optional[Tuple[int, int]]:
   return window
 
 
+def _flatten_batch_4d(name: str, x: Array, batch_shape, full) -> Array:
+  """``x`` broadcastable to ``[*batch, N, T, S]`` -> 4-D ``[B|1, N|1, T|1, S|1]``.
+
+  Rank <= 3 has no batch axes (broadcast over all of them). Leading axes
+  that are all 1 stay one axis of size 1 (never materialised); otherwise they
+  are broadcast to ``batch_shape`` and flattened.
+  """
+  nb = len(batch_shape)
+  if x.ndim > nb + 3:
+    raise ValueError(
+        f"{name} must have rank <= {nb + 3} (broadcastable to [*B, N, T, S]="
+        f"{tuple(batch_shape) + full[1:]}), got shape {x.shape}")
+  if x.ndim <= 3 or nb == 1:
+    return check_broadcast_4d(name, x, full)
+  x = jnp.reshape(x, (1,) * (nb + 3 - x.ndim) + x.shape)
+  lead = x.shape[:nb]
+  for axis, (have, want) in enumerate(zip(lead, batch_shape)):
+    if have not in (1, want):
+      raise ValueError(
+          f"{name} of shape {x.shape} is not broadcastable to [*B, N, T, S]="
+          f"{tuple(batch_shape) + full[1:]} (axis {axis}: {have} vs {want})")
+  if all(d == 1 for d in lead):
+    x = jnp.reshape(x, (1,) + x.shape[nb:])
+  else:
+    x = jnp.broadcast_to(x, tuple(batch_shape) + x.shape[nb:])
+    x = jnp.reshape(x, (full[0],) + x.shape[nb:])
+  return check_broadcast_4d(name, x, full)
+
+
+def check_soft_cap(logits_soft_cap) -> Optional[float]:
+  """``None`` or a positive finite number (returned as float)."""
+  if logits_soft_cap is None:
+    return None
+  if isinstance(logits_soft_cap, bool) or not isinstance(
+      logits_soft_cap, (int, float, np.integer, np.floating)):
+    raise ValueError(f"logits_soft_cap must be None or a number > 0, got "
+                     f"{logits_soft_cap!r}")
+  cap = float(logits_soft_cap)
+  if not (cap > 0 and np.isfinite(cap)):
+    raise ValueError(f"logits_soft_cap must be None or a finite number > 0, "
+                     f"got {logits_soft_cap!r}")
+  return cap
+
+
 def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
                  is_causal=False, query_seq_lengths=None,
                  key_value_seq_lengths=None, local_window_size=None,
-                 segment_ids=None) -> AttentionInputs:
+                 segment_ids=None, precision=None,
+                 logits_soft_cap=None) -> AttentionInputs:
   """Validates and canonicalises attention arguments (trace time).
 
   Takes the arguments of :func:`attn.dot_product_attention` (see there for
-  their meaning). Rank-3 ``[T, N, H]`` inputs get a batch axis of 1; ``bias``
-  and ``mask`` of rank < 4 get leading axes of size 1 (``[S]``, ``[T, S]``,
-  ``[N, T, S]`` ...), as in ``jax.nn.dot_product_attention``.
+  their meaning). Inputs ``[*B, T, N, H]`` with any number of leading batch
+  axes (none: ``[T, N, H]``) are flattened to one batch axis
+  ``B = prod(*B)``; :func:`restore_batch` undoes it. ``bias`` and ``mask``
+  broadcastable to ``[*B, N, T, S]`` (rank < 4 gets leading axes of size 1:
+  ``[S]``, ``[T, S]``, ``[N, T, S]`` ..., as in
+  ``jax.nn.dot_product_attention``), lengths ``[*B]``, segment ids
+  ``[*B, T]`` are flattened the same way.
 
   Returns:
     An :class:`AttentionInputs` with 4-D arrays and defaults filled in.
 
   Raises:
     ValueError: naming the offending shapes/dtypes, for mismatched ranks,
-      batch sizes, lengths, head counts (``N % K != 0``) or head dims,
-      differing or non-floating dtypes, non-boolean masks, bias/mask not
-      broadcastable to ``[B, N, T, S]``, bad sequence lengths, segment ids or
-      window sizes.
+      batch shapes, lengths, head counts (``N % K != 0``) or head dims,
+      ``head_dim == 0`` without an explicit ``scale``, differing or
+      non-floating (incl. complex) dtypes, non-boolean masks, bias/mask not
+      broadcastable to ``[*B, N, T, S]``, bad sequence lengths, segment ids,
+      window sizes or ``logits_soft_cap``.
   """
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
   ranks = (query.ndim, key.ndim, value.ndim)
-  if len(set(ranks)) != 1 or ranks[0] not in (3, 4):
+  if len(set(ranks)) != 1 or ranks[0] < 3:
     raise ValueError(
-        "query, key and value must all be rank 4 [batch, length, heads, "
-        "head_dim] (or all rank 3 without batch); got shapes "
-        f"query={query.shape}, key={key.shape}, value={value.shape}")
+        "query, key and value must all have the same rank >= 3 "
+        "[*batch, length, heads, head_dim] (rank 3: no batch axis); got "
+        f"shapes query={query.shape}, key={key.shape}, value={value.shape}")
+  batch_shape = tuple(query.shape[:-3])
+  if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
+    raise ValueError(f"batch sizes differ: query={query.shape}, "
+                     f"key={key.shape}, value={value.shape}")
   squeeze = ranks[0] == 3
-  if squeeze:
-    query, key, value = query[None], key[None], value[None]
+  B = int(np.prod(batch_shape, dtype=np.int64)) if batch_shape else 1
+  query = jnp.reshape(query, (B,) + query.shape[-3:])
+  key = jnp.reshape(key, (B,) + key.shape[-3:])
+  value = jnp.reshape(value, (B,) + value.shape[-3:])
   B, T, N, H = query.shape
   Bk, S, K, Hk = key.shape
   Bv, Sv, Kv, Dv = value.shape
-  if Bk != B or Bv != B:
-    raise ValueError(f"batch sizes differ: query={query.shape}, "
-                     f"key={key.shape}, value={value.shape}")
   if Sv != S:
     raise ValueError(f"key and value lengths differ: key={key.shape}, "
                      f"value={value.shape}")
@@ -148,37 +210,52 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
   if Hk != H:
     raise ValueError(f"query and key head_dim differ: query={query.shape}, "
                      f"key={key.shape}")
-  if K == 0 or N % K:
+  if (K == 0 and N != 0) or (K != 0 and N % K):
     raise ValueError(
         f"query heads ({N}) must be a multiple of key/value heads ({K}); "
         f"query={query.shape}, key={key.shape}")
   if not (query.dtype == key.dtype == value.dtype):
     raise ValueError(f"query, key and value dtypes differ: {query.dtype}, "
                      f"{key.dtype}, {value.dtype}")
+  if jnp.issubdtype(query.dtype, jnp.complexfloating):
+    raise ValueError(f"complex attention inputs ({query.dtype}) are not "
+                     "supported: softmax needs real scores")
   if not jnp.issubdtype(query.dtype, jnp.floating):
     raise ValueError(f"attention inputs must be floating point, got "
                      f"{query.dtype}")
   full = (B, N, T, S)
   if bias is not None:
-    bias = check_broadcast_4d("bias", jnp.asarray(bias), full)
+    bias = _flatten_batch_4d("bias", jnp.asarray(bias), batch_shape, full)
   if mask is not None:
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
       raise ValueError(f"mask must be boolean (True = may attend), got "
                        f"dtype {mask.dtype}")
-    mask = check_broadcast_4d("mask", mask, full)
+    mask = _flatten_batch_4d("mask", mask, batch_shape, full)
 
-  def lengths(name, x):
+  def lengths(name, x, length):
     if x is None:
       return None
-    x = jnp.asarray(x)
-    if x.shape != (B,) or not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"{name} must be an integer array of shape [B]=({B},),"
-                       f" got {x.dtype}{list(x.shape)}")
-    return x.astype(jnp.int32)
+    want = batch_shape or (1,)
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+      x = np.asarray(x)
+      dtype = x.dtype
+    if tuple(np.shape(x)) != tuple(want) or not jnp.issubdtype(dtype,
+                                                               jnp.integer):
+      raise ValueError(f"{name} must be an integer array of shape "
+                       f"[*B]={tuple(want)}, got {dtype}{list(np.shape(x))}")
+    # Lengths past the sequence mean "all of it" and negative ones "none";
+    # clipping in the input's own dtype keeps that exact for int64 values
+    # >= 2**31 before the int32 cast.
+    if isinstance(x, np.ndarray) or np.isscalar(x):
+      x = np.clip(np.asarray(x), -1, length)
+    else:
+      x = jnp.clip(x, -1, length)
+    return jnp.reshape(jnp.asarray(x).astype(jnp.int32), (B,))
 
-  q_lengths = lengths("query_seq_lengths", query_seq_lengths)
-  kv_lengths = lengths("key_value_seq_lengths", key_value_seq_lengths)
+  q_lengths = lengths("query_seq_lengths", query_seq_lengths, T)
+  kv_lengths = lengths("key_value_seq_lengths", key_value_seq_lengths, S)
 
   q_seg = kv_seg = None
   if segment_ids is not None:
@@ -186,25 +263,49 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
       q_seg, kv_seg = (jnp.asarray(s) for s in segment_ids)
     else:
       q_seg = kv_seg = jnp.asarray(segment_ids)
-    if squeeze:
-      q_seg = q_seg[None] if q_seg.ndim == 1 else q_seg
-      kv_seg = kv_seg[None] if kv_seg.ndim == 1 else kv_seg
-    if q_seg.shape != (B, T) or kv_seg.shape != (B, S):
+    if (q_seg.shape != batch_shape + (T,) and not (
+        squeeze and q_seg.shape == (1, T))) or (
+            kv_seg.shape != batch_shape + (S,) and not (
+                squeeze and kv_seg.shape == (1, S))):
       raise ValueError(
-          f"segment_ids must be [B, T]=({B}, {T}) (self-attention) or a pair "
-          f"([B, T], [B, S]=({B}, {S})); got {q_seg.shape} and {kv_seg.shape}")
+          f"segment_ids must be [*B, T]={batch_shape + (T,)} "
+          f"(self-attention) or a pair ([*B, T], [*B, S]="
+          f"{batch_shape + (S,)}); got {q_seg.shape} and {kv_seg.shape}")
     if not (jnp.issubdtype(q_seg.dtype, jnp.integer)
             and jnp.issubdtype(kv_seg.dtype, jnp.integer)):
       raise ValueError(f"segment_ids must be integers, got {q_seg.dtype} and "
                        f"{kv_seg.dtype}")
+    q_seg, kv_seg = jnp.reshape(q_seg, (B, T)), jnp.reshape(kv_seg, (B, S))
   if scale is None:
+    if H == 0:
+      raise ValueError(
+          f"head_dim is 0 (query={query.shape}): the default scale "
+          "1/sqrt(head_dim) is undefined; pass scale= explicitly")
     scale = 1.0 / float(np.sqrt(H))
+  window = normalize_window(local_window_size)
+  if window is not None:
+    # A window wider than the sequences is no window; clipping keeps the
+    # position arithmetic inside int32.
+    reach = max(T, S)
+    window = (min(window[0], reach), min(window[1], reach))
   return AttentionInputs(
       query=query, key=key, value=value, bias=bias, mask=mask,
       scale=float(scale) if not isinstance(scale, jax.Array) else scale,
       is_causal=bool(is_causal), q_lengths=q_lengths, kv_lengths=kv_lengths,
-      window=normalize_window(local_window_size), q_segment_ids=q_seg,
-      kv_segment_ids=kv_seg, squeeze_batch=squeeze)
+      window=window, q_segment_ids=q_seg,
+      kv_segment_ids=kv_seg, squeeze_batch=squeeze, batch_shape=batch_shape,
+      precision=precision, logits_soft_cap=check_soft_cap(logits_soft_cap))
+
+
+def restore_batch(x: Optional[Array], inputs: AttentionInputs,
+                  ) -> Optional[Array]:
+  """``x[B, ...]`` -> ``x[*batch_shape, ...]`` (the caller's batch axes)."""
+  if x is None:
+    return None
+  batch_shape = inputs.batch_shape
+  if batch_shape is None:
+    batch_shape = () if inputs.squeeze_batch else (x.shape[0],)
+  return jnp.reshape(x, tuple(batch_shape) + x.shape[1:])
 
 
 def check_dropout(dropout_rate: float, dropout_rng: Any) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import einops
 import jax
@@ -61,6 +61,10 @@ class _Config:
     is_causal / window: passed to :func:`attn.masks.structure_mask`.
     block_q / block_k: block sizes.
     num_keys: real key length ``S`` when keys were padded, else ``None``.
+    soft_cap: ``c`` of ``c·tanh(logits / c)``, or ``None``.
+    precision: passed to every einsum.
+    dropout_rate / broadcast_dropout: dropout on the weights (see
+      :func:`block_keep`).
   """
   heads: Tuple[int, int, int]
   left: Optional[int]
@@ -70,6 +74,15 @@ class _Config:
   block_q: int
   block_k: int
   num_keys: Optional[int]
+  soft_cap: Optional[float] = None
+  precision: Any = None
+  dropout_rate: float = 0.0
+  broadcast_dropout: bool = False
+
+  @property
+  def step_options(self):
+    return dict(soft_cap=self.soft_cap, precision=self.precision,
+                dropout_rate=self.dropout_rate)
 
 
 def block_size(length: int, requested: Optional[int], default: int,
@@ -256,6 +269,51 @@ def _masked_or_not(cfg: _Config, i, j, masks, step):
                       lambda: step(_block_mask(cfg, i, j, masks)))
 
 
+def block_keep(rng, i, j, *, rate: float, heads: Tuple[int, int, int],
+               block_q: int, block_k: int, broadcast: bool = False):
+  """Dropout keep-mask of score block ``(i, j)``: bool ``[B·K, G·bq, bk]``.
+
+  Drawn from ``fold_in(fold_in(rng, i), j)`` alone, so the backward pass,
+  which visits the blocks in another order, regenerates exactly the mask
+  the forward used, and only one block of it is ever alive (memory O(T)).
+  Within the block, element ``(b·K + k, g·bq + r, c)`` belongs to batch
+  ``b``, query head ``k·G + g``, query ``i·bq + r`` and key ``j·bk + c``;
+  with ``broadcast`` one ``[bq, bk]`` mask is shared by all batch rows and
+  heads. The pattern depends on the block sizes (not on the
+  ``xla`` path's draw): same key and block sizes, same result.
+  """
+  B, K, G = heads
+  key = jax.random.fold_in(jax.random.fold_in(rng, i), j)
+  if broadcast:
+    keep = jax.random.bernoulli(key, 1.0 - rate, (1, 1, block_q, block_k))
+    keep = jnp.broadcast_to(keep, (B * K, G, block_q, block_k))
+    return einops.rearrange(keep, "bk g r c -> bk (g r) c")
+  return jax.random.bernoulli(key, 1.0 - rate, (B * K, G * block_q, block_k))
+
+
+def dropout_keep_dense(rng, rate: float, *, shape, block_q=None,
+                       block_k=None, broadcast: bool = False) -> Array:
+  """The whole keep-mask ``[B, N, T, S]`` that chunked dropout applies.
+
+  ``shape = (B, T, S, N, K)``; block sizes as passed to
+  :func:`chunked_attention`. Materialises what the kernel draws block by
+  block (:func:`block_keep`), for tests and dense references.
+  """
+  B, T, S, N, K = shape
+  G = N // K
+  bq, nq = block_size(T, block_q, DEFAULT_BLOCK_Q, "block_q")
+  bk, nk = block_size(S, block_k, DEFAULT_BLOCK_K, "block_k")
+  rows = []
+  for i in range(nq):
+    row = [block_keep(rng, i, j, rate=rate, heads=(B, K, G), block_q=bq,
+                      block_k=bk, broadcast=broadcast) for j in range(nk)]
+    rows.append(jnp.concatenate(row, axis=-1))
+  keep = jnp.stack(rows)                        # [nq, B·K, G·bq, Sp]
+  keep = einops.rearrange(keep, "nq (b k) (g r) s -> b (k g) (nq r) s",
+                          b=B, g=G)
+  return keep[:, :, :T, :S]
+
+
 # ----------------------------------------------------------------------------
 # Blocked forward / backward with a custom VJP. Shapes:
 #   q[nq, B·K, G·bq, H] (scaled), k[nk, B·K, bk, H], v[nk, B·K, bk, Dv],
@@ -265,8 +323,17 @@ def _masked_or_not(cfg: _Config, i, j, masks, step):
 # cfg.heads = (B, K, G) recovers the head axes.
 
 
-def _forward(cfg: _Config, q, k, v, bias, masks):
-  """``(out[nq, B·K, G·bq, Dv], lse[nq, B·K, G·bq])``."""
+def _keep(cfg: _Config, rng, i, j):
+  if cfg.dropout_rate == 0.0:
+    return None
+  return block_keep(rng, i, j, rate=cfg.dropout_rate, heads=cfg.heads,
+                    block_q=cfg.block_q, block_k=cfg.block_k,
+                    broadcast=cfg.broadcast_dropout)
+
+
+def _forward(cfg: _Config, q, k, v, bias, masks, rng):
+  """``(out[nq, B·K, G·bq, Dv], m, log_l)``, statistics ``[nq, B·K, G·bq]``.
+  """
   nq, BK, R, _ = q.shape
   nk, Dv = k.shape[0], v.shape[-1]
   B, K, G = cfg.heads
@@ -280,33 +347,43 @@ def _forward(cfg: _Config, q, k, v, bias, masks):
       bias_ij = None if bias is None else _as_rows(
           _block_of(bias, i, j, bq, bk), B, K, G, bq)
 
+      keep_ij = _keep(cfg, rng, i, j)
+
       def step(mask_ij):
-        return jax.vmap(online_softmax.forward_step)(
-            q_i, k[j], v[j], bias_ij, _as_rows(mask_ij, B, K, G, bq), *carry)
+        return jax.vmap(functools.partial(
+            online_softmax.forward_step, **cfg.step_options))(
+                q_i, k[j], v[j], bias_ij, _as_rows(mask_ij, B, K, G, bq),
+                *carry, keep_ij)
 
       return _masked_or_not(cfg, i, j, masks, step)
 
     state = jax.lax.fori_loop(lo, hi, body,
                               online_softmax.init_state((BK, R), Dv))
-    out, lse = online_softmax.finalize(*state)
-    return out.astype(q.dtype), lse
+    out, m, log_l = online_softmax.finalize(*state)
+    return out.astype(q.dtype), m, log_l
 
   return jax.lax.map(lambda x: one_q_block(*x), (jnp.arange(nq), q))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked_attention(cfg, q, k, v, bias, masks):
-  """Blocked exact attention ``out[nq, B·K, G·bq, Dv]``; layout above."""
-  return _forward(cfg, q, k, v, bias, masks)[0]
+def _blocked_attention(cfg, q, k, v, bias, masks, rng):
+  """``(out[nq, B·K, G·bq, Dv], lse[nq, B·K, G·bq])``; layout above.
+
+  ``lse`` has no gradient (as in ``jax.nn``): its cotangent is ignored.
+  """
+  out, m, log_l = _forward(cfg, q, k, v, bias, masks, rng)
+  return out, online_softmax.logsumexp(m, log_l)
 
 
-def _blocked_attention_fwd(cfg, q, k, v, bias, masks):
-  out, lse = _forward(cfg, q, k, v, bias, masks)
-  return out, (q, k, v, bias, masks, out, lse)
+def _blocked_attention_fwd(cfg, q, k, v, bias, masks, rng):
+  out, m, log_l = _forward(cfg, q, k, v, bias, masks, rng)
+  return ((out, online_softmax.logsumexp(m, log_l)),
+          (q, k, v, bias, masks, rng, out, m, log_l))
 
 
-def _blocked_attention_bwd(cfg, residuals, do):
-  q, k, v, bias, masks, out, lse = residuals
+def _blocked_attention_bwd(cfg, residuals, cotangents):
+  q, k, v, bias, masks, rng, out, m, log_l = residuals
+  do, _ = cotangents                   # lse is stop-gradient, as in jax.nn
   nq, nk = q.shape[0], k.shape[0]
   B, K, G = cfg.heads
   bq, bk = cfg.block_q, cfg.block_k
@@ -322,10 +399,13 @@ def _blocked_attention_bwd(cfg, residuals, do):
       bias_ij = None if bias is None else _as_rows(
           _block_of(bias, i, j, bq, bk), B, K, G, bq)
 
+      keep_ij = _keep(cfg, rng, i, j)
+
       def step(mask_ij):
-        return jax.vmap(online_softmax.backward_step)(
-            q[i], k_j, v_j, bias_ij, _as_rows(mask_ij, B, K, G, bq), do[i],
-            lse[i], delta[i])
+        return jax.vmap(functools.partial(
+            online_softmax.backward_step, **cfg.step_options))(
+                q[i], k_j, v_j, bias_ij, _as_rows(mask_ij, B, K, G, bq),
+                do[i], m[i], log_l[i], delta[i], keep_ij)
 
       dq_i, dk_ij, dv_ij, ds = _masked_or_not(cfg, i, j, masks, step)
       dq = dq.at[i].add(dq_i)
@@ -345,7 +425,7 @@ def _blocked_attention_bwd(cfg, residuals, do):
   (dq, dbias), (dk, dv) = jax.lax.scan(one_k_block, init, jnp.arange(nk))
   no_grad = jax.tree.map(lambda _: None, masks)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          None if bias is None else dbias.astype(bias.dtype), no_grad)
+          None if bias is None else dbias.astype(bias.dtype), no_grad, None)
 
 
 _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
@@ -390,34 +470,52 @@ def _broadcast_5d(x: Optional[Array], K: int, G: int, Tp: int, Sp: int,
 
 def chunked_attention(inputs: AttentionInputs, *,
                       block_q: Optional[int] = None,
-                      block_k: Optional[int] = None) -> Array:
+                      block_k: Optional[int] = None,
+                      dropout_rate: float = 0.0, dropout_rng=None,
+                      broadcast_dropout: bool = False,
+                      return_residual: bool = False):
   """Exact attention by blockwise online softmax; memory O(T), not O(T·S).
 
   Args:
     inputs: canonical arguments from :func:`canonical.canonicalize`:
       ``query[B, T, N, H]``, ``key[B, S, K, H]``, ``value[B, S, K, Dv]``,
       bias/mask broadcastable to ``[B, N, T, S]``, causal, lengths, local
-      window, segment ids. Any ``T``/``S`` (padded internally), ``N`` a
+      window, segment ids, ``logits_soft_cap`` and ``precision`` (when the
+      record has them). Any ``T``/``S`` (padded internally), ``N`` a
       multiple of ``K``, any float dtype (softmax and accumulation in
       float32).
     block_q / block_k: largest query / key block (defaults
       ``DEFAULT_BLOCK_Q`` / ``DEFAULT_BLOCK_K``); blocks are balanced so the
       padding is under one block.
+    dropout_rate / dropout_rng / broadcast_dropout: dropout on the
+      attention weights inside the kernel (FlashAttention-2 style): each
+      score block's keep-mask is drawn from the key and the block indices
+      (:func:`block_keep`), so the backward recomputes the forward's mask
+      and memory stays O(T). Same key and block sizes -> same result; the
+      pattern differs from the ``xla`` path's (same distribution).
+    return_residual: also return ``lse[B, T, N]``, float32, the
+      log-sum-exp of each query row's scaled (capped, biased, masked)
+      logits, as ``jax.nn.dot_product_attention(return_residual=True)``
+      (``-inf`` for rows that see no key). Like jax.nn's it carries no
+      gradient.
 
   Returns:
-    ``out[B, T, N, Dv]`` in the input dtype; query rows that can see no key
-    are zeros with zero gradients. Differentiable in reverse mode w.r.t.
-    query, key, value, bias and a traced ``scale``.
+    ``out[B, T, N, Dv]`` in the input dtype (or ``(out, lse)``); query rows
+    that can see no key are zeros with zero gradients. Differentiable in
+    reverse mode w.r.t. query, key, value, bias and a traced ``scale``.
 
   Raises:
-    ValueError: block sizes that are not positive ints.
+    ValueError: block sizes that are not positive ints; bad dropout
+      arguments.
   """
+  canonical.check_dropout(dropout_rate, dropout_rng)
   B, T, S, N, K, H, Dv = inputs.shape
   G = N // K
   bq, nq = block_size(T, block_q, DEFAULT_BLOCK_Q, "block_q")
   bk, nk = block_size(S, block_k, DEFAULT_BLOCK_K, "block_k")
   if S == 0:                            # no keys: every row is fully masked
-    return jnp.zeros((B, T, N, Dv), inputs.query.dtype)
+    out = jnp.zeros((B, T, N, Dv), inputs.query.dtype)
+    return (out, jnp.full((B, T, N), -jnp.inf)) if return_residual else out
   Tp, Sp = bq * nq, bk * nk
   # Scale q once (as Flax does) instead of every score block; a traced scale
   # stays differentiable because this happens outside the custom VJP.
@@ -426,7 +524,11 @@ def chunked_attention(inputs: AttentionInputs, *,
   left, right = reach(inputs.is_causal, inputs.window)
   cfg = _Config(heads=(B, K, G), left=left, right=right,
                 is_causal=inputs.is_causal, window=inputs.window,
-                block_q=bq, block_k=bk, num_keys=S if Sp > S else None)
+                block_q=bq, block_k=bk, num_keys=S if Sp > S else None,
+                soft_cap=_soft_cap(getattr(inputs, "logits_soft_cap", None)),
+                precision=getattr(inputs, "precision", None),
+                dropout_rate=float(dropout_rate),
+                broadcast_dropout=bool(broadcast_dropout))
   kv_len = inputs.kv_lengths
   if kv_len is not None and Sp > S:
     kv_len = jnp.minimum(kv_len, S)
@@ -437,11 +539,20 @@ def chunked_attention(inputs: AttentionInputs, *,
   masks = (_broadcast_5d(inputs.mask, K, G, Tp, Sp, False), inputs.q_lengths,
            kv_len, pad_segments(inputs.q_segment_ids, Tp),
            pad_segments(inputs.kv_segment_ids, Sp))
-  out = _blocked_attention(
+  out, lse = _blocked_attention(
       cfg, _q_blocks(query, bq, nq, K), _kv_blocks(inputs.key, bk, nk),
       _kv_blocks(inputs.value, bk, nk),
-      _broadcast_5d(inputs.bias, K, G, Tp, Sp, 0), masks)
-  return _from_q_blocks(out, B, K, G, T)
+      _broadcast_5d(inputs.bias, K, G, Tp, Sp, 0), masks,
+      dropout_rng if dropout_rate > 0 else None)
+  out = _from_q_blocks(out, B, K, G, T)
+  if not return_residual:
+    return out
+  return out, _from_q_blocks(lse[..., None], B, K, G, T)[..., 0]
+
+
+def _soft_cap(c) -> Optional[float]:
+  """``logits_soft_cap`` (validated by :mod:`canonical`) as a static float."""
+  return None if c is None else float(c)
 
 
 @register_attention(
@@ -453,19 +564,37 @@ def chunked_attention_kernel(query, key, value, bias=None, mask=None, *,
                              block_q=None, block_k=None, scale=None,
                              is_causal=False, query_seq_lengths=None,
                              key_value_seq_lengths=None,
-                             local_window_size=None, segment_ids=None):
+                             local_window_size=None, segment_ids=None,
+                             dropout_rate=0.0, dropout_rng=None,
+                             broadcast_dropout=False, return_weights=False,
+                             precision=None, logits_soft_cap=None):
   """Exact memory-efficient attention, ``implementation="chunked"``.
 
-  The same as ``attn.dot_product_attention(..., implementation="chunked")``.
-  No dropout and no weights: they would need the ``[T, S]`` matrix.
+  The same as ``attn.dot_product_attention(..., implementation="chunked")``,
+  dropout included (drawn block by block, see :func:`chunked_attention`).
+
+  ``return_weights=True`` (what the Flax wrapper asks for when weights are
+  sown) cannot be served blockwise: that one call falls back to the
+  materialised ``xla`` path and returns ``(out, weights[B, N, T, S])``, with
+  the ``xla`` path's dropout draw, in O(T·S) memory.
 
   ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Dv]``
   (``N`` a multiple of ``K``) -> ``[B, T, N, Dv]``.
   """
-  inputs = canonical.canonicalize(
-      query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-      query_seq_lengths=query_seq_lengths,
-      key_value_seq_lengths=key_value_seq_lengths,
-      local_window_size=local_window_size, segment_ids=segment_ids)
-  out = chunked_attention(inputs, block_q=block_q, block_k=block_k)
-  return out[0] if inputs.squeeze_batch else out
+  options = dict(scale=scale, is_causal=is_causal,
+                 query_seq_lengths=query_seq_lengths,
+                 key_value_seq_lengths=key_value_seq_lengths,
+                 local_window_size=local_window_size, segment_ids=segment_ids,
+                 precision=precision, logits_soft_cap=logits_soft_cap)
+  if return_weights:
+    # exact.py imports this module, so import it here, not at the top.
+    from attn.kernels import exact  # pylint: disable=import-outside-toplevel
+    return exact.dot_product_attention(
+        query, key, value, bias, mask, dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng, broadcast_dropout=broadcast_dropout,
+        return_weights=True, implementation="xla", **options)
+  inputs = canonical.canonicalize(query, key, value, bias, mask, **options)
+  out = chunked_attention(inputs, block_q=block_q, block_k=block_k,
+                          dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                          broadcast_dropout=broadcast_dropout)
+  return canonical.restore_batch(out, inputs)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from attn.kernels import blocks, canonical
 from attn.masks import MASK_VALUE
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -238,6 +239,9 @@ def kernelized_attention(name: str, inputs: canonical.AttentionInputs,
   """
   if chunk_size < 1:
     raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+  empty = blocks.no_keys_output(inputs)
+  if empty is not None:
+    return empty
   q_valid, kv_valid = blocks.validity(name, inputs)
   if not inputs.is_causal:
     out = feature_attention_noncausal(inputs.query, inputs.key, inputs.value,
@@ -288,6 +292,8 @@ def linear_attention(query, key, value, bias=None, mask=None, *,
     in-chunk products), memory ``O(B·N·(T+S)·(H+Dv))``. Queries with no valid
     key output zeros.
   """
+  registry.check_options(
+      "linear", chunk_size=chunk_size)
   inputs = canonical.canonicalize(
       query, key, value, bias, mask, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,

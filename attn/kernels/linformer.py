@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from attn.kernels import blocks, canonical
 from attn.masks import masked_softmax
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -35,8 +36,10 @@ def linformer_param_shapes(query_shape, key_shape, *, k: int = 256,
   The initializer draws ``N(0, 1/L)`` (truncated), so ``E @ K`` starts as
   a random Johnson–Lindenstrauss-style projection of the keys.
   """
+  registry.check_options(
+      "linformer", k=k, max_length=max_length)
   del query_shape, scale
-  length = max_length or key_shape[1]
+  length = max(1, max_length or key_shape[1])   # S == 0: one unused column
   init = jax.nn.initializers.variance_scaling(
       1.0, "fan_in", "truncated_normal", in_axis=-1, out_axis=-2)
   return {"E": ((k, length), init), "F": ((k, length), init)}
@@ -69,7 +72,10 @@ def linformer_one_head(q_TH: Array, k_SH: Array, v_SD: Array, e_kS: Array,
     complexity="time O((T+S)·k), memory O((T+S)·k) for projection length k",
     description="keys/values projected along length to k with learned E, F "
     "(Wang et al. 2020); bidirectional only",
-    metadata={"param_shapes": linformer_param_shapes})
+    metadata={"param_shapes": linformer_param_shapes},
+    option_rules={
+        "k": registry.int_option(1),
+        "max_length": registry.int_option(1, none=True)})
 def linformer_attention(query, key, value, bias=None, mask=None, *,
                         k: int = 256, max_length: Optional[int] = None,
                         scale=None, is_causal: bool = False,
@@ -102,6 +108,8 @@ def linformer_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]`` in the input dtype. Time ``O(B·N·(T+S)·k·H)``,
     memory ``O(B·N·(T+S)·k)``.
   """
+  registry.check_options(
+      "linformer", k=k, max_length=max_length, scale=scale)
   inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,

@@ -14,6 +14,7 @@ from typing import Optional, Tuple, Union
 import jax
 
 from attn.kernels import blocks, canonical
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -37,7 +38,10 @@ def default_block(window: Tuple[int, int], is_causal: bool, T: int) -> int:
     padding=True, cross=True,
     complexity="time O(T·w), memory O(T·w) for window w (+ block size)",
     description="exact softmax inside a sliding window t-left <= s <= "
-    "t+right, computed blockwise (Beltagy et al. 2020; Child et al. 2019)")
+    "t+right, computed blockwise (Beltagy et al. 2020; Child et al. 2019)",
+    option_rules={
+        "window": registry.WINDOW_OPTION,
+        "block_size": registry.int_option(1, none=True)})
 def local_attention(query, key, value, bias=None, mask=None, *,
                     window: WindowSpec = 128,
                     block_size: Optional[int] = None, scale=None,
@@ -72,6 +76,8 @@ def local_attention(query, key, value, bias=None, mask=None, *,
     ``O(B·N·T·(left + right + block))``. Queries with no allowed key output
     zeros.
   """
+  registry.check_options(
+      "local", window=window, block_size=block_size, scale=scale)
   inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,

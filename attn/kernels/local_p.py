@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from attn.masks import masked_softmax
 from attn.kernels import blocks, canonical
 from attn.kernels.blocks import from_blocks, map_blocks, to_blocks
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -36,6 +37,8 @@ QUERY_BLOCK = 64
 def local_p_param_shapes(query_shape, key_shape, *, hidden: int = 64,
                          **unused_options):
   """``w_p [H, hidden]`` and ``v_p [hidden]`` for ``query [B, T, N, H]``."""
+  registry.check_options(
+      "local_p", hidden=hidden)
   del key_shape, unused_options
   H = query_shape[-1]
   init = jax.nn.initializers
@@ -92,7 +95,10 @@ def _local_p_head(q_TH, k_SH, v_SD, valid_S, *, w_p, v_p, window: int, scale,
     "forward, O(T·D·H) backward",
     description="Luong local-predictive attention: a window of ±D keys "
     "around a predicted position, times a Gaussian",
-    metadata={"param_shapes": local_p_param_shapes})
+    metadata={"param_shapes": local_p_param_shapes},
+    option_rules={
+        "window": registry.int_option(1),
+        "hidden": registry.int_option(1)})
 def local_p_attention(query, key, value, bias=None, mask=None, *,
                       window: int = 10, hidden: int = 64, scale=None,
                       is_causal=False, query_seq_lengths=None,
@@ -119,6 +125,8 @@ def local_p_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]``. Time ``O(T·D·H)`` per head, memory ``O(T·H)``
     forward and ``O(T·D·H)`` backward.
   """
+  registry.check_options(
+      "local_p", window=window, hidden=hidden, scale=scale)
   if int(window) < 1:
     raise ValueError(f"local_p: window must be >= 1, got {window}")
   del hidden  # sets the parameter shapes only
@@ -133,6 +141,9 @@ def local_p_attention(query, key, value, bias=None, mask=None, *,
       key_value_seq_lengths=key_value_seq_lengths,
       local_window_size=local_window_size, segment_ids=segment_ids)
   blocks.check_supported("local_p", inputs, causal=True, segments=False)
+  empty = blocks.no_keys_output(inputs)
+  if empty is not None:
+    return empty
   q_valid, kv_valid = blocks.validity("local_p", inputs, per_head=True)
   H = inputs.shape[5]
   w_p, v_p = params["w_p"], params["v_p"]

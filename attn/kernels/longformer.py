@@ -16,6 +16,7 @@ import numpy as np
 
 from attn.kernels import blocks, canonical
 from attn.kernels.local import default_block
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -43,12 +44,23 @@ def global_positions(global_tokens: Union[int, Sequence[int]], T: int,
   return pos
 
 
+GLOBAL_TOKENS_OPTION = registry.OptionRule(
+    "an int >= 0 (the first tokens) or a sequence of token indices",
+    lambda x: (registry.int_option(0).ok(x) or (
+        isinstance(x, (tuple, list))
+        and all(registry.int_option(-(2**62)).ok(i) for i in x))))
+
+
 @register_attention(
     "longformer", exact=False, causal=True, padding=True, cross=True,
     complexity="time O(T·(w+Y) + Y·S), memory the same (window w, Y global "
     "tokens)",
     description="sliding window plus global tokens, exact softmax on the "
-    "pattern (Beltagy et al. 2020)")
+    "pattern (Beltagy et al. 2020)",
+    option_rules={
+        "window": registry.WINDOW_OPTION,
+        "global_tokens": GLOBAL_TOKENS_OPTION,
+        "block_size": registry.int_option(1, none=True)})
 def longformer_attention(query, key, value, bias=None, mask=None, *,
                          window: WindowSpec = 128,
                          global_tokens: Union[int, Sequence[int]] = 1,
@@ -84,6 +96,9 @@ def longformer_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]`` in the input dtype. Time and memory
     ``O(B·N·(T·(left + right + block + Y) + Y·S))``.
   """
+  registry.check_options(
+      "longformer", window=window, global_tokens=global_tokens,
+      block_size=block_size, scale=scale)
   inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from attn.kernels import blocks, canonical
 from attn.masks import MASK_VALUE
 from attn.masks import masked_softmax
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -136,7 +137,10 @@ def nystrom_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
     padding=True, cross=True,
     complexity="time O((T+S)·m + m³), memory O((T+S)·m) for m landmarks",
     description="Nyström low-rank softmax with segment-mean landmarks and "
-    "an iterative pseudo-inverse (Xiong et al. 2021); bidirectional only")
+    "an iterative pseudo-inverse (Xiong et al. 2021); bidirectional only",
+    option_rules={
+        "num_landmarks": registry.int_option(1),
+        "pinv_iterations": registry.int_option(0)})
 def nystrom_attention(query, key, value, bias=None, mask=None, *,
                       num_landmarks: int = 64, pinv_iterations: int = 6,
                       scale=None, is_causal: bool = False,
@@ -168,11 +172,17 @@ def nystrom_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]`` in the input dtype; computed in float32. Time
     ``O(B·N·((T+S)·m·H + m³))``, memory ``O(B·N·(T+S)·m)``.
   """
+  registry.check_options(
+      "nystrom", num_landmarks=num_landmarks, pinv_iterations=pinv_iterations,
+      scale=scale)
   inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids)
   blocks.check_supported("nystrom", inputs, causal=False, segments=False)
+  empty = blocks.no_keys_output(inputs)
+  if empty is not None:
+    return empty
   if num_landmarks < 1 or pinv_iterations < 0:
     raise ValueError(f"nystrom: need num_landmarks >= 1 and pinv_iterations "
                      f">= 0, got {num_landmarks}, {pinv_iterations}")

@@ -21,6 +21,7 @@ import numpy as np
 
 from attn.kernels import blocks, canonical, linear
 from attn.masks import MASK_VALUE
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -103,7 +104,8 @@ def favor_feature_map(w_MH: Array, scale) -> linear.FeatureMap:
     cross=True,
     complexity="time O((T+S)·M·H), memory O((T+S)·M) for M random features",
     description="FAVOR+ positive orthogonal random features approximating "
-    "the softmax kernel (Choromanski et al. 2021); causal via prefix sums")
+    "the softmax kernel (Choromanski et al. 2021); causal via prefix sums",
+    option_rules={"num_features": registry.int_option(1)})
 def performer_attention(query, key, value, bias=None, mask=None, *,
                         num_features: int = 256, seed: int = 0,
                         chunk_size: int = 128, scale=None,
@@ -137,6 +139,9 @@ def performer_attention(query, key, value, bias=None, mask=None, *,
     ``O(B·N·(T+S)·M·(H+Dv))`` (causal adds ``O(B·N·T·c·(M+Dv))``), memory
     ``O(B·N·(T+S)·(H+Dv))`` plus ``O(c·M)`` per scan step.
   """
+  registry.check_options(
+      "performer", num_features=num_features, seed=seed, chunk_size=chunk_size,
+      scale=scale)
   inputs = canonical.canonicalize(
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,

@@ -41,6 +41,7 @@ from attn.masks import MASK_VALUE
 from attn.masks import masked_softmax
 from attn.kernels import blocks, canonical
 from attn.kernels.blocks import map_blocks, pad_axis0
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -175,6 +176,11 @@ def _reformer_head(q_TH, k_SH, v_SD, valid_S, rotations, *, n_chunks: int,
   return jnp.einsum("tr,rtd->td", round_w_TR, out_RTD)[:T]
 
 
+N_BUCKETS_OPTION = registry.OptionRule(
+    "an even int >= 2, or None (chosen from the length)",
+    lambda x: x is None or (registry.int_option(2).ok(x) and x % 2 == 0))
+
+
 @register_attention(
     "reformer", aliases=("lsh",), exact=False, causal=True, padding=True,
     cross=True,
@@ -182,7 +188,11 @@ def _reformer_head(q_TH, k_SH, v_SD, valid_S, rotations, *, n_chunks: int,
     "size c), memory O(n_hashes·T·(H + n_buckets)) forward, "
     "O(n_hashes·T·c) backward",
     description="Reformer LSH attention: hash-sort into chunks, attend own "
-    "and previous chunk, combine hash rounds")
+    "and previous chunk, combine hash rounds",
+    option_rules={
+        "n_hashes": registry.int_option(1),
+        "n_buckets": N_BUCKETS_OPTION,
+        "shared_qk": registry.bool_option()})
 def reformer_attention(query, key, value, bias=None, mask=None, *,
                        n_hashes: int = 2, n_buckets=None,
                        chunk_size: int = 64, shared_qk: bool = False,
@@ -222,6 +232,9 @@ def reformer_attention(query, key, value, bias=None, mask=None, *,
     per head, memory ``O(n_hashes·T·(H + n_buckets))`` forward and
     ``O(n_hashes·T·c)`` backward.
   """
+  registry.check_options(
+      "reformer", n_hashes=n_hashes, n_buckets=n_buckets, chunk_size=chunk_size,
+      shared_qk=shared_qk, seed=seed, scale=scale)
   if int(n_hashes) < 1:
     raise ValueError(f"reformer: n_hashes must be >= 1, got {n_hashes}")
   if int(chunk_size) < 1:
@@ -232,6 +245,9 @@ def reformer_attention(query, key, value, bias=None, mask=None, *,
       key_value_seq_lengths=key_value_seq_lengths,
       local_window_size=local_window_size, segment_ids=segment_ids)
   blocks.check_supported("reformer", inputs, causal=True, segments=False)
+  empty = blocks.no_keys_output(inputs)
+  if empty is not None:
+    return empty
   q_valid, kv_valid = blocks.validity("reformer", inputs, per_head=True)
   B, T, S, N, K, H, Dv = inputs.shape
   if shared_qk and S != T:

@@ -53,6 +53,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from attn import masks
 from attn.kernels import canonical, online_softmax
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -110,6 +111,12 @@ class _RingConfig:
   block_q: int
   block_k: int
   bias_psum_axes: Tuple[str, ...] = ()
+  soft_cap: Optional[float] = None
+  precision: Any = None
+
+  @property
+  def step_options(self):
+    return dict(soft_cap=self.soft_cap, precision=self.precision)
 
   @property
   def ring_size(self) -> int:
@@ -258,7 +265,9 @@ def _step_forward(cfg, ex, acc, blk, q_offset, k_offset):
   K = blk["k"].shape[2]
   n_q = ex["q"].shape[1] // cfg.block_q
   n_k = blk["k"].shape[1] // cfg.block_k
-  step = _over_heads(online_softmax.forward_step, out_axes=(1, 1, 1))
+  step = _over_heads(functools.partial(online_softmax.forward_step,
+                                       **cfg.step_options),
+                     out_axes=(1, 1, 1))
 
   def body(acc, q_start, k_start, q_pos, k_pos, skip):
     sl_q, _, args = _chunk_inputs(cfg, ex, blk, q_start, k_start, q_pos,
@@ -283,7 +292,9 @@ def _step_backward(cfg, ex, grads, blk, q_offset, k_offset):
   K = blk["k"].shape[2]
   bq, bk = cfg.block_q, cfg.block_k
   n_q, n_k = tq // bq, blk["k"].shape[1] // bk
-  step = _over_heads(online_softmax.backward_step, out_axes=(1, 1, 1, 0))
+  step = _over_heads(functools.partial(online_softmax.backward_step,
+                                       **cfg.step_options),
+                     out_axes=(1, 1, 1, 0))
 
   def body(carry, q_start, k_start, q_pos, k_pos, skip):
     dq, dbias, dk, dv = carry
@@ -296,7 +307,7 @@ def _step_backward(cfg, ex, grads, blk, q_offset, k_offset):
     def compute():
       dq_c, dk_c, dv_c, ds_c = step(
           *args, *(_groups(sl_q(ex[name]), K)
-                   for name in ("do", "lse", "delta")))
+                   for name in ("do", "m", "log_l", "delta")))
       # dk_c/dv_c are [b, bk, K, G, D]: sum the G query heads of each group.
       # dq_c is with respect to the scaled query chunk.
       new = [old[0] + _ungroup(dq_c) * cfg.scale, old[1] + dk_c.sum(axis=3),
@@ -363,7 +374,7 @@ def _offsets(cfg, ex, blk, r):
 
 
 def _forward_body(cfg, arrays):
-  """Per-device forward: ``{q, k, v, ...}`` shards -> ``(out, lse)``.
+  """Per-device forward: ``{q, k, v, ...}`` shards -> ``(out, m, log_l)``.
 
   Everything stays in the ``[b, t, N, ...]`` layout of the inputs; heads
   are grouped per chunk, so no per-device array is transposed.
@@ -379,12 +390,12 @@ def _forward_body(cfg, arrays):
     return _step_forward(cfg, ex, acc, blk, *_offsets(cfg, ex, blk, r))
 
   acc, _ = _ring_loop(cfg, step, acc, blk)
-  out, lse = online_softmax.finalize(*acc)
-  return out.astype(ex["q"].dtype), lse
+  out, m, log_l = online_softmax.finalize(*acc)
+  return out.astype(ex["q"].dtype), m, log_l
 
 
 def _backward_body(cfg, arrays):
-  """Per-device backward: shards + ``out, lse, do`` -> gradients."""
+  """Per-device backward: shards + ``out, m, log_l, do`` -> gradients."""
   ex = dict(arrays)
   k, v, out = ex.pop("k"), ex.pop("v"), ex.pop("out")
   ex["delta"] = jnp.sum(ex["do"].astype(jnp.float32)
@@ -442,7 +453,7 @@ def _specs(cfg, arrays) -> Dict[str, P]:
       specs[name] = P(bax)
     elif name in ("q_segment_ids", "kv_segment_ids"):
       specs[name] = P(bax, sax)
-    elif name == "lse":
+    elif name in ("m", "log_l"):
       specs[name] = P(bax, sax, hax)
     else:
       raise AssertionError(name)
@@ -485,25 +496,31 @@ def _like(cfg, x, primal):
 
 def _forward(cfg, arrays):
   specs = _specs(cfg, arrays)
-  out, lse = _shard_map(cfg, _forward_body, arrays, (specs["q"], P(
-      cfg.batch_axis, cfg.seq_axis, cfg.head_axis)))
-  return _like(cfg, out, arrays["q"]), lse
+  stats = P(cfg.batch_axis, cfg.seq_axis, cfg.head_axis)
+  out, m, log_l = _shard_map(cfg, _forward_body, arrays,
+                             (specs["q"], stats, stats))
+  return _like(cfg, out, arrays["q"]), m, log_l
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring(cfg, arrays):
-  """Ring attention on padded global arrays; ``arrays`` is a dict."""
-  return _forward(cfg, arrays)[0]
+  """``(out, lse)`` on padded global arrays; ``arrays`` is a dict.
+
+  ``lse`` carries no gradient (as in ``jax.nn``).
+  """
+  out, m, log_l = _forward(cfg, arrays)
+  return out, online_softmax.logsumexp(m, log_l)
 
 
 def _ring_fwd(cfg, arrays):
-  out, lse = _forward(cfg, arrays)
-  return out, (arrays, out, lse)
+  out, m, log_l = _forward(cfg, arrays)
+  return (out, online_softmax.logsumexp(m, log_l)), (arrays, out, m, log_l)
 
 
-def _ring_bwd(cfg, residuals, do):
-  arrays, out, lse = residuals
-  full = dict(arrays, out=out, lse=lse, do=do)
+def _ring_bwd(cfg, residuals, cotangents):
+  arrays, out, m, log_l = residuals
+  do, _ = cotangents                   # lse is stop-gradient, as in jax.nn
+  full = dict(arrays, out=out, m=m, log_l=log_l, do=do)
   specs = _specs(cfg, full)
   diff = [name for name in ("q", "k", "v", "bias") if name in arrays]
   grads = _shard_map(cfg, _backward_body, full,
@@ -572,7 +589,9 @@ def ring_attention(query: Array, key: Array, value: Array,
                    is_causal: bool = False,
                    query_seq_lengths: Optional[Array] = None,
                    key_value_seq_lengths: Optional[Array] = None,
-                   local_window_size=None, segment_ids=None) -> Array:
+                   local_window_size=None, segment_ids=None,
+                   logits_soft_cap: Optional[float] = None, precision=None,
+                   return_residual: bool = False):
   """Exact softmax attention with the sequence sharded over ``seq_axis``.
 
   Same result (forward and gradients, to float tolerance) as
@@ -598,6 +617,12 @@ def ring_attention(query: Array, key: Array, value: Array,
       clipped to the per-device length).
     is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size,
     segment_ids: as in :func:`attn.dot_product_attention`.
+    logits_soft_cap: ``c``: the scaled logits become ``c·tanh(logits / c)``
+      before bias and mask (forward and backward).
+    precision: ``jax.lax.Precision`` for every einsum.
+    return_residual: also return ``lse[B, T, N]`` (float32, no gradient),
+      as :func:`attn.kernels.chunked.chunked_attention` defines it; then the
+      result is ``(out, lse)``.
 
   Returns:
     ``[B, T, N, Dv]`` in the input dtype (``[T, N, Dv]`` for 3-D inputs).
@@ -613,7 +638,8 @@ def ring_attention(query: Array, key: Array, value: Array,
       query, key, value, bias, mask, scale=scale, is_causal=is_causal,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
-      local_window_size=local_window_size, segment_ids=segment_ids)
+      local_window_size=local_window_size, segment_ids=segment_ids,
+      logits_soft_cap=logits_soft_cap, precision=precision)
   mesh = _resolve_mesh(mesh, seq_axis)
   try:
     scale = float(inputs.scale)
@@ -652,15 +678,37 @@ def ring_attention(query: Array, key: Array, value: Array,
       window=inputs.window, kv_valid=S, kv_padded=s_pad != S, block_q=bq,
       block_k=bk, bias_psum_axes=_bias_psum_axes(
           None if inputs.bias is None else inputs.bias.shape, batch_axis,
-          head_axis, seq_axis))
-  out = _ring(cfg, arrays)
+          head_axis, seq_axis),
+      soft_cap=None if inputs.logits_soft_cap is None
+      else float(inputs.logits_soft_cap),
+      precision=inputs.precision)
+  out, lse = _ring(cfg, arrays)
   if t_pad != T:
-    out = out[:, :T]
-  return out[0] if inputs.squeeze_batch else out
+    out, lse = out[:, :T], lse[:, :T]
+  out = canonical.restore_batch(out, inputs)
+  if not return_residual:
+    return out
+  return out, canonical.restore_batch(lse, inputs)
+
+
+def _is_mesh(x) -> bool:
+  return x is None or isinstance(x, jax.sharding.Mesh)
+
+
+_AXIS_NAME = registry.OptionRule(
+    "a mesh axis name (str) or None", lambda x: x is None or isinstance(x, str))
 
 
 register_attention(
     "ring", exact=True, causal=True, padding=True, cross=True,
+    # One-token decoding appends to a KV cache on one device; ring attention
+    # shards the sequence, so it has no decode path.
+    decode=False,
+    option_rules={
+        "mesh": registry.OptionRule("a jax.sharding.Mesh or None", _is_mesh),
+        "seq_axis": registry.OptionRule("a mesh axis name (str)",
+                                        lambda x: isinstance(x, str)),
+        "data_axis": _AXIS_NAME, "model_axis": _AXIS_NAME},
     complexity="time O(T·S/n), memory O((T+S)/n) per device "
     "(n = size of the mesh 'seq' axis)",
     description="exact attention with the sequence sharded over the mesh "

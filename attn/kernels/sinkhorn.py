@@ -41,6 +41,7 @@ from attn.masks import MASK_VALUE
 from attn.masks import masked_softmax
 from attn.kernels import blocks, canonical
 from attn.kernels.blocks import from_blocks, map_blocks, to_blocks
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -59,6 +60,8 @@ def sinkhorn_param_shapes(query_shape, key_shape, *, block_size: int = 64,
   [B, S, K, H]``: ``sort_w1 [H, hidden]``, ``sort_b1 [hidden]``,
   ``sort_w2 [hidden, n_b]``, ``sort_b2 [n_b]`` with ``n_b = ceil(S / b)``
   (the most blocks the parameters serve)."""
+  registry.check_options(
+      "sinkhorn", block_size=block_size, hidden=hidden)
   del unused_options
   H = query_shape[-1]
   n_b = num_blocks(key_shape[1], block_size)
@@ -157,7 +160,13 @@ def _sinkhorn_head(q_TH, k_SH, v_SD, valid_S, params, *, n_b: int,
     "memory O(T·H + (S/b)²) forward, O(T·(b + m·H)) backward",
     description="Sparse Sinkhorn attention: each block attends itself and a "
     "softly sorted partner block (Sinkhorn-balanced sorting network)",
-    metadata={"param_shapes": sinkhorn_param_shapes})
+    metadata={"param_shapes": sinkhorn_param_shapes},
+    option_rules={
+        "block_size": registry.int_option(1),
+        "partners": registry.int_option(1),
+        "n_iters": registry.int_option(0),
+        "temperature": registry.float_option(positive=True),
+        "hidden": registry.int_option(1)})
 def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
                        block_size: int = 64, partners: int = 4,
                        n_iters: int = 8,
@@ -194,6 +203,9 @@ def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
     block ``i``. Time ``O(T·(b + m)·H + (S/b)²)`` per head, memory
     ``O(T·H + (S/b)²)`` forward, ``O(T·(b + m·H))`` backward.
   """
+  registry.check_options(
+      "sinkhorn", block_size=block_size, partners=partners, n_iters=n_iters,
+      temperature=temperature, hidden=hidden, scale=scale)
   if (int(block_size) < 1 or int(partners) < 1 or int(n_iters) < 0
       or not float(temperature) > 0):
     raise ValueError(f"sinkhorn: need block_size >= 1, partners >= 1, "
@@ -211,6 +223,9 @@ def sinkhorn_attention(query, key, value, bias=None, mask=None, *,
       key_value_seq_lengths=key_value_seq_lengths,
       local_window_size=local_window_size, segment_ids=segment_ids)
   blocks.check_supported("sinkhorn", inputs, causal=True, segments=False)
+  empty = blocks.no_keys_output(inputs)
+  if empty is not None:
+    return empty
   q_valid, kv_valid = blocks.validity("sinkhorn", inputs, per_head=True)
   B, T, S, N, K, H, Dv = inputs.shape
   if inputs.is_causal and T != S:

@@ -29,6 +29,7 @@ import numpy as np
 from attn.kernels import blocks, canonical
 from attn.kernels.blocks import map_blocks, pad_axis0
 from attn.masks import masked_softmax
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -141,7 +142,11 @@ PATTERNS = ("strided", "fixed")
     complexity="time O(T·(l + T/l)·H) per head (O(T·(l + c·T/l)·H) fixed), "
     "O(T√T·H) with l ≈ √T; memory O(T·H) forward, O(T·(l + T/l)) backward",
     description="Sparse Transformer strided/fixed attention patterns (Child "
-    "et al. 2019), blockwise")
+    "et al. 2019), blockwise",
+    option_rules={
+        "pattern": registry.choice_option(*PATTERNS),
+        "stride": registry.int_option(1),
+        "num_summary": registry.int_option(1)})
 def sparse_attention(query, key, value, bias=None, mask=None, *,
                      pattern: str = "strided", stride: int = 256,
                      num_summary: int = 1, scale=None, is_causal=False,
@@ -172,6 +177,9 @@ def sparse_attention(query, key, value, bias=None, mask=None, *,
     memory ``O(T·H)`` forward and ``O(T·(l + T/l))`` backward; never a dense
     ``[T, S]`` matrix.
   """
+  registry.check_options(
+      "sparse", pattern=pattern, stride=stride, num_summary=num_summary,
+      scale=scale)
   if pattern not in PATTERNS:
     raise ValueError(f"sparse: unknown pattern {pattern!r}; choose from "
                      f"{PATTERNS}")

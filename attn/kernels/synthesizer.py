@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from attn.masks import masked_softmax
 from attn.kernels import blocks, canonical
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -33,9 +34,11 @@ def synthesizer_param_shapes(query_shape, key_shape, *, kind: str = "dense",
   """Parameters of the synthesizer for ``query [B, T, N, H]``, ``key
   [B, S, K, H]``: dense ``w1 [H, hidden], b1 [hidden], w2 [hidden, S],
   b2 [S]``; random ``table [N, T, S]`` (``T``, ``S`` are the maxima)."""
+  registry.check_options(
+      "synthesizer", kind=kind, hidden=hidden)
   del unused_options
   _, T, N, H = query_shape
-  S = key_shape[1]
+  S = max(1, key_shape[1])   # S == 0: one unused key column
   init = jax.nn.initializers
   if kind == "dense":
     return {"w1": ((H, hidden), init.lecun_normal()),
@@ -82,7 +85,11 @@ def _dense_logits_TS(x_TH, w1, b1, w2, b2, S) -> Array:
     "memory O(T·S)",
     description="Synthesizer: attention logits from an MLP of each query "
     "(dense) or a per-head table (random), no query-key dots",
-    metadata={"param_shapes": synthesizer_param_shapes})
+    metadata={"param_shapes": synthesizer_param_shapes},
+    option_rules={
+        "kind": registry.choice_option(*KINDS),
+        "hidden": registry.int_option(1),
+        "trainable": registry.bool_option()})
 def synthesizer_attention(query, key, value, bias=None, mask=None, *,
                           kind: str = "dense", hidden: int = 64,
                           trainable: bool = True, is_causal=False,
@@ -108,6 +115,8 @@ def synthesizer_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]``. Time ``O(T·hidden·(H+S))`` (dense) or ``O(T·S)``
     (random), memory ``O(T·S)`` per head.
   """
+  registry.check_options(
+      "synthesizer", kind=kind, hidden=hidden, trainable=trainable)
   if kind not in KINDS:
     raise ValueError(f"synthesizer: unknown kind {kind!r}; choose from "
                      f"{KINDS}")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from attn.masks import MASK_VALUE
 from attn.masks import masked_softmax
 from attn.kernels import blocks, canonical
+from attn import registry
 from attn.registry import register_attention
 
 Array = jax.Array
@@ -49,7 +50,8 @@ def _dense_inputs(query, key, value, bias, mask, **options):
     "topk", aliases=("top_k",), exact=False, causal=True, padding=True,
     cross=True, complexity="time O(T·S·H + T·S·log k), memory O(T·S)",
     description="softmax over each query's k highest-scoring keys (explicit "
-    "sparse attention); k >= S is exact")
+    "sparse attention); k >= S is exact",
+    option_rules={"k": registry.int_option(1)})
 def topk_attention(query, key, value, bias=None, mask=None, *, k: int = 32,
                    scale=None, is_causal=False, query_seq_lengths=None,
                    key_value_seq_lengths=None, segment_ids=None,
@@ -74,6 +76,8 @@ def topk_attention(query, key, value, bias=None, mask=None, *, k: int = 32,
     ``[B, T, N, Dv]``. Rows with nothing to attend are zero.
     Time ``O(T·S·H)``, memory ``O(T·S + T·k·Dv)`` per head.
   """
+  registry.check_options(
+      "topk", k=k, scale=scale)
   if int(k) < 1:
     raise ValueError(f"topk: k must be >= 1, got {k}")
   inputs, q_valid, bias_BNTS, mask_BNTS = _dense_inputs(
@@ -130,7 +134,10 @@ def _hard_head(q_TH, k_SH, v_SD, bias_TS, mask_TS, key, *, scale, estimator,
     "hard", aliases=("hard_attention",), exact=False, causal=True,
     padding=True, cross=True, complexity="time O(T·S·H), memory O(T·S)",
     description="one sampled (or argmax) key per query; straight-through or "
-    "Gumbel-softmax gradients")
+    "Gumbel-softmax gradients",
+    option_rules={
+        "estimator": registry.choice_option(*ESTIMATORS),
+        "temperature": registry.float_option(positive=True)})
 def hard_attention(query, key, value, bias=None, mask=None, *,
                    estimator: str = "straight_through",
                    temperature: float = 1.0, scale=None, is_causal=False,
@@ -167,6 +174,8 @@ def hard_attention(query, key, value, bias=None, mask=None, *,
     ``[B, T, N, Dv]``: each row is exactly one value row (zero for queries
     with nothing to attend). Time and memory ``O(T·S)`` per head.
   """
+  registry.check_options(
+      "hard", estimator=estimator, temperature=temperature, scale=scale)
   if estimator not in ESTIMATORS:
     raise ValueError(f"hard: unknown estimator {estimator!r}; choose from "
                      f"{ESTIMATORS}")
@@ -177,6 +186,9 @@ def hard_attention(query, key, value, bias=None, mask=None, *,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids,
       local_window_size=local_window_size)
+  empty = blocks.no_keys_output(inputs)
+  if empty is not None:
+    return empty
   B, _, _, N, *_ = inputs.shape
   sample = rng is not None and not deterministic
   keys = jax.random.split(rng, (B, N)) if sample else None

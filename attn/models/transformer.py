@@ -66,6 +66,8 @@ class TransformerConfig:
     decode: KV-cache decoding (causal self-attention; set by
       :func:`generate`).
     dtype: activation dtype (softmax and logits stay float32).
+    logits_soft_cap: ``None`` or ``c > 0``: every attention layer caps its
+      scores to ``c·tanh(scores / c)`` (Gemma 2).
   """
   vocab_size: Optional[int] = None
   output_vocab_size: Optional[int] = None
@@ -83,6 +85,7 @@ class TransformerConfig:
   attention_dropout_rate: float = 0.0
   decode: bool = False
   dtype: Any = jnp.float32
+  logits_soft_cap: Optional[float] = None
 
   def replace(self, **changes) -> "TransformerConfig":
     """A copy with ``changes`` (``dataclasses.replace``)."""
@@ -147,7 +150,7 @@ def _attention(config: TransformerConfig, **fields) -> MultiHeadAttention:
   return MultiHeadAttention(
       num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
       dropout_rate=config.attention_dropout_rate, dtype=config.dtype,
-      **fields)
+      logits_soft_cap=config.logits_soft_cap, **fields)
 
 
 def _mlp(config: TransformerConfig) -> Mlp:

@@ -147,6 +147,9 @@ class MultiHeadAttention(nn.Module):
       self-attention and an exact kernel.
     use_bias, dtype, param_dtype, kernel_init: as in ``flax.linen``.
     t5_num_buckets, t5_max_distance, rope_base: positional options.
+    logits_soft_cap: ``None`` or ``c > 0``: scores become
+      ``c·tanh(scores / c)`` (Gemma 2) inside the kernel; kernels that
+      cannot cap raise ``ValueError``.
 
   Kernels that take an ``rng`` (random features, sampling) get one from the
   ``"attention"`` rng stream when ``deterministic=False`` and that stream is
@@ -172,6 +175,7 @@ class MultiHeadAttention(nn.Module):
   t5_num_buckets: int = 32
   t5_max_distance: int = 128
   rope_base: float = 10000.0
+  logits_soft_cap: Optional[float] = None
 
   def _head_dims(self, width: int) -> tuple[int, int, int]:
     """``(N, K, H)`` validated against the projection width."""
@@ -288,6 +292,8 @@ class MultiHeadAttention(nn.Module):
       kwargs["is_causal"] = True
     if self.is_mutable_collection("intermediates"):
       kwargs["module"] = self
+    if self.logits_soft_cap is not None:
+      kwargs["logits_soft_cap"] = self.logits_soft_cap
     out = resolved.fn(query, key, value, bias, mask,
                       dropout_rate=self.dropout_rate,
                       deterministic=deterministic, **kwargs)

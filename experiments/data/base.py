@@ -1,13 +1,18 @@
 """Shared machinery for the built-in tasks: the ``Task`` base class, token
 vocabularies, option checks, deterministic randomness and content-based splits.
 
-Every task generates its data from ``(seed, split, step)`` alone (or reads a
-package that ships it), so a run resumed from a checkpoint sees exactly the
-batches it would have seen. Nothing here is downloaded.
+Every task generates its data from ``(seed, split, i)`` alone (or reads a
+package that ships it): example ``i`` of a split's training stream does not
+depend on the batch size or the number of hosts, and a run resumed from a
+checkpoint sees exactly the batches it would have seen. Nothing here is
+downloaded.
 
-Randomness. ``Task.batch(split, step, batch_size)`` draws from
-``np.random.default_rng([seed, split_id, step])`` with ``split_id`` 0/1/2 for
-train/valid/test. The fixed evaluation sets use keys
+Randomness. ``Task.batch(split, step, batch_size)`` is examples
+``step * batch_size .. + batch_size - 1`` of the split's stream. The stream
+is made in chunks of :data:`TRAIN_CHUNK` examples; chunk ``c`` draws from
+``np.random.default_rng([seed, split_id, c])`` with ``split_id`` 0/1/2 for
+train/valid/test, and per-example augmentation (``digits_vit``) from
+``[seed, 6 + split_id, c]``. The fixed evaluation sets use keys
 ``[0, 3 + split_id, chunk]`` and therefore do not depend on the seed: runs
 with different seeds are scored on the same examples. All keys have exactly
 three words: NumPy's ``SeedSequence`` ignores trailing zero words
@@ -44,6 +49,11 @@ _SPLIT_EDGES = tuple(int(f * 2**64) for f in np.cumsum(SPLIT_FRACTIONS)[:-1])
 # Generated evaluation sets are built in chunks of this many examples, so the
 # set for n examples is a prefix of the set for any larger n.
 EVAL_CHUNK = 64
+# The training streams are generated in chunks of this many examples (example
+# i is row i % TRAIN_CHUNK of chunk i // TRAIN_CHUNK), so example i is the
+# same whatever batch size asks for it.
+TRAIN_CHUNK = 64
+_CHUNK_CACHE = 4  # chunks kept per task (consecutive batches share chunks)
 # Rejection sampling gives up after this many rounds of proposals.
 MAX_REJECTION_ROUNDS = 200
 _MAX_WORD = 2**32  # seeds and steps stay single SeedSequence words.
@@ -59,6 +69,38 @@ def split_id(split: str) -> int:
 def batch_rng(seed: int, split: str, step: int) -> np.random.Generator:
   """The generator for training batch ``step`` of ``split``."""
   return np.random.default_rng([seed, split_id(split), step])
+
+
+def augment_rng(seed: int, split: str, chunk: int) -> np.random.Generator:
+  """The generator of per-example augmentation of chunk ``chunk``."""
+  return np.random.default_rng([seed, 2 * len(SPLITS) + split_id(split),
+                                chunk])
+
+
+def stream_rows(first: int, count: int, chunk: Callable[[int], Batch],
+                cache: Optional[Dict[Any, Batch]] = None,
+                key: Any = None) -> Batch:
+  """Rows ``first .. first + count - 1`` of a stream made in chunks.
+
+  ``chunk(c)`` returns the :data:`TRAIN_CHUNK` rows of chunk ``c``; ``cache``
+  (a dict, keyed ``(key, c)``) keeps the last few chunks. Returns fresh
+  arrays (never views into the cache).
+  """
+  parts = []
+  end = first + count
+  for c in range(first // TRAIN_CHUNK, -(-end // TRAIN_CHUNK)):
+    ck = (key, c)
+    data = cache.get(ck) if cache is not None else None
+    if data is None:
+      data = chunk(c)
+      if cache is not None:
+        cache[ck] = data
+        while len(cache) > _CHUNK_CACHE:
+          cache.pop(next(iter(cache)))
+    lo = max(first - c * TRAIN_CHUNK, 0)
+    hi = min(end - c * TRAIN_CHUNK, TRAIN_CHUNK)
+    parts.append({k: v[lo:hi] for k, v in data.items()})
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def eval_rng(split: str, chunk: int) -> np.random.Generator:
@@ -246,6 +288,7 @@ class Task:
   def __init__(self, seed: int = 0):
     self.seed = check_int(self.name, "seed", seed, 0, _MAX_WORD - 1)
     self._eval_cache: Dict[tuple[str, int], Batch] = {}
+    self._chunk_cache: Dict[Any, Batch] = {}
 
   @classmethod
   def options(cls) -> Dict[str, Any]:
@@ -263,7 +306,11 @@ class Task:
     return self._batch(split, step, batch_size)
 
   def _batch(self, split: str, step: int, batch_size: int) -> Batch:
-    return self._sample(batch_rng(self.seed, split, step), split, batch_size)
+    return stream_rows(
+        step * batch_size, batch_size,
+        lambda c: self._sample(batch_rng(self.seed, split, c), split,
+                               TRAIN_CHUNK),
+        self._chunk_cache, split)
 
   def eval_batches(self, split: str, batch_size: int,
                    num_examples: int) -> Iterator[Batch]:

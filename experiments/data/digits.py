@@ -21,8 +21,9 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from experiments.data.base import (SPLITS, Batch, Task, batch_rng,
-                                    check_int, epoch_indices)
+from experiments.data.base import (SPLITS, TRAIN_CHUNK, Batch, Task,
+                                    augment_rng, check_int, epoch_indices,
+                                    stream_rows)
 
 SPLIT_SEED = 0
 TEST_FRACTION, VALID_FRACTION = 0.2, 0.1
@@ -62,11 +63,18 @@ def shift_images(images_BHWC: np.ndarray, rng: np.random.Generator,
                  max_shift: int = 1) -> np.ndarray:
   """Translates each image by up to ``max_shift`` pixels per axis (zero
   fill); offsets are uniform and independent per image and axis."""
+  b = images_BHWC.shape[0]
+  dy = rng.integers(0, 2 * max_shift + 1, size=b)
+  dx = rng.integers(0, 2 * max_shift + 1, size=b)
+  return shift_by(images_BHWC, dy, dx, max_shift)
+
+
+def shift_by(images_BHWC: np.ndarray, dy: np.ndarray, dx: np.ndarray,
+             max_shift: int = 1) -> np.ndarray:
+  """Image ``i`` moved by ``(dy[i], dx[i]) - max_shift`` pixels (zero fill)."""
   b, h, w, _ = images_BHWC.shape
   s = max_shift
   padded = np.pad(images_BHWC, ((0, 0), (s, s), (s, s), (0, 0)))
-  dy = rng.integers(0, 2 * s + 1, size=b)
-  dx = rng.integers(0, 2 * s + 1, size=b)
   rows = dy[:, None, None] + np.arange(h)[None, :, None]
   cols = dx[:, None, None] + np.arange(w)[None, None, :]
   return padded[np.arange(b)[:, None, None], rows, cols]
@@ -96,8 +104,13 @@ class DigitsViT(Task):
     idx = epoch_indices(self.seed, split, step, batch_size, len(labels))
     batch_images = images[idx]
     if self.augment and split == "train":
-      batch_images = shift_images(batch_images,
-                                  batch_rng(self.seed, split, step))
+      # Per-example offsets from (seed, split, example index) alone.
+      def offsets(c):
+        dydx = augment_rng(self.seed, split, c).integers(0, 3, (TRAIN_CHUNK, 2))
+        return {"dy": dydx[:, 0], "dx": dydx[:, 1]}
+      shift = stream_rows(step * batch_size, batch_size, offsets,
+                          self._chunk_cache, ("shift", split))
+      batch_images = shift_by(batch_images, shift["dy"], shift["dx"])
     return {"inputs": batch_images, "labels": labels[idx]}
 
   def _eval_set(self, split: str, num_examples: int) -> Batch:

@@ -14,7 +14,6 @@ import os
 from typing import Any, Callable, Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from attn import scores as scores_lib
@@ -116,10 +115,7 @@ def restore_best_params(config, problem, params, workdir: str):
   ``params`` gives the structure; raises ``CheckpointError`` if the
   checkpoint does not match it and ``ValueError`` if there is none.
   """
-  # The train state train.py checkpoints: {"step", "params", "opt_state"}.
-  tx = train.make_optimizer(config)
-  target = {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
+  target = train.init_state(config, params)  # the checkpointed train state
   _, state = checkpoints.restore_best(workdir, target,
                                       best_metric=problem.best_metric,
                                       best_mode=problem.best_mode)

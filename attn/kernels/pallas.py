@@ -1,0 +1,341 @@
+"""``implementation="pallas"``: jax's own Pallas attention kernels.
+
+Two kernels shipped inside jax are wrapped with our contract (layout
+``[B, T, N, H]``, GQA, causal, segment ids, lengths, the fully-masked-row
+rule: a query row with no key to attend to returns zeros and zero gradients):
+
+* NVIDIA GPU: ``jax.experimental.pallas.ops.gpu.attention.mha`` (Triton).
+  Its layout is ours (``[B, T, N, H]``); it takes ``causal`` (top-left,
+  ``s <= t``, as ours) and ONE ``segment_ids[B, L]`` array shared by queries
+  and keys. We repeat key/value heads for GQA, pad lengths to a block multiple
+  and express padding and ``key_value_seq_lengths`` as segment ids. It has no
+  bias, mask, window, ``Dv != H`` or separate query/key segment ids.
+* TPU: ``jax.experimental.pallas.ops.tpu.flash_attention.flash_attention``.
+  Layout ``[B, N, T, H]`` (we transpose); separate query/key segment ids
+  (so lengths and padding become segment ids) and a dense additive bias
+  ``ab[B, N, T, S]`` (bias and boolean masks are folded into it, which
+  materialises ``T x S`` per head). No window, no ``Dv != H``.
+
+The kernels give a fully-masked row the mean of the values (finite mask
+value); we zero such rows afterwards with :func:`valid_rows`, so their
+gradients are zero too.
+
+Interpret mode: ``with attn.kernels.pallas.interpret("gpu"):`` (or ``"tpu"``)
+runs that kernel through Pallas' interpreter on any backend, CPU included;
+the tests do this. Keep the ``jax.jit`` call inside the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attn import masks
+from attn.kernels.canonical import AttentionInputs
+
+Array = jax.Array
+
+# None (use the hardware), "gpu" or "tpu" (run that kernel interpreted).
+INTERPRET: Optional[str] = None
+# Segment id given to padded / out-of-length positions. User segment ids must
+# not use it.
+SENTINEL = int(np.iinfo(np.int32).min)
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@contextlib.contextmanager
+def interpret(target: str = "gpu"):
+  """Runs ``implementation="pallas"`` through Pallas' interpreter as ``target``
+  (``"gpu"`` or ``"tpu"``) inside the ``with`` block."""
+  global INTERPRET
+  if target not in ("gpu", "tpu"):
+    raise ValueError(f"interpret target must be 'gpu' or 'tpu', got {target!r}")
+  old, INTERPRET = INTERPRET, target
+  try:
+    if target == "tpu":
+      # Read when jit lowers, so it must cover the call, not just the trace.
+      from jax.experimental.pallas import tpu as pltpu
+      with pltpu.force_tpu_interpret_mode():
+        yield
+    else:
+      yield
+  finally:
+    INTERPRET = old
+
+
+def target_platform() -> str:
+  """``"gpu"``/``"tpu"`` this module will run on, or the platform name."""
+  return INTERPRET or jax.devices()[0].platform
+
+
+def valid_rows(inputs: AttentionInputs) -> Optional[Array]:
+  """``[B, N|1, T]`` bool: the query row has at least one key to attend to
+  (``None`` when every row does). The ``[T, S]`` booleans are built from
+  iotas inside a reduction, which XLA fuses, so nothing ``T x S`` is stored
+  unless the user passed a dense mask."""
+  if not (inputs.has_structure_mask or inputs.mask is not None):
+    return None
+  B, T, S, *_ = inputs.shape
+
+  def one(qlen, kvlen, qseg, kvseg):
+    m = masks.structure_mask(
+        jnp.arange(T), jnp.arange(S), is_causal=inputs.is_causal,
+        window=inputs.window, q_length=qlen, kv_length=kvlen,
+        q_segment=qseg, kv_segment=kvseg)
+    return jnp.ones((T, S), bool) if m is None else m
+
+  smask = jax.vmap(one, axis_size=B)(inputs.q_lengths, inputs.kv_lengths,
+                        inputs.q_segment_ids, inputs.kv_segment_ids)
+  full = smask[:, None]                                   # [B, 1, T, S]
+  if inputs.mask is not None:
+    full = full & inputs.mask
+  return jnp.any(full, axis=-1)
+
+
+def zero_invalid_rows(out_BTND: Array, inputs: AttentionInputs) -> Array:
+  """Applies the fully-masked-row rule to a kernel's output."""
+  rows = valid_rows(inputs)
+  if rows is None:
+    return out_BTND
+  rows = einops.rearrange(rows, "b n t -> b t n")[..., None]
+  return jnp.where(rows, out_BTND, jnp.zeros((), out_BTND.dtype))
+
+
+def _largest_block(n: int, cap: int, floor: int) -> Optional[int]:
+  b = cap
+  while b >= floor:
+    if n % b == 0:
+      return b
+    b //= 2
+  return None
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _repeat_kv(x_BSKH: Array, groups: int) -> Array:
+  return x_BSKH if groups == 1 else jnp.repeat(x_BSKH, groups, axis=2)
+
+
+def _static_scale(inputs: AttentionInputs, query: Array):
+  """The kernels take a static ``sm_scale``; a traced scale is folded into q."""
+  if isinstance(inputs.scale, (int, float)):
+    return query, float(inputs.scale)
+  return (query * inputs.scale).astype(query.dtype), 1.0
+
+
+def _check_lengths_concrete(inputs: AttentionInputs):
+  try:
+    q = np.asarray(inputs.q_lengths)
+    kv = np.asarray(inputs.kv_lengths)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return
+  if np.any(q > kv):
+    raise ValueError(
+        "implementation='pallas' on GPU needs query_seq_lengths <= "
+        f"key_value_seq_lengths (got {q.tolist()} and {kv.tolist()}); use "
+        "implementation='chunked' or 'xla'")
+
+
+# ----------------------------------------------------------------------------
+# NVIDIA GPU: the Triton kernel.
+
+def gpu_unsupported(inputs: AttentionInputs) -> list[str]:
+  """What the Pallas GPU kernel cannot express for these inputs."""
+  B, T, S, N, K, H, Dv = inputs.shape
+  out = []
+  if Dv != H:
+    out.append(f"value head_dim {Dv} != query head_dim {H}")
+  if inputs.bias is not None:
+    out.append("bias")
+  if inputs.mask is not None:
+    out.append("a dense mask")
+  if inputs.window is not None:
+    out.append("local_window_size")
+  if inputs.q_segment_ids is not None and (
+      inputs.q_segment_ids is not inputs.kv_segment_ids):
+    out.append("separate query/key segment_ids (pass one [B, T] array)")
+  if inputs.kv_lengths is not None and inputs.q_lengths is None:
+    out.append("key_value_seq_lengths without query_seq_lengths (the kernel "
+               "shares one segment array between queries and keys)")
+  if T != S and (inputs.q_segment_ids is not None
+                 or inputs.kv_lengths is not None):
+    out.append(f"segment_ids or key lengths with T={T} != S={S}")
+  return out
+
+
+def _gpu_blocks(T: int, S: int, floor: int):
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+  bq, bk = _largest_block(T, 128, floor), _largest_block(S, 128, floor)
+  for b in (32, 16, 8, 4, 2, 1):
+    if b < floor or T % b:
+      continue
+    nb = T // b
+    if S % nb == 0 and S // nb >= floor and S // nb <= 128:
+      bkv = S // nb
+      if bq and bk:
+        return gpu_attention.BlockSizes(
+            block_q=bq, block_k=bk, block_q_dkv=b, block_kv_dkv=bkv,
+            block_q_dq=b, block_kv_dq=bkv)
+  return None
+
+
+def gpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
+  """Runs the Triton kernel; inputs already checked by gpu_unsupported."""
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+  B, T, S, N, K, H, Dv = inputs.shape
+  floor = 2 if interpret else 16
+  if inputs.kv_lengths is not None:
+    _check_lengths_concrete(inputs)
+  q, scale = _static_scale(inputs, inputs.query)
+  k = _repeat_kv(inputs.key, N // K)
+  v = _repeat_kv(inputs.value, N // K)
+  seg = None
+  if T == S:
+    step = 128 if T >= 128 else floor * 8
+    P = T if T % step == 0 else _round_up(T, step)
+    need_seg = (P != T or inputs.q_segment_ids is not None
+                or inputs.kv_lengths is not None)
+    if need_seg:
+      base = (jnp.zeros((B, T), jnp.int32) if inputs.q_segment_ids is None
+              else inputs.q_segment_ids.astype(jnp.int32))
+      base = jnp.pad(base, ((0, 0), (0, P - T)))
+      limit = (jnp.full((B,), T, jnp.int32) if inputs.kv_lengths is None
+               else jnp.minimum(inputs.kv_lengths, T))
+      seg = jnp.where(jnp.arange(P)[None] < limit[:, None], base, SENTINEL)
+    pad = ((0, 0), (0, P - T), (0, 0), (0, 0))
+    q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+    Tp = Sp = P
+  else:
+    Tp, Sp = T, S
+  blocks = _gpu_blocks(Tp, Sp, floor)
+  if blocks is None:
+    raise ValueError(
+        f"implementation='pallas' on GPU cannot tile T={T}, S={S} (with "
+        "T != S both must be multiples of 16 with equally many backward "
+        "blocks); use implementation='chunked'")
+  out = gpu_attention.mha(q, k, v, seg, sm_scale=scale,
+                          causal=inputs.is_causal, block_sizes=blocks,
+                          interpret=interpret)
+  return out[:, :T].astype(inputs.value.dtype)
+
+
+# ----------------------------------------------------------------------------
+# TPU: flash_attention.
+
+def tpu_unsupported(inputs: AttentionInputs) -> list[str]:
+  """What the Pallas TPU kernel cannot express for these inputs."""
+  B, T, S, N, K, H, Dv = inputs.shape
+  out = []
+  if Dv != H:
+    out.append(f"value head_dim {Dv} != query head_dim {H}")
+  if inputs.window is not None:
+    out.append("local_window_size")
+  if H > 128 and H % 128:
+    out.append(f"head_dim {H} (> 128 must be a multiple of 128)")
+  return out
+
+
+def tpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
+  """Runs the TPU flash kernel; inputs already checked by tpu_unsupported."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+  B, T, S, N, K, H, Dv = inputs.shape
+  q, scale = _static_scale(inputs, inputs.query)
+  k = _repeat_kv(inputs.key, N // K)
+  v = _repeat_kv(inputs.value, N // K)
+  Tp, Sp = _round_up(T, 128), _round_up(S, 128)
+  q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+  k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+  v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+  q, k, v = (einops.rearrange(x, "b t n h -> b n t h") for x in (q, k, v))
+  segment_ids = None
+  if (Tp != T or Sp != S or inputs.q_segment_ids is not None
+      or inputs.kv_lengths is not None):
+    qs = (jnp.zeros((B, T), jnp.int32) if inputs.q_segment_ids is None
+          else inputs.q_segment_ids.astype(jnp.int32))
+    ks = (jnp.zeros((B, S), jnp.int32) if inputs.kv_segment_ids is None
+          else inputs.kv_segment_ids.astype(jnp.int32))
+    if inputs.kv_lengths is not None:
+      ks = jnp.where(jnp.arange(S)[None] < inputs.kv_lengths[:, None], ks,
+                     SENTINEL)
+    qs = jnp.pad(qs, ((0, 0), (0, Tp - T)), constant_values=SENTINEL)
+    ks = jnp.pad(ks, ((0, 0), (0, Sp - S)), constant_values=SENTINEL)
+    segment_ids = tpu_flash.SegmentIds(q=qs, kv=ks)
+  ab = None
+  if inputs.bias is not None or inputs.mask is not None:
+    ab = jnp.zeros((1, 1, 1, 1), jnp.float32)
+    if inputs.bias is not None:
+      ab = ab + inputs.bias.astype(jnp.float32)
+    if inputs.mask is not None:
+      ab = jnp.where(inputs.mask, ab, _MASK_VALUE)
+    ab = jnp.broadcast_to(ab, (B, N, T, S))
+    ab = jnp.pad(ab, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
+  bt, bs = min(Tp, 128), min(Sp, 128)
+  blocks = tpu_flash.BlockSizes(
+      block_q=bt, block_k_major=bs, block_k=bs, block_b=1,
+      block_q_major_dkv=bt, block_k_major_dkv=bs, block_k_dkv=bs,
+      block_q_dkv=bt, block_k_major_dq=bs, block_k_dq=bs, block_q_dq=bt)
+  del interpret  # interpret() sets jax's TPU interpret mode for the call
+  out = tpu_flash.flash_attention(q, k, v, ab=ab, segment_ids=segment_ids,
+                                  causal=inputs.is_causal, sm_scale=scale,
+                                  block_sizes=blocks)
+  out = einops.rearrange(out, "b n t h -> b t n h")
+  return out[:, :T].astype(inputs.value.dtype)
+
+
+# ----------------------------------------------------------------------------
+# The entry dot_product_attention dispatches to.
+
+def unsupported(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
+                return_weights: bool = False,
+                platform: Optional[str] = None) -> Optional[str]:
+  """Why ``implementation="pallas"`` cannot serve these inputs (``None`` if it
+  can). ``platform`` defaults to :func:`target_platform`."""
+  platform = platform or target_platform()
+  if platform not in ("gpu", "tpu"):
+    return (f"needs an NVIDIA GPU or a TPU; the default device here is "
+            f"{platform!r} (attn.kernels.pallas.interpret() runs the kernels "
+            "interpreted)")
+  what = gpu_unsupported(inputs) if platform == "gpu" else tpu_unsupported(
+      inputs)
+  if getattr(inputs, "logits_soft_cap", None) is not None:
+    what.append("logits_soft_cap")
+  if dropout_rate > 0:
+    what.append("dropout")
+  if return_weights:
+    what.append("return_weights")
+  if not what:
+    return None
+  rest = ("implementation='xla' supports all of them" if dropout_rate > 0
+          or return_weights else
+          "implementation='chunked' or 'xla' supports them")
+  return (f"the Pallas {platform.upper()} kernel does not support: "
+          + ", ".join(what) + f"; {rest}")
+
+
+def pallas_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
+                     return_weights: bool = False, return_residual=False,
+                     einsums=None, einsum_dot_general=None, **_) -> Array:
+  """``implementation="pallas"``: ``[B, T, N, Dv]`` or ``ValueError``."""
+  if return_residual or einsums or einsum_dot_general is not None:
+    raise ValueError("implementation='pallas' cannot return residuals or "
+                     "use custom einsums; use implementation='xla'")
+  why = unsupported(inputs, dropout_rate=dropout_rate,
+                    return_weights=return_weights)
+  if why:
+    raise ValueError(f"implementation='pallas': {why}")
+  platform = target_platform()
+  interp = INTERPRET is not None
+  if platform == "gpu":
+    out = gpu_attention_call(inputs, interp)
+  else:
+    out = tpu_attention_call(inputs, interp)
+  return zero_invalid_rows(out, inputs)
+

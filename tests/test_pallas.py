@@ -1,0 +1,127 @@
+"""implementation="pallas": jax's Pallas kernels, run interpreted on CPU.
+
+Each case compiles forward and gradients once (interpret mode compiles
+slowly), so the cases combine options rather than test them one by one.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attn
+from attn.kernels import exact
+from attn.kernels import pallas as pallas_kernels
+
+
+def _inputs(B, T, S, N, K, H, seed=0):
+  r = np.random.default_rng(seed)
+  return [jnp.asarray(r.normal(size=s), jnp.float32)
+          for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H))]
+
+
+def _fwd_grad(impl, kw):
+  def loss(q, k, v):
+    out = attn.dot_product_attention(q, k, v, implementation=impl, **kw)
+    return jnp.sum(out * jnp.cos(out)), out
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def _check_against_xla(target, shape, kw):
+  q, k, v = _inputs(*shape)
+  (_, ref), ref_g = _fwd_grad("xla", kw)(q, k, v)
+  with pallas_kernels.interpret(target):
+    (_, out), g = _fwd_grad("pallas", kw)(q, k, v)
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  for a, b in zip(g, ref_g):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
+  return out
+
+
+def test_gpu_gqa_causal_segments_lengths_padding():
+  # T = 24 is padded to a block multiple; GQA (N=4, K=2); row 1 of example 0
+  # is past its length -> zeros.
+  seg = jnp.asarray([[0] * 10 + [1] * 14, [0] * 5 + [2] * 19])
+  lens = jnp.asarray([12, 24])
+  kw = dict(is_causal=True, segment_ids=seg, query_seq_lengths=lens,
+            key_value_seq_lengths=lens)
+  out = _check_against_xla("gpu", (2, 24, 24, 4, 2, 8), kw)
+  assert np.all(np.asarray(out)[0, 12:] == 0)
+
+
+def test_gpu_cross_attention_t_ne_s():
+  _check_against_xla("gpu", (1, 16, 32, 2, 1, 8), {})
+
+
+def test_tpu_bias_mask_segment_pair_causal():
+  B, T, S = 1, 16, 16
+  r = np.random.default_rng(3)
+  bias = jnp.asarray(r.normal(size=(1, 2, T, S)), jnp.float32)
+  mask = jnp.asarray(r.random((B, 1, T, S)) > 0.3).at[0, 0, 5].set(False)
+  segs = (jnp.asarray([[0] * 8 + [1] * 8]), jnp.asarray([[0] * 6 + [1] * 10]))
+  kw = dict(bias=bias, mask=mask, segment_ids=segs, is_causal=True)
+  out = _check_against_xla("tpu", (B, T, S, 2, 1, 8), kw)
+  assert np.all(np.asarray(out)[0, 5, 0] == 0)   # fully masked row -> zeros
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(local_window_size=2), "local_window_size"),
+    (dict(bias=jnp.zeros((8, 8))), "bias"),
+    (dict(key_value_seq_lengths=jnp.asarray([3])), "query_seq_lengths"),
+    (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)), "dropout"),
+])
+def test_gpu_unsupported_raise_value_error(kw, words):
+  q, k, v = _inputs(1, 8, 8, 2, 2, 4)
+  with pallas_kernels.interpret("gpu"):
+    with pytest.raises(ValueError, match=words) as e:
+      attn.dot_product_attention(q, k, v, implementation="pallas", **kw)
+  assert "implementation='" in str(e.value).split("support")[-1]
+
+
+def test_gpu_lengths_query_longer_than_keys_refused():
+  q, k, v = _inputs(1, 8, 8, 2, 2, 4)
+  with pallas_kernels.interpret("gpu"), pytest.raises(ValueError,
+                                                      match="<="):
+    attn.dot_product_attention(
+        q, k, v, implementation="pallas",
+        query_seq_lengths=jnp.asarray([8]),
+        key_value_seq_lengths=jnp.asarray([4]))
+
+
+def test_pallas_off_accelerator_says_so():
+  q, k, v = _inputs(1, 8, 8, 2, 2, 4)
+  with pytest.raises(ValueError, match="needs an NVIDIA GPU or a TPU"):
+    attn.dot_product_attention(q, k, v, implementation="pallas")
+
+
+@pytest.mark.parametrize("platform, dtype, kw, tried", [
+    ("gpu", jnp.bfloat16, {}, ["cudnn", "pallas", "xla"]),
+    ("gpu", jnp.float32, {}, ["pallas", "xla"]),
+    ("gpu", jnp.bfloat16, dict(segment_ids=jnp.zeros((1, 8), jnp.int32)),
+     ["pallas", "xla"]),
+    ("gpu", jnp.bfloat16, dict(local_window_size=2), ["cudnn", "xla"]),
+    ("tpu", jnp.float32, {}, ["pallas", "xla"]),
+    ("tpu", jnp.float32, dict(local_window_size=2), ["xla"]),
+    ("cpu", jnp.float32, {}, ["xla"]),
+])
+def test_implementation_order(monkeypatch, platform, dtype, kw, tried):
+  monkeypatch.setattr(exact, "_platform", lambda: platform)
+  q, k, v = (x.astype(dtype) for x in _inputs(1, 8, 8, 2, 2, 4))
+  order = exact.implementation_order(q, k, v, **kw)
+  assert [n for n, why in order if why is None] == tried
+  assert all(why for n, why in order if n not in tried)
+  inputs = attn.kernels.canonical.canonicalize(q, k, v, **kw)
+  assert exact.auto_implementations(
+      inputs, dropout_rate=0.0, return_weights=False) == tried
+
+
+def test_implementation_order_names_the_reason(monkeypatch):
+  monkeypatch.setattr(exact, "_platform", lambda: "gpu")
+  q, k, v = _inputs(1, 8, 8, 2, 2, 4)
+  reasons = dict(exact.implementation_order(q, k, v, local_window_size=2))
+  assert "float32" in reasons["cudnn"]
+  assert "local_window_size" in reasons["pallas"]
+  assert "short sequence" in reasons["chunked"]
+  long = _inputs(1, 1024, 1024, 1, 1, 4)
+  assert dict(exact.implementation_order(*long, platform="cpu"))[
+      "chunked"] is None
