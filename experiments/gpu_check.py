@@ -20,19 +20,22 @@ import csv
 import os
 import sys
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 import attn
 from attn.kernels import pallas as pallas_kernels
 from configs import benchmark as benchmark_config
-from experiments.bench import BASELINES, Variant, run_benchmark, write_outputs
+from experiments.bench import BASELINES, Variant, report, run_benchmark, write_outputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "runs/gpu_check", "where results go")
 flags.DEFINE_bool("dry_run", False, "tiny shapes, a few seconds on CPU")
+flags.DEFINE_bool("plots", True, "also draw the benchmark's PNG plots")
+flags.DEFINE_list("impls", None, "implementations part 1 checks against xla "
+                  "(default: all; with --dry_run: xla,pallas; 'auto' = None)")
 
 IMPLS = ("xla", "chunked", "cudnn", "pallas", "tokamax", None)
 TOL = {"fp32": 2e-3, "bf16": 3e-2}
@@ -55,17 +58,26 @@ def _cases(dry: bool):
         "key_value_seq_lengths": jnp.asarray(lens)}
 
 
+# --dry_run compiles with XLA's backend optimisations off (faster to compile,
+# same numbers); the real check compiles as users do.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                 "xla_llvm_disable_expensive_passes": True}
+
+
 def _loss_and_grad(impl, kw):
   def loss(q, k, v):
     out = attn.dot_product_attention(q, k, v, implementation=impl, **kw)
     return jnp.sum(out.astype(jnp.float32) ** 2), out
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                 compiler_options=_FAST_COMPILE if FLAGS.dry_run else None)
 
 
 def correctness(dry: bool, out_dir: str):
   rows = []
   dtypes = ("fp32",) if dry else ("fp32", "bf16")
   impls = ("xla", "pallas") if dry else IMPLS
+  if FLAGS.impls:
+    impls = [None if i == "auto" else i for i in FLAGS.impls]
   for case, (B, T, N, K, H), kw in _cases(dry):
     rng = np.random.default_rng(1)
     base = [rng.normal(size=s).astype(np.float32)
@@ -132,8 +144,14 @@ def bench(dry: bool, out_dir: str):
     # Part 1 ran pallas already; interpreted kernels are too slow to time.
     variants = [_variant("attn_auto", None), _variant("chunked", "chunked")]
     c.modes = ("fwd",)
+    c.causal = (True,)
   rows = run_benchmark(c, variants)
-  return write_outputs(rows, c, sys.argv)
+  if FLAGS.plots:
+    return write_outputs(rows, c, sys.argv)
+  os.makedirs(c.output_dir, exist_ok=True)
+  path = os.path.join(c.output_dir, "results.csv")
+  report.write_csv(rows, path)
+  return {"csv": path}
 
 
 def main(argv):

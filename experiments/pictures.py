@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, Dict, List, Mapping, Optional
+import os
+from collections.abc import Callable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,11 +110,11 @@ def _walk(tree, path, found):
       found.setdefault(path, {})[name] = sub
 
 
-def attention_maps(intermediates) -> List[AttentionMap]:
+def attention_maps(intermediates) -> list[AttentionMap]:
   """Every attention module's weights: the sown ones where the kernel forms
   them, else the implied ones (needs :func:`implied_weights` at trace time).
   Modules in the order they ran."""
-  found: Dict[str, dict] = {}
+  found: dict[str, dict] = {}
   _walk(intermediates.get("intermediates", intermediates), "", found)
   maps = []
   for path, leaves in found.items():
@@ -131,7 +131,7 @@ def attention_maps(intermediates) -> List[AttentionMap]:
   return maps
 
 
-def note(maps: List[AttentionMap], tol: float = 1e-3) -> str:
+def note(maps: list[AttentionMap], tol: float = 1e-3) -> str:
   """What a reader must know about ``maps``: implied, and/or not linear."""
   parts = []
   if any(m.implied for m in maps):
@@ -149,7 +149,7 @@ def note(maps: List[AttentionMap], tol: float = 1e-3) -> str:
 
 
 def summarise(weights_BNTS, query_valid_BT=None, key_valid_BS=None,
-              aligned_BTS=None) -> Dict[str, np.ndarray]:
+              aligned_BTS=None) -> dict[str, np.ndarray]:
   """Per-head means over valid queries of a batch.
 
   Args:
@@ -165,7 +165,7 @@ def summarise(weights_BNTS, query_valid_BT=None, key_valid_BS=None,
     not normalise is judged by its shape); distance is ``Σ_s A[t,s]|t−s|``.
   """
   w = np.asarray(weights_BNTS, np.float64)
-  B, N, T, S = w.shape
+  B, _N, T, S = w.shape
   qv = np.ones((B, T), bool) if query_valid_BT is None else np.asarray(
       query_valid_BT, bool)
   if key_valid_BS is not None:
@@ -191,7 +191,7 @@ def summarise(weights_BNTS, query_valid_BT=None, key_valid_BS=None,
   return out
 
 
-def flat_metrics(summaries: Dict[str, Dict[str, np.ndarray]]) -> dict:
+def flat_metrics(summaries: dict[str, dict[str, np.ndarray]]) -> dict:
   """``{path: {stat: [N]}}`` -> ``{"path/head_n/stat": float}``."""
   return {f"{path}/head_{n}/{stat}": float(v[n])
           for path, stats in summaries.items() for stat, v in stats.items()
@@ -204,7 +204,7 @@ def flat_metrics(summaries: Dict[str, Dict[str, np.ndarray]]) -> dict:
 
 
 def _copy_alignment(inputs, targets):
-  B, S = inputs.shape
+  _B, S = inputs.shape
   T = targets.shape[1]
   t, s = np.arange(T)[:, None], np.arange(S)[None, :]
   n = (inputs != 0).sum(-1)[:, None, None]
@@ -212,7 +212,7 @@ def _copy_alignment(inputs, targets):
 
 
 def _reverse_alignment(inputs, targets):
-  B, S = inputs.shape
+  _B, S = inputs.shape
   T = targets.shape[1]
   t, s = np.arange(T)[:, None], np.arange(S)[None, :]
   n = (inputs != 0).sum(-1)[:, None, None]
@@ -227,13 +227,34 @@ def _same_symbol_alignment(inputs, targets):
   return a & (targets[:, :, None] > 2) & (inputs[:, None, :] != 0)
 
 
-ALIGNMENTS: Dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+ALIGNMENTS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "copy": _copy_alignment, "reverse": _reverse_alignment,
     "sort": _same_symbol_alignment, "dates": _same_symbol_alignment,
 }
 
 
-def alignment(task_name: str, inputs, targets) -> Optional[np.ndarray]:
+def alignment(task_name: str, inputs, targets) -> np.ndarray | None:
   """``[B, T, S]`` correct source positions, or ``None`` (no known one)."""
   fn = ALIGNMENTS.get(task_name)
   return None if fn is None else fn(np.asarray(inputs), np.asarray(targets))
+
+
+def log_images(workdir: str, paths, step: int) -> int:
+  """Writes every PNG of ``paths`` to ``workdir/tensorboard`` as an image
+  summary (tag = file name relative to its figures folder) at ``step``, so
+  ``tensorboard --logdir`` shows the pictures next to the curves. Returns
+  how many were written."""
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  pngs = [p for p in paths if str(p).endswith(".png")]
+  if not pngs:
+    return 0
+  writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  try:
+    for p in pngs:
+      image = matplotlib.image.imread(p)[..., :3]
+      tag = "figures/" + os.path.splitext(os.path.basename(p))[0]
+      writer.add_image(tag, image, int(step), dataformats="HWC")
+  finally:
+    writer.close()
+  return len(pngs)

@@ -7,7 +7,7 @@ matplotlib runs headless (Agg backend).
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -25,7 +25,7 @@ def _save(fig, path: str) -> str:
   return path
 
 
-def plot_curves(workdir: str, path: str) -> Optional[str]:
+def plot_curves(workdir: str, path: str) -> str | None:
   """Loss (train and valid, log scale) and every other validation metric
   against step, one panel each; accuracies on a fixed [0, 1] axis."""
   records = metrics_io.read_metrics(workdir)
@@ -62,7 +62,7 @@ def plot_curves(workdir: str, path: str) -> Optional[str]:
   return _save(fig, path)
 
 
-def _ticks(ax, n: int, labels: Optional[Sequence[str]], axis: str):
+def _ticks(ax, n: int, labels: Sequence[str] | None, axis: str):
   """Position indices on the main axis, tokens (if any) on the other side."""
   step = max(1, int(np.ceil(n / 24)))
   idx = list(range(0, n, step))
@@ -75,7 +75,8 @@ def _ticks(ax, n: int, labels: Optional[Sequence[str]], axis: str):
   if labels is not None and n <= 48:
     labels = [str(x) for x in list(labels)[:n]]
     if axis == "x":
-      secondary.set_xticks(range(len(labels)), labels, fontsize=8)
+      secondary.set_xticks(range(len(labels)), labels, fontsize=8,
+                           rotation=90 if max(map(len, labels)) > 1 else 0)
     else:
       secondary.set_yticks(range(len(labels)), labels, fontsize=8)
   else:
@@ -83,9 +84,9 @@ def _ticks(ax, n: int, labels: Optional[Sequence[str]], axis: str):
 
 
 def plot_attention_grid(weights_LNTS: np.ndarray, path: str, *,
-                        x_labels: Optional[Sequence[str]] = None,
-                        y_labels: Optional[Sequence[str]] = None,
-                        title: str = "", row_names: Optional[Sequence[str]]
+                        x_labels: Sequence[str] | None = None,
+                        y_labels: Sequence[str] | None = None,
+                        title: str = "", row_names: Sequence[str] | None
                         = None, xlabel: str = "key position",
                         ylabel: str = "query position", note: str = ""
                         ) -> str:
@@ -137,7 +138,7 @@ def plot_attention_summary(summaries, path: str, title: str = "",
   written in the cells."""
   paths = list(summaries)
   stats = [s for s in ("entropy", "distance", "aligned_mass")
-           if all(s in summaries[p] for p in paths)]
+           if any(s in summaries[p] for p in paths)]
   nheads = max(len(next(iter(summaries[p].values()))) for p in paths)
   units = {"entropy": "mean entropy (nats)",
            "distance": "mean distance |t - s|",
@@ -147,14 +148,17 @@ def plot_attention_summary(summaries, path: str, title: str = "",
   for ax, stat in zip(axes[0], stats):
     grid = np.full((len(paths), nheads), np.nan)
     for i, p in enumerate(paths):
-      v = np.asarray(summaries[p][stat])
-      grid[i, :len(v)] = v
+      if stat in summaries[p]:         # no alignment: left blank
+        v = np.asarray(summaries[p][stat])
+        grid[i, :len(v)] = v
     kw = {"vmin": 0.0, "vmax": 1.0} if stat == "aligned_mass" else {}
     im = ax.imshow(grid, cmap="magma", aspect="auto", **kw)
     for i in range(len(paths)):
       for n in range(nheads):
-        if np.isfinite(grid[i, n]):
-          lo, hi = im.get_clim()
+        if not np.isfinite(grid[i, n]):
+          ax.text(n, i, "n/a", ha="center", va="center", fontsize=8)
+        else:
+          lo, hi = im.get_clim()  # pylint: disable=unpacking-non-sequence
           light = (grid[i, n] - lo) / max(hi - lo, 1e-9) < 0.5
           ax.text(n, i, f"{grid[i, n]:.2f}", ha="center", va="center",
                   fontsize=8, color="white" if light else "black")

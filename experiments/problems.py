@@ -27,6 +27,7 @@ from attn import models
 from attn.models import vit as vit_lib
 from attn.modules import AttentionPooling
 from attn.modules.attention import check_support, resolve_attention
+from experiments import pictures
 from experiments import plots
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -52,9 +53,20 @@ def _figdir(workdir, step):
   return os.path.join(workdir, sub)
 
 
-def _weights_by_layer(intermediates):
-  return [(p, np.asarray(w))
-          for p, w in models.attention_weights(intermediates)]
+def _apply_maps(fn, *args, **kwargs):
+  """``fn(*args)`` jitted with implied weights on: ``(out, [AttentionMap])``.
+
+  ``fn`` returns ``(out, intermediates)`` (``model.apply(...,
+  mutable=["intermediates"])``); modules whose kernel forms no weights get
+  their implied ones (:func:`experiments.pictures.implied_weights`).
+  """
+  with pictures.implied_weights():
+    out, inter = jax.jit(fn)(*args, **kwargs)
+  return out, pictures.attention_maps(inter)
+
+
+def _tokens(task, ids):
+  return [task.decode([int(t)]) or "·" for t in ids]
 
 
 class Problem:
@@ -78,20 +90,52 @@ class Problem:
     _, metrics = self.loss(params, batch, jax.random.key(0), False)
     return metrics
 
+  # Test examples the attention summary averages over.
+  summary_examples = 32
+
   def draw(self, params, task, workdir, step=None) -> list[str]:
+    """Every picture of the run into ``workdir/figures[/step_N]``.
+
+    Sets :attr:`attention_summary` (``{"<module>/head_<n>/<stat>": value}``,
+    empty if the model has no attention maps), for the caller to record as
+    split ``attention``.
+    """
+    self.caption = (f"{type(self.model).__name__}, attention="
+                    f"{self._variant()}, "
+                    + ("best checkpoint" if step is None else f"step {step}"))
+    self.attention_summary = {}
     paths = []
     if step is None:
       p = plots.plot_curves(workdir, os.path.join(workdir, "figures",
                                                   "training_curves.png"))
       if p:
         paths.append(p)
-    batch = next(iter(task.eval_batches("test", self.config.figures.num_examples,
-                                        self.config.figures.num_examples)))
-    paths.extend(self.draw_examples(params, batch, _figdir(workdir, step)))
+    n = self.config.figures.num_examples
+    batch = next(iter(task.eval_batches("test", n, n)))
+    figdir = _figdir(workdir, step)
+    paths.extend(self.draw_examples(params, batch, figdir))
+    m = self.summary_examples
+    big = next(iter(task.eval_batches("test", m, m)))
+    summaries, note = self.summaries(params, big)
+    if summaries:
+      self.attention_summary = pictures.flat_metrics(summaries)
+      paths.append(plots.plot_attention_summary(
+          summaries, os.path.join(figdir, "attention_summary.png"),
+          title=f"attention summary over {len(next(iter(big.values())))} "
+          f"test examples: {self.caption}", note=note))
     return paths
+
+  def _variant(self) -> str:
+    m = self.config.model
+    return m.attention if self.config.model.arch in ("transformer", "vit") \
+        else m.get("score", m.attention)
 
   def draw_examples(self, params, batch, figdir) -> list[str]:
     return []
+
+  def summaries(self, params, batch):
+    """``({module: {stat: [N]}}, note)`` over ``batch``; empty if none."""
+    return {}, ""
 
 
 # --------------------------------------------------------------------------
@@ -152,42 +196,75 @@ class Seq2SeqProblem(Problem):
     return dict(metrics, loss=loss,
                 sequence_accuracy=jnp.mean(jnp.all(ok, -1).astype(jnp.float32)))
 
+  def _maps(self, params, inputs, outputs):
+    """Every attention map with the decoder fed BOS + ``outputs`` shifted."""
+    fn = lambda p, x, d: self.model.apply(  # pylint: disable=g-long-lambda
+        {"params": p}, x, d, padding_mask=x != 0, mutable=["intermediates"])
+    _, maps = _apply_maps(fn, params, jnp.asarray(inputs),
+                          self._dec_in(jnp.asarray(outputs)))
+    out = []
+    for m in maps:
+      w = m.weights
+      if isinstance(self.model, models.RNNSeq2Seq):
+        kind = "cross"
+        # Luong: [B, T, S]. Bahdanau: nn.scan stacks each step's
+        # [B, 1, S] on axis 1 -> [B, T, 1, S]. Both become [B, 1, T, S].
+        w = w[:, None] if w.ndim == 3 else np.swapaxes(w, 1, 2)
+      elif "cross" in m.path:
+        kind = "cross"
+      elif m.path.startswith("decoder") or "/decoder" in m.path:
+        kind = "decoder_self"
+      else:
+        kind = "encoder_self"
+      out.append((kind, pictures.AttentionMap(m.path, w, m.implied,
+                                              m.residual)))
+    return out
+
   def draw_examples(self, params, batch, figdir):
     pred = np.asarray(jax.jit(self.greedy)(params, batch["inputs"]))
-    _, inter = self.model.apply(
-        {"params": params}, batch["inputs"], self._dec_in(jnp.asarray(pred)),
-        padding_mask=batch["inputs"] != 0, mutable=["intermediates"])
-    pairs = _weights_by_layer(inter)
+    maps = self._maps(params, batch["inputs"], pred)
+    note = pictures.note([m for _, m in maps])
     paths = []
     for b in range(len(batch["inputs"])):
-      src = [self.task.decode([t]) or "·" for t in batch["inputs"][b]]
-      out = [self.task.decode([t]) or "·" for t in pred[b]]
+      src = _tokens(self.task, batch["inputs"][b])
+      out = _tokens(self.task, pred[b])
+      dec_in = ["BOS"] + out[:-1]    # what decoder position t reads
       groups = {}
-      for path, w in pairs:
-        if isinstance(self.model, models.RNNSeq2Seq):
-          kind = "cross"
-          # Luong: [B, T, S]. Bahdanau: nn.scan stacks each step's
-          # [B, 1, S] on axis 1 -> [B, T, 1, S]. Both become [B, 1, T, S].
-          w = w[:, None] if w.ndim == 3 else np.swapaxes(w, 1, 2)
-        elif "cross" in path:
-          kind = "cross"
-        elif path.startswith("decoder") or "/decoder" in path:
-          kind = "decoder_self"
-        else:
-          kind = "encoder_self"
-        groups.setdefault(kind, []).append((path, w[b]))
+      for kind, m in maps:
+        groups.setdefault(kind, []).append(m)
       for kind, items in groups.items():
-        labels = {"cross": (src, out), "decoder_self": (out, out),
-                  "encoder_self": (src, src)}[kind]
+        x_labels, y_labels = {"cross": (src, out),
+                              "decoder_self": (dec_in, out),
+                              "encoder_self": (src, src)}[kind]
+        axes = {"cross": ("source position", "output position"),
+                "decoder_self": (("decoder input position\n(BOS + outputs "
+                                  "shifted right)"), "output position"),
+                "encoder_self": ("source position", "source position")}[kind]
         paths.append(plots.plot_attention_grid(
-            np.stack([w for _, w in items]),
+            np.stack([m.weights[b] for m in items]),
             os.path.join(figdir, f"{kind}_attention_example{b}.png"),
-            x_labels=labels[0], y_labels=labels[1],
-            row_names=[p for p, _ in items],
-            title=f"{kind.replace('_', ' ')}: "
+            x_labels=x_labels, y_labels=y_labels,
+            row_names=[m.path for m in items], xlabel=axes[0],
+            ylabel=axes[1], note=note,
+            title=f"{kind.replace('_', ' ')} attention, {self.caption}\n"
             f"{self.task.decode(batch['inputs'][b])} -> "
             f"{self.task.decode(pred[b])}"))
     return paths
+
+  def summaries(self, params, batch):
+    """Teacher-forced on the true targets (so that the alignment is the
+    true one); queries = target positions that are not padding."""
+    inputs, targets = np.asarray(batch["inputs"]), np.asarray(
+        batch["targets"])
+    maps = self._maps(params, inputs, targets)
+    align = pictures.alignment(self.task.name, inputs, targets)
+    out = {}
+    for kind, m in maps:
+      keys = inputs != 0 if kind in ("cross", "encoder_self") else None
+      queries = inputs != 0 if kind == "encoder_self" else targets != 0
+      out[m.path] = pictures.summarise(
+          m.weights, queries, keys, align if kind == "cross" else None)
+    return out, pictures.note([m for _, m in maps])
 
 
 # --------------------------------------------------------------------------
@@ -212,19 +289,29 @@ class LMProblem(Problem):
     loss, metrics = self.loss(params, batch, jax.random.key(0), False)
     return dict(metrics, loss=loss)
 
+  def _maps(self, params, inputs):
+    fn = lambda p, x: self.model.apply({"params": p}, x,  # pylint: disable=g-long-lambda
+                                       mutable=["intermediates"])
+    return _apply_maps(fn, params, jnp.asarray(inputs))[1]
+
+  def summaries(self, params, batch):
+    maps = self._maps(params, batch["inputs"])
+    valid = np.asarray(batch["inputs"]) != 0
+    return ({m.path: pictures.summarise(m.weights, valid, valid)
+             for m in maps}, pictures.note(maps))
+
   def draw_examples(self, params, batch, figdir):
-    _, inter = self.model.apply({"params": params}, batch["inputs"][:1],
-                                mutable=["intermediates"])
-    pairs = _weights_by_layer(inter)
-    toks = [self.task.decode([t]) or "·" for t in batch["inputs"][0]]
+    maps = self._maps(params, batch["inputs"][:1])
+    toks = _tokens(self.task, batch["inputs"][0])
     n = min(len(toks), 48)
     paths = []
-    if pairs:  # variants that form no weights (e.g. ring) have no map
+    if maps:
       paths.append(plots.plot_attention_grid(
-          np.stack([w[0, :, :n, :n] for _, w in pairs]),
+          np.stack([m.weights[0, :, :n, :n] for m in maps]),
           os.path.join(figdir, "causal_attention_example0.png"),
           x_labels=toks[:n], y_labels=toks[:n],
-          row_names=[p for p, _ in pairs], title="causal self-attention"))
+          row_names=[m.path for m in maps], note=pictures.note(maps),
+          title=f"causal self-attention (first {n} tokens), {self.caption}"))
     if (self.task.name == "text_lm"
         and can_decode(self.config.model.attention)):
       prompt = jnp.asarray(batch["inputs"][:1, :16])
@@ -272,13 +359,29 @@ class ClassificationProblem(Problem):
     loss, metrics = self.loss(params, batch, jax.random.key(0), False)
     return dict(metrics, loss=loss)
 
+  def _maps(self, params, batch):
+    fn = lambda p, b: self._apply(p, b, mutable=["intermediates"])
+    return _apply_maps(fn, params, batch)
+
+  def summaries(self, params, batch):
+    _, maps = self._maps(params, batch)
+    valid = None
+    if not self.images:
+      valid = np.asarray(batch["inputs"]) != 0
+      T = maps[0].weights.shape[-1] if maps else valid.shape[1]
+      if T == valid.shape[1] + 1:      # a class token in front
+        valid = np.concatenate([np.ones_like(valid[:, :1]), valid], 1)
+    return ({m.path: pictures.summarise(m.weights, valid, valid)
+             for m in maps}, pictures.note(maps))
+
   def draw_examples(self, params, batch, figdir):
-    logits, inter = self._apply(params, batch, mutable=["intermediates"])
+    logits, maps = self._maps(params, batch)
     pred = np.asarray(jnp.argmax(logits, -1))
-    weights = [w for _, w in models.attention_weights(inter)]
+    weights = [m.weights for m in maps]
     paths = []
-    if not weights:  # variants that form no weights have nothing to draw
+    if not weights:  # a model without attention modules
       return paths
+    note = pictures.note(maps)
     if self.images:
       rollout = vit_lib.attention_rollout(weights)
       h = batch["inputs"].shape[1] // self.model.patch_size
@@ -289,19 +392,24 @@ class ClassificationProblem(Problem):
         paths.append(plots.plot_saliency(
             batch["inputs"][b, ..., 0], up,
             os.path.join(figdir, f"saliency_example{b}.png"),
-            title=f"label {batch['labels'][b]}, predicted {pred[b]}"))
+            title=f"label {batch['labels'][b]}, predicted {pred[b]}, "
+            f"{self.caption}" + (f"\n{note}" if note else "")))
       paths.append(plots.plot_attention_grid(
-          np.stack([np.asarray(x[0]) for x in weights]),
+          np.stack([x[0] for x in weights]),
           os.path.join(figdir, "vit_attention_example0.png"),
-          title="ViT self-attention (token 0 = class token)"))
+          row_names=[m.path for m in maps], note=note,
+          xlabel="key token (0 = class token, then patches row by row)",
+          ylabel="query token",
+          title=f"ViT self-attention, {self.caption}"))
     else:
       n = int(min(64, np.sum(batch["inputs"][0] != 0)))
-      toks = [self.task.decode([t]) or "·" for t in batch["inputs"][0, :n]]
+      toks = _tokens(self.task, batch["inputs"][0, :n])
       paths.append(plots.plot_attention_grid(
-          np.stack([np.asarray(x[0, :, :n, :n]) for x in weights]),
+          np.stack([x[0, :, :n, :n] for x in weights]),
           os.path.join(figdir, "encoder_attention_example0.png"),
-          x_labels=toks, y_labels=toks,
-          title=f"label {batch['labels'][0]}, predicted {pred[0]} "
+          x_labels=toks, y_labels=toks, row_names=[m.path for m in maps],
+          note=note, title=f"encoder self-attention, {self.caption}\n"
+          f"label {batch['labels'][0]}, predicted {pred[0]} "
           f"(first {n} tokens)"))
     return paths
 
@@ -338,11 +446,13 @@ class RegressionProblem(Problem):
         {"truth (noise-free)": batch["targets"][0][order],
          f"{self.model.kernel} kernel": np.asarray(out[0])[order]},
         os.path.join(figdir, "regression_fit.png"),
-        title="Nadaraya–Watson attention pooling")]
+        title=f"Nadaraya–Watson attention pooling, {self.caption}")]
     paths.append(plots.plot_attention_grid(
         np.asarray(w[0])[None, None], os.path.join(figdir,
                                                    "pooling_weights.png"),
-        title="attention weights (queries x training inputs)"))
+        xlabel="training input", ylabel="query",
+        title=f"pooling weights (queries x training inputs), "
+        f"{self.caption}"))
     return paths
 
 
@@ -363,19 +473,28 @@ class GlimpseProblem(Problem):
     mass = jnp.take_along_axis(w, batch["target_position"][:, None], 1)
     return loss, {"accuracy": acc, "target_mass": jnp.mean(mass)}
 
+  def summaries(self, params, batch):
+    _, w = jax.jit(self.model.apply)({"params": params}, batch["inputs"],
+                                     batch["context"])
+    w = np.asarray(w, np.float32)
+    pos = np.asarray(batch["target_position"])
+    aligned = (np.arange(w.shape[1])[None] == pos[:, None])[:, None]
+    s = pictures.summarise(w[:, None, None], aligned_BTS=aligned)
+    del s["distance"]                # one query: no query position
+    return {"glimpse": s}, ""
+
   def draw_examples(self, params, batch, figdir):
     _, w = self.model.apply({"params": params}, batch["inputs"],
                             batch["context"])
-    toks = [[self.task.decode([t]) or "·" for t in row]
-            for row in batch["inputs"]]
+    toks = [_tokens(self.task, row) for row in batch["inputs"]]
     return [plots.plot_attention_grid(
         np.asarray(w)[:, None, None, :],
         os.path.join(figdir, "glimpse_weights.png"),
         x_labels=toks[0], row_names=[f"example {i} (target at "
                                      f"{batch['target_position'][i]})"
                                      for i in range(len(toks))],
-        title=f"glimpse weights, score={self.config.model.score}",
-        ylabel="")]
+        title=f"glimpse weights (tokens of example 0 on top), "
+        f"{self.caption}", xlabel="input position", ylabel="")]
 
 
 # --------------------------------------------------------------------------
@@ -408,18 +527,26 @@ class SetAnomalyProblem(Problem):
     return {"accuracy": acc, "loss": loss,
             "permutation_error": jnp.mean(error)}
 
+  def _maps(self, params, inputs):
+    fn = lambda p, x: self.model.apply({"params": p}, x,  # pylint: disable=g-long-lambda
+                                       mutable=["intermediates"])
+    return _apply_maps(fn, params, jnp.asarray(inputs))[1]
+
+  def summaries(self, params, batch):
+    maps = self._maps(params, batch["inputs"])
+    return ({m.path: pictures.summarise(m.weights) for m in maps},
+            pictures.note(maps))
+
   def draw_examples(self, params, batch, figdir):
-    _, inter = self.model.apply({"params": params}, batch["inputs"][:1],
-                                mutable=["intermediates"])
-    pairs = _weights_by_layer(inter)
-    if not pairs:  # variants that form no weights have nothing to draw
+    maps = self._maps(params, batch["inputs"][:1])
+    if not maps:
       return []
     return [plots.plot_attention_grid(
-        np.stack([w[0] for _, w in pairs]),
+        np.stack([m.weights[0] for m in maps]),
         os.path.join(figdir, "set_attention_example0.png"),
-        row_names=[p for p, _ in pairs],
-        title=f"set self-attention (odd one: element {batch['labels'][0]})",
-        xlabel="set element", ylabel="set element")]
+        row_names=[m.path for m in maps], note=pictures.note(maps),
+        title=f"set self-attention (odd one: element {batch['labels'][0]}), "
+        f"{self.caption}", xlabel="set element", ylabel="set element")]
 
 
 # --------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from attn import parallel
 from experiments import checkpoints
 from experiments import config_validation
 from experiments import metrics_io
+from experiments import pictures
 from experiments import problems
+from experiments import report
 from experiments import provenance
 from experiments import workdir as workdir_lib
 from experiments.checkpoints import Checkpointer, CheckpointError
@@ -250,15 +252,25 @@ def _sync_processes(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _draw(problem, params, task, workdir, step):
+def _draw(problem, params, task, workdir, step, writer=None,
+          record_step=None):
   """``problem.draw`` on every process; only process 0's files are kept.
 
   Every process runs the drawing's model calls (they may be collective, e.g.
   ring attention over a multi-process mesh); the others draw into a scratch
-  directory that is deleted.
+  directory that is deleted. Process 0 records the attention summary as
+  split ``attention`` through ``writer`` and the pictures as TensorBoard
+  images, at ``record_step`` (default ``step``).
   """
   if _is_main_process():
-    return problem.draw(params, task, workdir, step=step)
+    paths = problem.draw(params, task, workdir, step=step)
+    if writer is not None:
+      at = step if record_step is None else record_step
+      summary = getattr(problem, "attention_summary", None)
+      if summary:
+        writer.write(at, "attention", summary)
+      pictures.log_images(workdir, paths, at)
+    return paths
   scratch = tempfile.mkdtemp(prefix="attn-figures-")
   try:
     problem.draw(params, task, scratch, step=step)
@@ -352,7 +364,7 @@ def _run(config, workdir, task, mesh, stop):
         ckpt.save(done, state)
       if (config.figures.every_steps and config.figures.enabled
           and done % config.figures.every_steps == 0):
-        _draw(problem, state["params"], task, workdir, done)
+        _draw(problem, state["params"], task, workdir, done, writer)
       signum = stop.requested()
       if signum:
         ckpt.save(done, state)  # a no-op when this step was just saved
@@ -391,11 +403,14 @@ def _final_evaluation(problem, task, ckpt, state, config, workdir, writer,
   logging.info("test metrics of the BEST checkpoint (step %d, by valid %s): "
                "%s", best_step, problem.best_metric, _fmt(test))
   if config.figures.enabled:
-    paths = _draw(problem, best["params"], task, workdir, None)
+    paths = _draw(problem, best["params"], task, workdir, None, writer,
+                  best_step)
     logging.info("figures written to %s", os.path.join(workdir, "figures"))
     test["figures"] = paths
   print(f"Finished. Best checkpoint: step {best_step}. Test metrics: "
         f"{_fmt({k: v for k, v in test.items() if isinstance(v, float)})}\n"
         f"Results: {metrics_io.metrics_path(workdir)}\n"
-        f"Figures: {os.path.join(workdir, 'figures')}")
+        f"Figures: {os.path.join(workdir, 'figures')}"
+        + (f"\nReport: {report.write_report(workdir, config)}"
+           if config.figures.enabled and _is_main_process() else ""))
   return test

@@ -675,3 +675,21 @@ def test_command_line_shows_every_task(capsys):
     assert f"{name} [{tasks.TASKS[name].kind}]" in out
   src, tgt = re.search(r"reverse .*\n  '([^']*)' -> '([^']*)'", out).groups()
   assert tgt.split() == src.split()[::-1] + ["<eos>"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_example_i_does_not_depend_on_batch_size_or_host_count(name):
+  """Examples 0..7 of the training stream are the same at batch sizes 1, 2
+  and 4, and two hosts each taking their half of a global batch of 4 see
+  the same rows as one host (DESIGN: example i is f(seed, split, i))."""
+  task = make(name)
+  streams = {bs: concat([make(name).batch("train", s, bs)
+                         for s in range(8 // bs)]) for bs in (1, 2, 4)}
+  for bs in (2, 4):
+    assert_batches_equal(streams[1], streams[bs])
+  hosts = [{k: v[h * 2:(h + 1) * 2] for k, v in task.batch(
+      "train", 1, 4).items()} for h in range(2)]
+  assert_batches_equal(concat(hosts), {k: v[4:] for k, v in
+                                       streams[1].items()})
+  main = next(iter(streams[1]))
+  assert len(rows(streams[1][main].reshape(8, -1))) > 1  # not one repeated

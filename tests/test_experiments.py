@@ -79,12 +79,8 @@ def _final_params(workdir, config):
   from experiments import problems  # pylint: disable=g-import-not-at-top
   problem = problems.make_problem(config, task)
   params = problem.init(jax.random.key(0), task.batch("train", 0, 2))
-  tx = train.make_optimizer(config)
-  state = {"step": np.zeros((), np.int32), "params": params,
-           "opt_state": tx.init(params)}
-  ckpt = checkpoints.Checkpointer(workdir, keep=5, best_metric="x")
-  step, state = ckpt.restore_latest(state)
-  ckpt.close()
+  step, state = checkpoints.restore_latest(
+      workdir, train.init_state(config, params))
   return step, state["params"]
 
 
@@ -186,7 +182,7 @@ def test_corrupt_checkpoint_is_named_and_fresh_start_sets_it_aside(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
   config.fresh_start = True
   train.train_and_evaluate(config, str(tmp_path))
-  aside = glob.glob(str(tmp_path / "checkpoints.set_aside.*"))
+  aside = glob.glob(str(tmp_path / "set_aside" / "*" / "checkpoints"))
   assert len(aside) == 1  # progress is renamed, never deleted
 
 
@@ -194,6 +190,9 @@ def test_incompatible_checkpoint_is_named(tmp_path):
   config = tiny("copy", **{"figures.enabled": False})
   train.train_and_evaluate(config, str(tmp_path))
   config.model.emb_dim = 16
+  with pytest.raises(train.ConfigError, match="model.emb_dim: 32 -> 16"):
+    train.train_and_evaluate(config, str(tmp_path))
+  os.remove(tmp_path / "config.json")  # a workdir that records no config
   with pytest.raises(train.CheckpointError, match="checkpoints"):
     train.train_and_evaluate(config, str(tmp_path))
 

@@ -1,7 +1,9 @@
 """implementation="pallas": jax's Pallas kernels, run interpreted on CPU.
 
 Each case compiles forward and gradients once (interpret mode compiles
-slowly), so the cases combine options rather than test them one by one.
+slowly), so the cases combine options rather than test them one by one, and
+compiles with XLA's backend optimisations off (about 3x faster to compile;
+the numbers do not depend on it).
 """
 
 import jax
@@ -12,6 +14,9 @@ import pytest
 import attn
 from attn.kernels import exact
 from attn.kernels import pallas as pallas_kernels
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0,
+                 "xla_llvm_disable_expensive_passes": True}
 
 
 def _inputs(B, T, S, N, K, H, seed=0):
@@ -24,7 +29,8 @@ def _fwd_grad(impl, kw):
   def loss(q, k, v):
     out = attn.dot_product_attention(q, k, v, implementation=impl, **kw)
     return jnp.sum(out * jnp.cos(out)), out
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                 compiler_options=_FAST_COMPILE)
 
 
 def _check_against_xla(target, shape, kw):
@@ -43,8 +49,8 @@ def test_gpu_gqa_causal_segments_lengths_padding():
   # is past its length -> zeros.
   seg = jnp.asarray([[0] * 10 + [1] * 14, [0] * 5 + [2] * 19])
   lens = jnp.asarray([12, 24])
-  kw = dict(is_causal=True, segment_ids=seg, query_seq_lengths=lens,
-            key_value_seq_lengths=lens)
+  kw = {"is_causal": True, "segment_ids": seg, "query_seq_lengths": lens,
+            "key_value_seq_lengths": lens}
   out = _check_against_xla("gpu", (2, 24, 24, 4, 2, 8), kw)
   assert np.all(np.asarray(out)[0, 12:] == 0)
 
@@ -53,29 +59,25 @@ def test_gpu_cross_attention_t_ne_s():
   _check_against_xla("gpu", (1, 16, 32, 2, 1, 8), {})
 
 
-def test_tpu_bias_mask_segment_pair_causal():
-  B, T, S = 1, 16, 16
-  r = np.random.default_rng(3)
-  bias = jnp.asarray(r.normal(size=(1, 2, T, S)), jnp.float32)
-  mask = jnp.asarray(r.random((B, 1, T, S)) > 0.3).at[0, 0, 5].set(False)
-  segs = (jnp.asarray([[0] * 8 + [1] * 8]), jnp.asarray([[0] * 6 + [1] * 10]))
-  kw = dict(bias=bias, mask=mask, segment_ids=segs, is_causal=True)
-  out = _check_against_xla("tpu", (B, T, S, 2, 1, 8), kw)
-  assert np.all(np.asarray(out)[0, 5, 0] == 0)   # fully masked row -> zeros
+def test_tpu_gqa_segment_pair_causal_lengths():
+  segs = (jnp.asarray([[0] * 8 + [1] * 8]), jnp.asarray([[1] * 6 + [0] * 10]))
+  kw = {"segment_ids": segs, "is_causal": True,
+            "key_value_seq_lengths": jnp.asarray([12])}
+  out = _check_against_xla("tpu", (1, 16, 16, 2, 1, 8), kw)
+  assert np.all(np.asarray(out)[0, :6] == 0)   # rows with no key -> zeros
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(local_window_size=2), "local_window_size"),
-    (dict(bias=jnp.zeros((8, 8))), "bias"),
-    (dict(key_value_seq_lengths=jnp.asarray([3])), "query_seq_lengths"),
-    (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)), "dropout"),
+    ({"local_window_size": 2}, "local_window_size"),
+    ({"bias": jnp.zeros((8, 8))}, "bias"),
+    ({"key_value_seq_lengths": jnp.asarray([3])}, "query_seq_lengths"),
+    ({"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "dropout"),
 ])
 def test_gpu_unsupported_raise_value_error(kw, words):
   q, k, v = _inputs(1, 8, 8, 2, 2, 4)
-  with pallas_kernels.interpret("gpu"):
-    with pytest.raises(ValueError, match=words) as e:
-      attn.dot_product_attention(q, k, v, implementation="pallas", **kw)
-  assert "implementation='" in str(e.value).split("support")[-1]
+  with pallas_kernels.interpret("gpu"), pytest.raises(ValueError, match=words) as e:
+    attn.dot_product_attention(q, k, v, implementation="pallas", **kw)
+  assert "'xla'" in str(e.value)   # names who can
 
 
 def test_gpu_lengths_query_longer_than_keys_refused():
@@ -97,11 +99,11 @@ def test_pallas_off_accelerator_says_so():
 @pytest.mark.parametrize("platform, dtype, kw, tried", [
     ("gpu", jnp.bfloat16, {}, ["cudnn", "pallas", "xla"]),
     ("gpu", jnp.float32, {}, ["pallas", "xla"]),
-    ("gpu", jnp.bfloat16, dict(segment_ids=jnp.zeros((1, 8), jnp.int32)),
+    ("gpu", jnp.bfloat16, {"segment_ids": jnp.zeros((1, 8), jnp.int32)},
      ["pallas", "xla"]),
-    ("gpu", jnp.bfloat16, dict(local_window_size=2), ["cudnn", "xla"]),
+    ("gpu", jnp.bfloat16, {"local_window_size": 2}, ["cudnn", "xla"]),
     ("tpu", jnp.float32, {}, ["pallas", "xla"]),
-    ("tpu", jnp.float32, dict(local_window_size=2), ["xla"]),
+    ("tpu", jnp.float32, {"local_window_size": 2}, ["xla"]),
     ("cpu", jnp.float32, {}, ["xla"]),
 ])
 def test_implementation_order(monkeypatch, platform, dtype, kw, tried):

@@ -153,7 +153,7 @@ KINDS = ("batch", "during_write", "after_save", "torn_metrics", "final_eval",
          "after_test_record")
 
 
-@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("seed", range(4))
 def test_kills_at_random_instants_resume_like_an_uninterrupted_run(
     seed, straight, tmp_path, monkeypatch):
   """Two kills at random instants (one of KINDS each, at a random call),
@@ -236,7 +236,7 @@ def test_resume_with_a_results_changing_config_is_refused(straight, tmp_path):
   assert metrics_io.read_metrics(workdir) == before  # nothing touched
   # Bookkeeping fields may differ: the run resumes (and trains 0 steps).
   cfg = config(eval_every_steps=2, log_every_steps=4, keep_checkpoints=3,
-               eval_batch_size=4, **{"figures.num_examples": 1})
+               **{"figures.num_examples": 1, "mesh.data": 1})
   assert train.train_and_evaluate(cfg, workdir) == straight[1]
 
 
@@ -334,7 +334,7 @@ def test_fresh_start_sets_the_whole_previous_run_aside(straight, tmp_path):
   with open(os.path.join(workdir, "figures", "old.png"), "wb") as f:
     f.write(b"old picture")
   before = _digest(workdir)
-  cfg = config(fresh_start=True, **{"model.positional": "learned"})
+  cfg = config(fresh_start=True)
   train.train_and_evaluate(cfg, workdir)
   (aside,) = glob.glob(os.path.join(workdir, workdir_lib.SET_ASIDE, "*"))
   assert _digest(aside) == before  # everything, byte for byte
@@ -395,7 +395,7 @@ def test_sigint_stops_at_a_step_boundary_and_resumes_bit_identically(
       train.train_and_evaluate(cfg, workdir)
   assert (e.value.step, e.value.exit_code) == (3, 130)
   assert "SIGINT at step 3" in str(e.value)
-  assert os.listdir(checkpoints.latest_dir(workdir)) == ["2", "3"]
+  assert sorted(os.listdir(checkpoints.latest_dir(workdir))) == ["2", "3"]
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   train.train_and_evaluate(cfg, workdir)
   assert_same_run(workdir, straight[0], cfg)
@@ -429,11 +429,12 @@ def test_sigterm_to_main_saves_prints_one_line_and_exits_143(straight,
   assert f"pid {child.pid} on host" in err2 and "Traceback" not in err2
   assert child.returncode == 143, err
   assert "Traceback" not in err
-  (line,) = [l for l in err.splitlines() if "stopped by SIGTERM" in l]
+  (line,) = [x for x in err.splitlines() if "stopped by SIGTERM" in x]
   step = int(line.split("at step ")[1].split(";")[0])
   assert str(step) in os.listdir(checkpoints.latest_dir(workdir))
   assert not [p for p in glob.glob(os.path.join(workdir, "**"),
-                                   recursive=True) if "tmp" in p]
+                                   recursive=True)
+              if "tmp" in os.path.basename(p)]
   train.train_and_evaluate(config(), workdir)
   assert_same_run(workdir, straight[0], config())
 
@@ -454,11 +455,11 @@ def test_full_disk_is_one_error_naming_the_path_and_keeps_checkpoints(
   workdir = str(tmp_path / "run")
   cfg = config()
   original = ocp.CheckpointManager.save
-  calls = []
+  before = []
 
   def full(manager, step, *args, **kwargs):
-    calls.append(step)
     if step >= 4:
+      before.append(_digest(checkpoints.checkpoints_dir(workdir)))
       raise OSError(errno.ENOSPC, "No space left on device",
                     os.path.join(str(manager.directory), str(step)))
     return original(manager, step, *args, **kwargs)
@@ -470,12 +471,10 @@ def test_full_disk_is_one_error_naming_the_path_and_keeps_checkpoints(
   message = str(e.value)
   assert "\n" not in message and "the disk is full" in message
   assert os.path.join(workdir, "checkpoints") in message
-  kept = _digest(checkpoints.checkpoints_dir(workdir))
+  assert _digest(checkpoints.checkpoints_dir(workdir)) == before[0]
   assert os.listdir(checkpoints.latest_dir(workdir)) == ["2"]
   train.train_and_evaluate(cfg, workdir)  # space freed: resume
   assert_same_run(workdir, straight[0], cfg)
-  assert all(_digest(checkpoints.checkpoints_dir(workdir)).get(k) == v
-             for k, v in kept.items() if k.startswith("latest/2/"))
 
 
 def test_read_only_workdir_is_one_error_naming_the_path(tmp_path,

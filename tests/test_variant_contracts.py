@@ -304,7 +304,7 @@ def test_bad_options_raise_value_error():
       ("synthesizer(kind='mixture')", {"params": {}}, "kind"),
       ("hard(estimator='reinforce')", {}, "estimator"),
       ("hard(temperature=0.0)", {}, "temperature"),
-      ("topk(k=0)", {}, "k must be"),
+      ("topk(k=0)", {}, "option k=0 is invalid"),
       ("reformer(n_buckets=3)", {}, "n_buckets"),
       ("reformer", {"is_causal": True}, "shared_qk"),
       ("local_p(window=0)", {}, "window"),

@@ -191,7 +191,7 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
         f"shapes query={query.shape}, key={key.shape}, value={value.shape}")
   batch_shape = tuple(query.shape[:-3])
   if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
-    raise ValueError(f"batch sizes differ: query={query.shape}, "
+    raise ValueError(f"batch sizes differ (batch dims must match): query={query.shape}, "
                      f"key={key.shape}, value={value.shape}")
   squeeze = ranks[0] == 3
   B = int(np.prod(batch_shape, dtype=np.int64)) if batch_shape else 1
@@ -202,13 +202,13 @@ def canonicalize(query, key, value, bias=None, mask=None, *, scale=None,
   Bk, S, K, Hk = key.shape
   Bv, Sv, Kv, Dv = value.shape
   if Sv != S:
-    raise ValueError(f"key and value lengths differ: key={key.shape}, "
+    raise ValueError(f"key and value lengths differ (lengths must match): key={key.shape}, "
                      f"value={value.shape}")
   if Kv != K:
     raise ValueError(f"key and value head counts differ: key={key.shape}, "
                      f"value={value.shape}")
   if Hk != H:
-    raise ValueError(f"query and key head_dim differ: query={query.shape}, "
+    raise ValueError(f"query and key head_dim differ (depths must match): query={query.shape}, "
                      f"key={key.shape}")
   if (K == 0 and N != 0) or (K != 0 and N % K):
     raise ValueError(

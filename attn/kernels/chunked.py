@@ -9,8 +9,11 @@ docstring has the formulas and the masking convention).
 
 Only one ``[R, C]`` score block per head is alive at a time, so memory is
 O(T) instead of O(T·S). Gradients come from a ``jax.custom_vjp`` that saves
-only ``out`` and ``lse`` and recomputes the probabilities block by block
-(FlashAttention-2 backward).
+only ``out`` and the per-row ``m``, ``log l`` and recomputes the
+probabilities block by block (FlashAttention-2 backward). Dropout on the
+weights happens inside the kernel, each block's keep-mask drawn from the
+key and the block indices (:func:`block_keep`), so the backward sees the
+forward's mask; ``logits_soft_cap`` and ``precision`` reach every block.
 
 Key blocks that causal or local-window structure masks entirely are never
 visited: the inner loop bounds depend on the query block index (and the

@@ -115,6 +115,9 @@ def linformer_attention(query, key, value, bias=None, mask=None, *,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths, segment_ids=segment_ids)
   blocks.check_supported("linformer", inputs, causal=False, segments=False)
+  empty = blocks.no_keys_output(inputs)
+  if empty is not None:
+    return empty
   S = inputs.key.shape[1]
   if not params or "E" not in params or "F" not in params:
     raise ValueError(

@@ -12,9 +12,10 @@ rule: a query row with no key to attend to returns zeros and zero gradients):
   bias, mask, window, ``Dv != H`` or separate query/key segment ids.
 * TPU: ``jax.experimental.pallas.ops.tpu.flash_attention.flash_attention``.
   Layout ``[B, N, T, H]`` (we transpose); separate query/key segment ids
-  (so lengths and padding become segment ids) and a dense additive bias
-  ``ab[B, N, T, S]`` (bias and boolean masks are folded into it, which
-  materialises ``T x S`` per head). No window, no ``Dv != H``.
+  (so lengths and padding become segment ids). Bias and dense masks are
+  refused: folding them into the kernel's additive ``ab[B, N, T, S]`` did
+  not match xla in interpret mode (the folding code is kept, unreachable,
+  for whoever investigates on a TPU). No window, no ``Dv != H``.
 
 The kernels give a fully-masked row the mean of the values (finite mask
 value); we zero such rows afterwards with :func:`valid_rows`, so their
@@ -28,7 +29,6 @@ the tests do this. Keep the ``jax.jit`` call inside the ``with`` block.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 import einops
 import jax
@@ -41,7 +41,7 @@ from attn.kernels.canonical import AttentionInputs
 Array = jax.Array
 
 # None (use the hardware), "gpu" or "tpu" (run that kernel interpreted).
-INTERPRET: Optional[str] = None
+INTERPRET: str | None = None
 # Segment id given to padded / out-of-length positions. User segment ids must
 # not use it.
 SENTINEL = int(np.iinfo(np.int32).min)
@@ -73,7 +73,7 @@ def target_platform() -> str:
   return INTERPRET or jax.devices()[0].platform
 
 
-def valid_rows(inputs: AttentionInputs) -> Optional[Array]:
+def valid_rows(inputs: AttentionInputs) -> Array | None:
   """``[B, N|1, T]`` bool: the query row has at least one key to attend to
   (``None`` when every row does). The ``[T, S]`` booleans are built from
   iotas inside a reduction, which XLA fuses, so nothing ``T x S`` is stored
@@ -106,7 +106,7 @@ def zero_invalid_rows(out_BTND: Array, inputs: AttentionInputs) -> Array:
   return jnp.where(rows, out_BTND, jnp.zeros((), out_BTND.dtype))
 
 
-def _largest_block(n: int, cap: int, floor: int) -> Optional[int]:
+def _largest_block(n: int, cap: int, floor: int) -> int | None:
   b = cap
   while b >= floor:
     if n % b == 0:
@@ -149,7 +149,7 @@ def _check_lengths_concrete(inputs: AttentionInputs):
 
 def gpu_unsupported(inputs: AttentionInputs) -> list[str]:
   """What the Pallas GPU kernel cannot express for these inputs."""
-  B, T, S, N, K, H, Dv = inputs.shape
+  _B, T, S, _N, _K, H, Dv = inputs.shape
   out = []
   if Dv != H:
     out.append(f"value head_dim {Dv} != query head_dim {H}")
@@ -190,7 +190,7 @@ def _gpu_blocks(T: int, S: int, floor: int):
 def gpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
   """Runs the Triton kernel; inputs already checked by gpu_unsupported."""
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-  B, T, S, N, K, H, Dv = inputs.shape
+  B, T, S, N, K, _H, _Dv = inputs.shape
   floor = 2 if interpret else 16
   if inputs.kv_lengths is not None:
     _check_lengths_concrete(inputs)
@@ -232,12 +232,16 @@ def gpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
 
 def tpu_unsupported(inputs: AttentionInputs) -> list[str]:
   """What the Pallas TPU kernel cannot express for these inputs."""
-  B, T, S, N, K, H, Dv = inputs.shape
+  _B, _T, _S, _N, _K, H, Dv = inputs.shape
   out = []
   if Dv != H:
     out.append(f"value head_dim {Dv} != query head_dim {H}")
   if inputs.window is not None:
     out.append("local_window_size")
+  if inputs.bias is not None or inputs.mask is not None:
+    # Folding them into the kernel's `ab` did not match xla in interpret
+    # mode; refused until that is understood.
+    out.append("bias / dense mask")
   if H > 128 and H % 128:
     out.append(f"head_dim {H} (> 128 must be a multiple of 128)")
   return out
@@ -246,7 +250,7 @@ def tpu_unsupported(inputs: AttentionInputs) -> list[str]:
 def tpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
   """Runs the TPU flash kernel; inputs already checked by tpu_unsupported."""
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
-  B, T, S, N, K, H, Dv = inputs.shape
+  B, T, S, N, K, _H, _Dv = inputs.shape
   q, scale = _static_scale(inputs, inputs.query)
   k = _repeat_kv(inputs.key, N // K)
   v = _repeat_kv(inputs.value, N // K)
@@ -295,7 +299,7 @@ def tpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
 
 def unsupported(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
                 return_weights: bool = False,
-                platform: Optional[str] = None) -> Optional[str]:
+                platform: str | None = None) -> str | None:
   """Why ``implementation="pallas"`` cannot serve these inputs (``None`` if it
   can). ``platform`` defaults to :func:`target_platform`."""
   platform = platform or target_platform()

@@ -17,8 +17,9 @@ chunks, so no device ever holds more than one chunk of scores: per-device
 memory is ``O((T + S) / n)``.
 
 The backward pass is a ``jax.custom_vjp`` (FlashAttention-2 style): it keeps
-only ``out`` and ``lse`` (``O(T)``), recomputes each chunk's probabilities
-``p = exp(s - lse)``, keeps ``dQ_i`` on its device and sends ``dK, dV``
+only ``out`` and the per-row ``m``, ``log l`` (``O(T)``), recomputes each
+chunk's probabilities ``p = exp((s - m) - log l)``, keeps ``dQ_i`` on its
+device and sends ``dK, dV``
 accumulators around the ring together with their key/value block; one extra
 ``ppermute`` returns them to the owning device.
 

@@ -12,7 +12,6 @@ fully-masked-row rule (zeros) afterwards. Optional: ``pip install tokamax``
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
 import jax
 
@@ -30,7 +29,7 @@ def available() -> bool:
 
 
 def unsupported(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
-                return_weights: bool = False) -> Optional[str]:
+                return_weights: bool = False) -> str | None:
   """Why ``implementation="tokamax"`` cannot serve these inputs, or None."""
   if not available():
     return f"tokamax is not installed; {INSTALL_HINT}"
