@@ -142,6 +142,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _model_problems(config, task) -> list[str]:
   """Whether the task's kind has a problem and ``config.model.arch`` builds a
   model for it (building a module is cheap: no parameters yet)."""
+  if task is None:  # the task reads a user's data file that is not here
+    return []
   if task.kind not in problems_lib.PROBLEMS:
     return [f"task {task.name!r} has kind {task.kind!r}, which no problem "
             f"handles; kinds: {sorted(problems_lib.PROBLEMS)}"]

@@ -125,10 +125,10 @@ def test_registered_by_name_and_needs_a_seq_mesh():
 def test_rejects_what_it_cannot_do():
   q = jnp.ones((1, 4, 2, 8))
   fn = attn.get_attention("ring")
-  with pytest.raises(ValueError, match="does not support dropout"):
-    fn(q, q, q, dropout_rate=0.1, deterministic=False,
-       dropout_rng=jax.random.key(0))
   mesh = _one_device_mesh()
+  with pytest.raises(ValueError, match="does not support dropout"):
+    fn(q, q, q, mesh=mesh, dropout_rate=0.1, deterministic=False,
+       dropout_rng=jax.random.key(0))
   with pytest.raises(ValueError, match="block_q must be a positive int"):
     ring_attention(q, q, q, mesh=mesh, block_q=0)
   with pytest.raises(ValueError, match="static Python float scale"):

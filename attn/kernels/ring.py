@@ -685,10 +685,14 @@ def ring_attention(query: Array, key: Array, value: Array,
       precision=inputs.precision)
   out, lse = _ring(cfg, arrays)
   if t_pad != T:
-    out, lse = out[:, :T], lse[:, :T]
+    out = out[:, :T]
   out = canonical.restore_batch(out, inputs)
   if not return_residual:
     return out
+  if t_pad != T:
+    if _explicit(mesh):  # an unevenly padded sharded axis cannot be sliced
+      lse = jax.sharding.reshard(lse, NamedSharding(mesh, P()))
+    lse = lse[:, :T]
   return out, canonical.restore_batch(lse, inputs)
 
 
