@@ -43,7 +43,6 @@ import jax.numpy as jnp
 from attn.kernels import canonical, online_softmax
 from attn.kernels.canonical import AttentionInputs
 from attn.masks import structure_mask
-from attn.registry import register_attention
 
 Array = jax.Array
 
@@ -556,48 +555,3 @@ def chunked_attention(inputs: AttentionInputs, *,
 def _soft_cap(c) -> Optional[float]:
   """``logits_soft_cap`` (validated by :mod:`canonical`) as a static float."""
   return None if c is None else float(c)
-
-
-@register_attention(
-    "chunked", aliases=("flash", "memory_efficient"), exact=True,
-    complexity="time O(T·S) (half when causal), memory O(T)",
-    description="exact attention by online softmax over key/query blocks "
-    "with a recomputing custom VJP (Rabe & Staats 2021; FlashAttention)")
-def chunked_attention_kernel(query, key, value, bias=None, mask=None, *,
-                             block_q=None, block_k=None, scale=None,
-                             is_causal=False, query_seq_lengths=None,
-                             key_value_seq_lengths=None,
-                             local_window_size=None, segment_ids=None,
-                             dropout_rate=0.0, dropout_rng=None,
-                             broadcast_dropout=False, return_weights=False,
-                             precision=None, logits_soft_cap=None):
-  """Exact memory-efficient attention, ``implementation="chunked"``.
-
-  The same as ``attn.dot_product_attention(..., implementation="chunked")``,
-  dropout included (drawn block by block, see :func:`chunked_attention`).
-
-  ``return_weights=True`` (what the Flax wrapper asks for when weights are
-  sown) cannot be served blockwise: that one call falls back to the
-  materialised ``xla`` path and returns ``(out, weights[B, N, T, S])``, with
-  the ``xla`` path's dropout draw, in O(T·S) memory.
-
-  ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Dv]``
-  (``N`` a multiple of ``K``) -> ``[B, T, N, Dv]``.
-  """
-  options = dict(scale=scale, is_causal=is_causal,
-                 query_seq_lengths=query_seq_lengths,
-                 key_value_seq_lengths=key_value_seq_lengths,
-                 local_window_size=local_window_size, segment_ids=segment_ids,
-                 precision=precision, logits_soft_cap=logits_soft_cap)
-  if return_weights:
-    # exact.py imports this module, so import it here, not at the top.
-    from attn.kernels import exact  # pylint: disable=import-outside-toplevel
-    return exact.dot_product_attention(
-        query, key, value, bias, mask, dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng, broadcast_dropout=broadcast_dropout,
-        return_weights=True, implementation="xla", **options)
-  inputs = canonical.canonicalize(query, key, value, bias, mask, **options)
-  out = chunked_attention(inputs, block_q=block_q, block_k=block_k,
-                          dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                          broadcast_dropout=broadcast_dropout)
-  return canonical.restore_batch(out, inputs)

@@ -320,16 +320,15 @@ def _chunked(inputs: canonical.AttentionInputs, *, dropout_rate, dropout_rng,
     return _xla(inputs, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
                 broadcast_dropout=broadcast_dropout, return_weights=True,
                 return_residual=return_residual)
-  kwargs = {}
-  if dropout_rate > 0:
-    if "dropout_rate" not in inspect.signature(chunked_attention).parameters:
-      raise ValueError("implementation='chunked' does not support dropout on "
-                       "attention weights; use implementation='xla'")
-    kwargs.update(dropout_rate=dropout_rate, dropout_rng=dropout_rng,
-                  broadcast_dropout=broadcast_dropout)
+  result = chunked_attention(inputs, block_q=block_q, block_k=block_k,
+                             dropout_rate=dropout_rate,
+                             dropout_rng=dropout_rng,
+                             broadcast_dropout=broadcast_dropout,
+                             return_residual=return_residual)
   if return_residual:
-    kwargs["return_residual"] = True
-  return chunked_attention(inputs, block_q=block_q, block_k=block_k, **kwargs)
+    out, lse = result
+    return out, lse.astype(inputs.key.dtype)  # jax.nn's residual dtype
+  return result
 
 
 def _xla(inputs, *, dropout_rate, dropout_rng, broadcast_dropout,
@@ -638,6 +637,34 @@ def xla_attention_kernel(query, key, value, bias=None, mask=None, *,
   _check_kwargs("xla", kwargs)
   return dot_product_attention(query, key, value, bias, mask, scale=scale,
                                implementation="xla", **kwargs)
+
+
+@register_attention(
+    "chunked", aliases=("flash", "memory_efficient"), exact=True,
+    complexity="time O(T·S) (half when causal), memory O(T)",
+    description="exact attention by online softmax over key/query blocks "
+    "with a recomputing custom VJP (Rabe & Staats 2021; FlashAttention)")
+def chunked_attention_kernel(query, key, value, bias=None, mask=None, *,
+                             block_q=None, block_k=None, scale=None,
+                             **kwargs):
+  """Exact memory-efficient attention, ``implementation="chunked"``
+  (:mod:`attn.kernels.chunked`), dropout included (drawn block by block).
+
+  ``return_weights=True`` (what the Flax wrapper asks for when weights are
+  sown) cannot be served blockwise: that one call runs the materialised
+  ``xla`` path and returns ``(out, weights[B, N, T, S])`` in O(T·S) memory.
+
+  ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Dv]``
+  (``N`` a multiple of ``K``) -> ``[B, T, N, Dv]``.
+  """
+  if kwargs.get("implementation", "chunked") != "chunked":
+    raise ValueError("attention 'chunked' is implementation='chunked'; use "
+                     "attention 'softmax' to choose another implementation")
+  kwargs.pop("implementation", None)
+  _check_kwargs("chunked", kwargs)
+  return dot_product_attention(query, key, value, bias, mask, scale=scale,
+                               implementation="chunked", block_q=block_q,
+                               block_k=block_k, **kwargs)
 
 
 @register_attention(
