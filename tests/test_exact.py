@@ -386,9 +386,9 @@ def _bad_inputs():
       ((q, k, v), {"mask": jnp.ones((5, 5), bool)}, "mask of shape"),
       ((q, k, v), {"mask": jnp.ones((5, 6))}, "mask must be boolean"),
       ((q, k, v), {"key_value_seq_lengths": jnp.array([1, 2, 3])},
-       r"key_value_seq_lengths.*\[B\]=\(2,\)"),
+       r"key_value_seq_lengths.*\[\*B\]=\(2,\)"),
       ((q, k, v), {"segment_ids": jnp.zeros((2, 5), jnp.int32)},
-       r"segment_ids.*\[B, S\]=\(2, 6\)"),
+       r"segment_ids.*\[\*B, S\]=\(2, 6\)"),
       ((q, k, v), {"local_window_size": -1}, "non-negative"),
       ((q, k, v), {"local_window_size": (1, 2, 3)}, "pair"),
   ]
