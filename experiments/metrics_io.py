@@ -1,7 +1,8 @@
 """Where metrics go: ``workdir/metrics.jsonl``, TensorBoard, and the console.
 
-Console output is a tqdm progress bar (steps/s, current loss) when stderr is
-a terminal, periodic log lines otherwise.
+Console output (:class:`Progress`) is a tqdm progress bar (phase, steps/s,
+current loss) when stderr is a terminal, log lines otherwise; the run's log
+lines (:func:`get_logger`) go through the bar's writer while it is open.
 """
 
 from __future__ import annotations
@@ -15,15 +16,38 @@ from typing import Any, Dict, Mapping, Optional
 import logging
 
 
-def get_logger() -> logging.Logger:
-  """The experiments' own INFO logger (stderr), independent of absl's level.
+class _ConsoleHandler(logging.Handler):
+  """Writes each record to the ``sys.stderr`` of the moment (not the one at
+  import, so a redirected or captured stderr gets the lines too), flushed
+  at once whether or not it is a terminal; while a :class:`Progress` bar is
+  open, through the bar's own writer (``tqdm.write``), so that a line never
+  lands on the bar."""
 
-  absl is kept at WARNING so that library chatter (e.g. Orbax's INFO lines)
-  does not drown the run's own messages.
+  def emit(self, record):
+    try:
+      message = self.format(record)
+      bar = _open_bars[-1] if _open_bars else None
+      if bar is not None:
+        bar.write(message)
+      else:
+        stream = sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
+def get_logger() -> logging.Logger:
+  """The experiments' own INFO logger ``attn.experiments`` (stderr).
+
+  Independent of absl's level (absl is kept at WARNING so that library
+  chatter such as Orbax's INFO lines does not drown the run's own
+  messages), does not propagate to absl's root handler (no double lines),
+  and prints whether or not stderr is a terminal.
   """
   log = logging.getLogger("attn.experiments")
   if not log.handlers:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s",
                                            "%H:%M:%S"))
     log.addHandler(handler)
@@ -140,28 +164,89 @@ def final_test_metrics(workdir: str) -> Optional[Dict[str, Any]]:
   return tests[-1] if tests else None
 
 
-class Progress:
-  """A progress bar on a terminal; log lines every ``log_every`` otherwise."""
+# Open Progress bars, newest last: the logger writes through the newest.
+_open_bars: list["Progress"] = []
 
-  def __init__(self, start: int, total: int, log_every: int):
+
+class Progress:
+  """What the run is doing, from its first second.
+
+  On a terminal (or ``bar=True``): a tqdm bar with steps/s, the current
+  loss and the phase in front ("compiling" until the first step is done,
+  "validating", "drawing figures"); every log line of the run goes through
+  the bar's writer (:meth:`write`) while it is open. Otherwise: a line when
+  compilation starts, one when the first step is done, then a line every
+  ``log_every`` steps.
+
+  Args:
+    start: completed steps when the loop starts (a resumed run's step).
+    total: the run's ``num_train_steps``.
+    log_every: steps between lines when there is no bar.
+    stream: where the bar goes (default ``sys.stderr``).
+    bar: force the bar on/off (default: whether ``stream`` is a terminal).
+  """
+
+  def __init__(self, start: int, total: int, log_every: int, *,
+               stream=None, bar: Optional[bool] = None):
     self.total, self.log_every = total, max(1, log_every)
+    self.stream = sys.stderr if stream is None else stream
     self._bar = None
-    self._t0, self._s0 = time.time(), start
-    if sys.stderr.isatty():
+    self._start = start
+    self._t0 = time.time()
+    self._first_done = None  # (time, step) once the first step has run
+    if bar is None:
+      bar = bool(getattr(self.stream, "isatty", lambda: False)())
+    if bar:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total, initial=start, unit="step",
-                       dynamic_ncols=True)
+                       file=self.stream, dynamic_ncols=True,
+                       desc="compiling")
+      _open_bars.append(self)
+    if start < total:
+      self.phase("compiling", f"step {start}/{total}: compiling the train "
+                 "step (the first step includes compilation)")
+
+  @property
+  def bar(self):
+    """The tqdm bar, or None."""
+    return self._bar
+
+  def write(self, message: str) -> None:
+    """One line above the bar (``tqdm.write``), or on the stream."""
+    if self._bar is not None:
+      self._bar.write(message, file=self.stream)
+    else:
+      self.stream.write(message + "\n")
+      self.stream.flush()
+
+  def phase(self, name: Optional[str], line: Optional[str] = None) -> None:
+    """Shows ``name`` in front of the bar (None: nothing); without a bar,
+    logs ``line + " ..."`` if given."""
+    if self._bar is not None:
+      self._bar.set_description_str(name or "", refresh=True)
+    elif line:
+      get_logger().info("%s ...", line)
 
   def update(self, step: int, loss: float):
     """``step`` is the number of completed steps."""
+    now = time.time()
+    if self._first_done is None:
+      self._first_done = (now, step)
+      get_logger().info("step %d done in %.1f s (compilation included)",
+                        step, now - self._t0)
+      self.phase(None)
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
       self._bar.set_postfix(loss=f"{loss:.4f}")
     elif step % self.log_every == 0 or step == self.total:
-      rate = (step - self._s0) / max(time.time() - self._t0, 1e-9)
-      get_logger().info("step %d/%d  loss %.4f  %.2f steps/s", step, self.total,
-                   loss, rate)
+      t, s = self._first_done
+      rate = (step - s) / (now - t) if step > s and now > t else None
+      get_logger().info("step %d/%d  loss %.4f%s", step, self.total, loss,
+                        f"  {rate:.2f} steps/s" if rate else "")
 
   def close(self):
     if self._bar is not None:
       self._bar.close()
+      if self in _open_bars:
+        _open_bars.remove(self)
+      self._bar = None

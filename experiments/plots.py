@@ -133,15 +133,17 @@ def plot_attention_grid(weights_LNTS: np.ndarray, path: str, *,
 
 def plot_attention_summary(summaries, path: str, title: str = "",
                            note: str = "") -> str:
-  """The batch summary: one panel per statistic (entropy, distance,
-  aligned mass), rows = attention modules, columns = heads, values
+  """The batch summary: one panel per statistic (entropy, distance or
+  input distance, aligned mass), rows = attention modules, columns = heads, values
   written in the cells."""
   paths = list(summaries)
-  stats = [s for s in ("entropy", "distance", "aligned_mass")
+  stats = [s for s in ("entropy", "distance", "input_distance",
+                        "aligned_mass")
            if any(s in summaries[p] for p in paths)]
   nheads = max(len(next(iter(summaries[p].values()))) for p in paths)
   units = {"entropy": "mean entropy (nats)",
            "distance": "mean distance |t - s|",
+           "input_distance": "mean input distance |x_t - x_s|",
            "aligned_mass": "mean weight on the correct source"}
   fig, axes = plt.subplots(1, len(stats), squeeze=False, figsize=(
       (1.3 + 0.7 * nheads) * len(stats) + 3.0, 1.2 + 0.45 * len(paths)))

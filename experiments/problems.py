@@ -437,6 +437,21 @@ class RegressionProblem(Problem):
       metrics["bandwidth"] = jnp.exp(params["log_bandwidth"])
     return mse, metrics
 
+  def summaries(self, params, batch):
+    """Entropy of the pooling weights and their mean reach in input units,
+    ``Σ_s A[t,s]·|x_t − x_s|`` (positions mean nothing here: keys are
+    random training inputs)."""
+    _, w = jax.jit(self.model.apply)({"params": params}, batch["queries"],
+                                     batch["keys"], batch["values"])
+    w = np.asarray(w, np.float64)[:, None]           # [B, 1, T, S]
+    s = pictures.summarise(w)
+    del s["distance"]
+    gap = np.abs(np.asarray(batch["queries"], np.float64)[:, :, None]
+                 - np.asarray(batch["keys"], np.float64)[:, None, :])
+    p = w[:, 0] / np.maximum(w[:, 0].sum(-1, keepdims=True), 1e-30)
+    s["input_distance"] = np.array([np.mean(np.sum(p * gap, -1))])
+    return {"pooling": s}, ""
+
   def draw_examples(self, params, batch, figdir):
     out, w = self.model.apply({"params": params}, batch["queries"][:1],
                               batch["keys"][:1], batch["values"][:1])
@@ -582,8 +597,16 @@ def transformer_config(config, **fields) -> models.TransformerConfig:
       dtype=DTYPES[config.dtype], **fields)
 
 
-def _options(config) -> dict:
-  return config.model.options.to_dict()
+def _options(config, model: str, **defaults) -> dict:
+  """``config.model.options`` over ``defaults``, the options ``model``
+  takes; ``ValueError`` for any other name (nothing is silently ignored)."""
+  given = config.model.options.to_dict()
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    known = ", ".join(sorted(defaults)) or "none"
+    raise ValueError(f"{model} has no option(s) {unknown} in "
+                     f"config.model.options; its options: {known}")
+  return {**defaults, **given}
 
 
 def _seq2seq_max_len(spec) -> int:
@@ -591,20 +614,23 @@ def _seq2seq_max_len(spec) -> int:
 
 
 def _seq2seq_transformer(config, spec):
+  _options(config, "Seq2SeqTransformer")
   return models.Seq2SeqTransformer(transformer_config(
       config, vocab_size=spec["vocab_size"], max_len=_seq2seq_max_len(spec)))
 
 
 def _rnn_seq2seq(config, spec):
   m = config.model
+  opts = _options(config, "RNNSeq2Seq", style="bahdanau")
   return models.RNNSeq2Seq(models.RNNConfig(
       vocab_size=spec["vocab_size"], emb_dim=m.emb_dim, hidden_dim=m.emb_dim,
-      style=_options(config).get("style", "bahdanau"), attention=m.score,
+      style=opts["style"], attention=m.score,
       positional="none", max_len=_seq2seq_max_len(spec),
       dropout_rate=m.dropout_rate, dtype=DTYPES[config.dtype]))
 
 
 def _transformer_lm(config, spec):
+  _options(config, "TransformerLM")
   return models.TransformerLM(transformer_config(
       config, vocab_size=spec["vocab_size"], max_len=spec["input_length"]))
 
@@ -617,26 +643,28 @@ def _encoder_classifier(config, spec):
       transformer_config(config, vocab_size=spec["vocab_size"],
                          max_len=spec["input_length"] + 1),
       num_classes=spec["num_classes"],
-      pooling=_options(config).get("pooling", "mean"))
+      pooling=_options(config, "EncoderClassifier", pooling="mean")[
+          "pooling"])
 
 
 def _vit(config, spec):
   if "image_shape" not in spec:
     raise ValueError(f"arch 'vit' needs image inputs; task "
                      f"{spec['name']!r} has tokens")
-  opts = _options(config)
+  opts = _options(config, "ViT", patch_size=2, pooling="cls")
   return models.ViT(transformer_config(config),
                     num_classes=spec["num_classes"],
-                    patch_size=opts.get("patch_size", 2),
-                    pooling=opts.get("pooling", "cls"))
+                    patch_size=opts["patch_size"], pooling=opts["pooling"])
 
 
 def _set_encoder(config, spec):
   del spec  # the set size comes with the inputs
+  _options(config, "SetEncoder")
   return models.SetEncoder(transformer_config(config))
 
 
 def _glimpse(config, spec):
+  _options(config, "GlimpseNet")
   return models.GlimpseNet(models.GlimpseConfig(
       vocab_size=spec["vocab_size"], num_contexts=spec["num_contexts"],
       num_classes=spec["num_classes"], emb_dim=config.model.emb_dim,
@@ -646,10 +674,9 @@ def _glimpse(config, spec):
 
 def _nadaraya_watson(config, spec):
   del spec
-  opts = _options(config)
-  return AttentionPooling(kernel=opts.get("kernel", "gaussian"),
-                          bandwidth=opts.get("bandwidth", 1.0),
-                          learn_bandwidth=opts.get("learn_bandwidth", False))
+  opts = _options(config, "AttentionPooling", kernel="gaussian",
+                  bandwidth=1.0, learn_bandwidth=False)
+  return AttentionPooling(**opts)
 
 
 # config.model.arch -> task kind -> builder(config, spec) -> flax Module.

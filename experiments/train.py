@@ -24,6 +24,7 @@ import shutil
 import signal
 import tempfile
 import threading
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -150,23 +151,27 @@ def _check_finite(step: int, metrics: dict, ckpt: Checkpointer, workdir):
         "grad_clip_norm > 0, or dtype=float32.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       explicit: Sequence[str] = ()) -> dict:
   """Trains, evaluates and draws; returns the best checkpoint's test metrics.
 
   Resumes from ``workdir/checkpoints/latest`` when present, after checking
-  that ``workdir/config.json`` records the same experiment. Raises
-  :class:`ConfigError` for a bad config (before any compilation) or one that
-  differs from the workdir's, :class:`CheckpointError` for an unreadable
-  checkpoint, :class:`NonFiniteLossError` for a NaN/inf loss,
-  :class:`WorkdirError` when another run holds the workdir or it cannot be
-  written, and :class:`Preempted` after SIGTERM/SIGINT.
+  that ``workdir/config.json`` records the same experiment. ``explicit``:
+  config field paths the user set (the command line's overrides), which
+  ``config.runlocal`` does not shrink. Raises :class:`ConfigError` for a bad
+  config (before any compilation: :func:`config_validation.prepare` and
+  :func:`config_validation.check_runnable`) or one that differs from the
+  workdir's, :class:`CheckpointError` for an unreadable checkpoint,
+  :class:`NonFiniteLossError` for a NaN/inf loss, :class:`WorkdirError`
+  when another run holds the workdir or it cannot be created or written,
+  and :class:`Preempted` after SIGTERM/SIGINT.
   """
-  config = config_validation.prepare(config)
+  config = config_validation.prepare(config, explicit)
+  config_validation.check_runnable(config)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise workdir_lib.disk_error(e, workdir) from e
+    raise workdir_lib.creation_error(e, workdir) from e
   lock = workdir_lib.RunLock(workdir)
   stop = _StopRequest()
   with workdir_lib.disk_errors(workdir):
@@ -325,6 +330,8 @@ def _run(config, workdir, task, mesh, stop):
   problem, tx, train_step = _compiled(config, task, mesh)
   init_rng, _ = jax.random.split(jax.random.key(config.seed))
   first = task.batch("train", 0, config.batch_size)
+  logging.info("%s: initialising %s for task %s ...", workdir,
+               type(problem.model).__name__, task.name)
   state = init_state(config, problem.init(init_rng, first))
   state = jax.device_put(state, parallel.replicated(mesh))
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
@@ -344,6 +351,7 @@ def _run(config, workdir, task, mesh, stop):
     writer = metrics_io.MetricWriter(workdir, enabled=_is_main_process())
     progress = metrics_io.Progress(start, config.num_train_steps,
                                    config.log_every_steps)
+    evaluated = False
     for step in range(start, config.num_train_steps):
       batch = _host_batch(task, mesh, step, config.batch_size)
       state, metrics = train_step(state, batch)
@@ -356,15 +364,24 @@ def _run(config, workdir, task, mesh, stop):
       is_eval = (done % config.eval_every_steps == 0
                  or done == config.num_train_steps)
       if is_eval:
+        progress.phase("validating", None if evaluated else
+                       f"step {done}: first validation (compiles the eval "
+                       "step)")
         valid = evaluate(problem, state["params"], task, "valid", config)
+        evaluated = True
         writer.write(done, "valid", valid)
         logging.info("step %d valid %s", done, _fmt(valid))
         ckpt.save(done, state, valid)
+        progress.phase(None)
       elif done % config.checkpoint_every_steps == 0:
         ckpt.save(done, state)
       if (config.figures.every_steps and config.figures.enabled
           and done % config.figures.every_steps == 0):
+        progress.phase("drawing figures",
+                       f"step {done}: drawing figures into "
+                       f"{os.path.join(workdir, 'figures', f'step_{done}')}")
         _draw(problem, state["params"], task, workdir, done, writer)
+        progress.phase(None)
       signum = stop.requested()
       if signum:
         ckpt.save(done, state)  # a no-op when this step was just saved
@@ -392,6 +409,10 @@ def _final_evaluation(problem, task, ckpt, state, config, workdir, writer,
   step = int(state["step"])
   if stop.requested():  # the last step is saved (it is an eval step)
     raise Preempted(stop.requested(), step, checkpoints.latest_dir(workdir))
+  best_step = ckpt.best_step()
+  logging.info("final evaluation on the best checkpoint (step %s, by valid "
+               "%s) ...", step if best_step is None else best_step,
+               problem.best_metric)
   best_step, best = ckpt.restore_best(state)
   if best is None:
     best_step, best = int(state["step"]), state
@@ -403,6 +424,8 @@ def _final_evaluation(problem, task, ckpt, state, config, workdir, writer,
   logging.info("test metrics of the BEST checkpoint (step %d, by valid %s): "
                "%s", best_step, problem.best_metric, _fmt(test))
   if config.figures.enabled:
+    logging.info("drawing figures of the best checkpoint into %s ...",
+                 os.path.join(workdir, "figures"))
     paths = _draw(problem, best["params"], task, workdir, None, writer,
                   best_step)
     logging.info("figures written to %s", os.path.join(workdir, "figures"))

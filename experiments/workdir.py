@@ -201,6 +201,15 @@ def disk_error(e: OSError, path: str) -> WorkdirError:
       "workdir writable) and rerun the same command to resume")
 
 
+def creation_error(e: OSError, workdir: str) -> WorkdirError:
+  """One-line :class:`WorkdirError`: ``workdir`` cannot be created."""
+  reason = e.strerror or str(e)
+  return WorkdirError(
+      f"cannot create the workdir {workdir}: {reason} "
+      f"({errno.errorcode.get(e.errno, '?')}); choose a --workdir in a "
+      "writable place")
+
+
 @contextlib.contextmanager
 def disk_errors(workdir: str) -> Iterator[None]:
   """Turns a full-disk / read-only OSError raised inside into WorkdirError."""

@@ -120,3 +120,15 @@ def tolerance(dtype) -> dict:
   return {"float32": dict(rtol=2e-5, atol=2e-5),
           "float16": dict(rtol=5e-3, atol=5e-3),
           "bfloat16": dict(rtol=3e-2, atol=3e-2)}[name]
+
+
+def random_gqa_inputs(seed, B, T, S, N, K, H):
+  """Random ``(q[B,T,N,H], k[B,S,K,H], v[B,S,K,H], bias[B,N,T,S],
+  cotangent[B,T,N,H])`` float32 arrays for GQA tests."""
+  import jax  # pylint: disable=g-import-not-at-top
+  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+  return (jax.random.normal(ks[0], (B, T, N, H)),
+          jax.random.normal(ks[1], (B, S, K, H)),
+          jax.random.normal(ks[2], (B, S, K, H)),
+          jax.random.normal(ks[3], (B, N, T, S)),
+          jax.random.normal(ks[4], (B, T, N, H)))

@@ -17,6 +17,7 @@ import pytest
 import attn
 from attn.kernels import canonical, chunked
 from attn.kernels.exact import dot_product_attention
+from tests.reference import random_gqa_inputs
 
 B, T, S, N, K, H = 2, 13, 21, 4, 2, 8
 G = N // K
@@ -25,12 +26,7 @@ RATE = 0.3
 
 
 def _inputs(seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-  return (jax.random.normal(ks[0], (B, T, N, H)),
-          jax.random.normal(ks[1], (B, S, K, H)),
-          jax.random.normal(ks[2], (B, S, K, H)),
-          jax.random.normal(ks[3], (B, N, T, S)),
-          jax.random.normal(ks[4], (B, T, N, H)))
+  return random_gqa_inputs(seed, B, T, S, N, K, H)
 
 
 def _chunked(q, k, v, bias, rng, rate=RATE, broadcast=False, causal=True):

@@ -1,6 +1,6 @@
 """Tests for memory-efficient exact attention (``implementation="chunked"``).
 
-References: a NumPy float64 implementation written here from the definition
+References: the float64 NumPy reference of tests/reference.py
 (forward), ``implementation="xla"`` (forward and autodiff VJP), and
 ``jax.nn.dot_product_attention`` (forward and autodiff VJP).
 Small blocks (8 x 16) with lengths that are not multiples of them make every
@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 import attn
 from attn.kernels import chunked
 from attn.kernels.exact import dot_product_attention
+from tests.reference import reference_mask, reference_output
 
 BLOCKS = dict(block_q=8, block_k=16)
 
@@ -35,41 +36,21 @@ def _qkv(B=2, T=37, S=53, N=4, K=2, H=16, Dv=8, dtype=jnp.float32, seed=0):
 def reference(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False,
               query_seq_lengths=None, key_value_seq_lengths=None,
               local_window_size=None, segment_ids=None):
-  """NumPy float64 attention from the definition; fully masked rows -> 0."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
-  k = np.repeat(k, N // K, axis=2)      # query head n uses kv head n // G
-  v = np.repeat(v, N // K, axis=2)
-  scale = 1.0 / np.sqrt(H) if scale is None else scale
-  s = np.einsum("btnh,bsnh->bnts", q, k) * scale
-  if bias is not None:
-    s = s + np.asarray(bias, np.float64)
-  ok = np.ones((B, N, T, S), bool)
+  """tests/reference.py's float64 output with the structural options as a
+  brute-force mask (keyword names as in ``dot_product_attention``)."""
+  B, T, N, _ = q.shape
+  S = k.shape[1]
+  seg = None if segment_ids is None else np.asarray(segment_ids)
+  ok = reference_mask(
+      B, T, S, is_causal=is_causal, window=local_window_size,
+      q_lengths=None if query_seq_lengths is None
+      else np.asarray(query_seq_lengths),
+      kv_lengths=None if key_value_seq_lengths is None
+      else np.asarray(key_value_seq_lengths),
+      q_segment_ids=seg, kv_segment_ids=seg)
   if mask is not None:
-    ok &= np.asarray(mask)
-  t, u = np.arange(T)[:, None], np.arange(S)[None, :]
-  if is_causal:
-    ok &= u <= t
-  if local_window_size is not None:
-    left, right = ((local_window_size,) * 2
-                   if isinstance(local_window_size, int) else local_window_size)
-    ok &= (u >= t - left) & (u <= t + right)
-  if query_seq_lengths is not None:
-    ok &= (np.arange(T)[None] < np.asarray(query_seq_lengths)[:, None]
-           )[:, None, :, None]
-  if key_value_seq_lengths is not None:
-    ok &= (np.arange(S)[None] < np.asarray(key_value_seq_lengths)[:, None]
-           )[:, None, None, :]
-  if segment_ids is not None:
-    seg = np.asarray(segment_ids)
-    ok &= (seg[:, :, None] == seg[:, None, :])[:, None]
-  s = np.where(ok, s, -np.inf)
-  row_max = s.max(-1, keepdims=True)
-  p = np.exp(s - np.where(np.isfinite(row_max), row_max, 0.0))
-  denom = p.sum(-1, keepdims=True)
-  w = p / np.where(denom > 0, denom, 1.0)
-  return np.einsum("bnts,bsnd->btnd", w, v)
+    ok = ok & np.asarray(mask)
+  return reference_output(q, k, v, mask=ok, bias=bias, scale=scale)
 
 
 def chunked_fwd(q, k, v, bias=None, **kwargs):

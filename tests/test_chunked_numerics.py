@@ -16,7 +16,7 @@ import pytest
 from attn.kernels import canonical, chunked
 from attn.kernels.ring import ring_attention
 from attn.parallel import make_mesh
-from tests.reference import reference_attention
+from tests.reference import random_gqa_inputs, reference_attention
 
 B, T, S, N, K, H = 2, 19, 23, 4, 2, 8
 G = N // K
@@ -24,12 +24,7 @@ BLOCKS = dict(block_q=8, block_k=8)
 
 
 def _inputs(seed=0):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-  return (jax.random.normal(ks[0], (B, T, N, H)),
-          jax.random.normal(ks[1], (B, S, K, H)),
-          jax.random.normal(ks[2], (B, S, K, H)),
-          jax.random.normal(ks[3], (B, N, T, S)),
-          jax.random.normal(ks[4], (B, T, N, H)))
+  return random_gqa_inputs(seed, B, T, S, N, K, H)
 
 
 def _chunked(q, k, v, bias=None, mask=None, return_residual=False, **kw):

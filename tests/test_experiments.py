@@ -65,7 +65,9 @@ def test_smoke_every_config(name, tmp_path):
   config = tiny(name, **{"figures.enabled": draw})
   result = train.train_and_evaluate(config, str(tmp_path))
   records = read_jsonl(tmp_path)
-  assert {r["split"] for r in records} == {"train", "valid", "test"}
+  # Drawn runs also log what attention looked like (split "attention").
+  expected = {"train", "valid", "test"} | ({"attention"} if draw else set())
+  assert {r["split"] for r in records} == expected
   assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
   assert result["best_step"] in (3, 6)
   if draw:

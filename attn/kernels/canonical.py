@@ -314,3 +314,27 @@ def check_dropout(dropout_rate: float, dropout_rng: Any) -> None:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError("dropout_rate > 0 needs a dropout_rng (a PRNG key)")
+
+
+def library_features_missing(*, dropout_rate: float = 0.0,
+                             return_weights: bool = False) -> list:
+  """The requested features no library kernel (pallas, tokamax) computes."""
+  return (["dropout"] if dropout_rate > 0 else []) + (
+      ["return_weights"] if return_weights else [])
+
+
+def check_library_call(implementation: str, why: Optional[str], *,
+                       return_residual=False, einsums=None,
+                       einsum_dot_general=None) -> None:
+  """Raises ``ValueError`` when a library kernel cannot serve the call.
+
+  ``why`` is the implementation's own reason (``None`` when it can serve the
+  inputs); residuals and Flax's custom einsums are refused for every library
+  kernel, since only the XLA path exposes them.
+  """
+  if return_residual or einsums or einsum_dot_general is not None:
+    raise ValueError(f"implementation={implementation!r} cannot return "
+                     "residuals or use custom einsums; use "
+                     "implementation='xla'")
+  if why:
+    raise ValueError(f"implementation={implementation!r}: {why}")

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn import masks
+from attn.kernels import canonical
 from attn.kernels.canonical import AttentionInputs
 
 Array = jax.Array
@@ -311,10 +312,8 @@ def unsupported(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
       inputs)
   if getattr(inputs, "logits_soft_cap", None) is not None:
     what.append("logits_soft_cap")
-  if dropout_rate > 0:
-    what.append("dropout")
-  if return_weights:
-    what.append("return_weights")
+  what += canonical.library_features_missing(
+      dropout_rate=dropout_rate, return_weights=return_weights)
   if not what:
     return None
   rest = ("implementation='xla' supports all of them" if dropout_rate > 0
@@ -328,13 +327,11 @@ def pallas_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
                      return_weights: bool = False, return_residual=False,
                      einsums=None, einsum_dot_general=None, **_) -> Array:
   """``implementation="pallas"``: ``[B, T, N, Dv]`` or ``ValueError``."""
-  if return_residual or einsums or einsum_dot_general is not None:
-    raise ValueError("implementation='pallas' cannot return residuals or "
-                     "use custom einsums; use implementation='xla'")
-  why = unsupported(inputs, dropout_rate=dropout_rate,
-                    return_weights=return_weights)
-  if why:
-    raise ValueError(f"implementation='pallas': {why}")
+  canonical.check_library_call(
+      "pallas", unsupported(inputs, dropout_rate=dropout_rate,
+                            return_weights=return_weights),
+      return_residual=return_residual, einsums=einsums,
+      einsum_dot_general=einsum_dot_general)
   platform = target_platform()
   interp = INTERPRET is not None
   if platform == "gpu":

@@ -15,6 +15,7 @@ import importlib.util
 
 import jax
 
+from attn.kernels import canonical
 from attn.kernels.canonical import AttentionInputs
 from attn.kernels.pallas import zero_invalid_rows
 
@@ -33,11 +34,8 @@ def unsupported(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
   """Why ``implementation="tokamax"`` cannot serve these inputs, or None."""
   if not available():
     return f"tokamax is not installed; {INSTALL_HINT}"
-  what = []
-  if dropout_rate > 0:
-    what.append("dropout")
-  if return_weights:
-    what.append("return_weights")
+  what = canonical.library_features_missing(
+      dropout_rate=dropout_rate, return_weights=return_weights)
   if not what:
     return None
   return ("tokamax does not support: " + ", ".join(what)
@@ -48,13 +46,11 @@ def tokamax_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
                       return_weights: bool = False, return_residual=False,
                       einsums=None, einsum_dot_general=None, **_) -> Array:
   """``[B, T, N, Dv]`` through tokamax, or ``ValueError``."""
-  if return_residual or einsums or einsum_dot_general is not None:
-    raise ValueError("implementation='tokamax' cannot return residuals or "
-                     "use custom einsums; use implementation='xla'")
-  why = unsupported(inputs, dropout_rate=dropout_rate,
-                    return_weights=return_weights)
-  if why:
-    raise ValueError(f"implementation='tokamax': {why}")
+  canonical.check_library_call(
+      "tokamax", unsupported(inputs, dropout_rate=dropout_rate,
+                             return_weights=return_weights),
+      return_residual=return_residual, einsums=einsums,
+      einsum_dot_general=einsum_dot_general)
   import tokamax  # pylint: disable=g-import-not-at-top
   from absl import flags  # tokamax reads absl flags; use their defaults
   if not flags.FLAGS.is_parsed():

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from attn import positional as pe
+from attn import registry
 from attn.modules import (AdditiveAttention, LuongAttention,
                           MultiHeadAttention, PositionalEmbedding)
 from attn.modules.classic import LUONG_SCORES
@@ -66,6 +67,17 @@ class RNNConfig:
   max_len: int = 256
   dropout_rate: float = 0.0
   dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.attention == "additive" or self.attention in LUONG_SCORES:
+      return
+    try:
+      registry.get_attention(self.attention)
+    except ValueError as e:
+      raise ValueError(
+          f"RNN attention {self.attention!r} is neither 'additive', a Luong "
+          f"score ({', '.join(LUONG_SCORES)}) nor an attention spec: {e}"
+      ) from None
 
   def replace(self, **changes) -> "RNNConfig":
     """A copy with ``changes`` (``dataclasses.replace``)."""

@@ -20,7 +20,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments.bench.sweep import COLUMNS, SETTING_KEYS, setting_key
+from experiments.bench.sweep import (COLUMNS, MIN_CELL_SECONDS, MIN_MATMUL_N,
+                                     SETTING_KEYS, meaningful, setting_key)
 
 _MIB = 2 ** 20
 
@@ -39,10 +40,11 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> Optional[float]:
 
 def slopes(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
   """Per (variant, setting) with at least two T: log-log slope of median
-  time and of temporary memory against T over the cells that ran (``ok``)."""
+  time and of temporary memory against T over the cells that ran (``ok``)
+  long enough to time (:func:`~experiments.bench.sweep.meaningful`)."""
   groups: Dict[Tuple, List[Dict[str, Any]]] = {}
   for r in rows:
-    if r["status"] == "ok":
+    if r["status"] == "ok" and meaningful(r):
       groups.setdefault((r["variant"],) + setting_key(r), []).append(r)
   out = []
   for key, group in groups.items():
@@ -89,6 +91,12 @@ def _fmt(x, spec: str, scale: float = 1.0) -> str:
   return "" if x is None else format(x * scale, spec)
 
 
+def _roofline_cell(row: Dict[str, Any]) -> str:
+  if row.get("roofline_frac") is not None:
+    return _fmt(row["roofline_frac"], ".0f", 100)
+  return "—" if row.get("time_median_s") else ""
+
+
 def _setting_title(s: Dict[str, Any]) -> str:
   return (f"{s['dtype']}, {s['mode']}, "
           f"{'causal' if s['causal'] else 'non-causal'}, B={s['batch']}, "
@@ -106,7 +114,11 @@ def markdown_summary(rows: List[Dict[str, Any]],
       f"CPUs); jax {meta['jax']}, flax {meta['flax']}; {meta['date']}.",
       "Times are medians; `× jax.nn` is jax_nn's time divided by the "
       "variant's (> 1 = faster); `temp/jax.nn` compares XLA temporary "
-      "memory; `% matmul` is FLOP/s over a same-run square matmul.", ""]
+      "memory; `% matmul` is FLOP/s over a same-run square matmul.",
+      f"`% matmul` and slopes are left out (`—`) for cells faster than "
+      f"{MIN_CELL_SECONDS * 1e3:g} ms or timed against a matmul smaller "
+      f"than {MIN_MATMUL_N}²: their time is dispatch overhead and noise.",
+      ""]
   settings_seen: Dict[Tuple, List[Dict[str, Any]]] = {}
   for r in rows:
     settings_seen.setdefault(setting_key(r), []).append(r)
@@ -125,7 +137,7 @@ def markdown_summary(rows: List[Dict[str, Any]],
           f"{_fmt(r['time_median_s'], '.2f', 1e3)} | "
           f"{_fmt(r['speedup_vs_jax_nn'], '.2f')} | "
           f"{_fmt(r['flops_per_s'], '.1f', 1e-9)} | "
-          f"{_fmt(r['roofline_frac'], '.0f', 100)} | "
+          f"{_roofline_cell(r)} | "
           f"{_fmt(r['temp_bytes'], '.1f', 1 / _MIB)} | "
           f"{_fmt(r['temp_ratio_vs_jax_nn'], '.3f')} | "
           f"{_fmt(r['max_abs_err'], '.1e')} |")
@@ -133,7 +145,9 @@ def markdown_summary(rows: List[Dict[str, Any]],
   lines += ["## Log-log slopes against T", "",
             "Least-squares slope of log(median time) and log(XLA temporary "
             "bytes) against log T over the cells that ran; 1 = linear, "
-            "2 = quadratic. Empty: zero temporary memory at some T.", "",
+            "2 = quadratic. Empty: zero temporary memory at some T. Only "
+            f"cells of at least {MIN_CELL_SECONDS * 1e3:g} ms count; a "
+            "variant with fewer than two such cells has no row.", "",
             "| variant | setting | T | time slope | temp memory slope |",
             "|---|---|---|---|---|"]
   for s in slope_rows:
@@ -143,6 +157,19 @@ def markdown_summary(rows: List[Dict[str, Any]],
         f"({len(ts)}) | {_fmt(s['time_slope'], '.2f')} | "
         f"{_fmt(s['temp_memory_slope'], '.2f')} |")
   return "\n".join(lines) + "\n"
+
+
+def line_colors(n: int) -> List[Tuple[float, ...]]:
+  """``n`` distinct RGBA colours: tab10's, then tab20's lighter shades,
+  then evenly spaced hues, so no two lines of a plot share a colour."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  tab20 = matplotlib.colormaps["tab20"].colors
+  base = list(tab20[0::2]) + list(tab20[1::2])
+  if n <= len(base):
+    return [tuple(c) + (1.0,) for c in base[:n]]
+  hsv = matplotlib.colormaps["hsv"]
+  return [tuple(c) + (1.0,) for c in base] + [
+      hsv(i / (n - len(base))) for i in range(n - len(base))]
 
 
 def plot_vs_t(rows: List[Dict[str, Any]], path: str, *, value: str,
@@ -159,10 +186,11 @@ def plot_vs_t(rows: List[Dict[str, Any]], path: str, *, value: str,
   fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups) + 1.5, 4),
                            squeeze=False, layout="constrained")
   names = list(dict.fromkeys(r["variant"] for r in rows))
-  colors = plt.get_cmap("tab10")
+  colors = line_colors(len(names))
   styles = ("-", "--", ":", "-.")
   handles = {}
   for ax, (key, group) in zip(axes[0], groups.items()):
+    drawn = 0
     for i, name in enumerate(names):
       pts = sorted((r["seq_len"], r[value] * scale) for r in group
                    if r["variant"] == name and r[value] is not None
@@ -170,9 +198,13 @@ def plot_vs_t(rows: List[Dict[str, Any]], path: str, *, value: str,
       if not pts:
         continue
       line, = ax.plot(*zip(*pts), marker="o", markersize=3,
-                      color=colors(i % 10), linestyle=styles[i // 10 % 4],
+                      color=colors[i], linestyle=styles[i // 10 % 4],
                       label=name)
       handles[name] = line
+      drawn += 1
+    if not drawn:
+      ax.text(0.5, 0.5, "no cell long enough to measure this",
+              transform=ax.transAxes, ha="center", va="center", fontsize=9)
     ax.set_xscale("log", base=2)
     if logy:
       ax.set_yscale("log")

@@ -165,9 +165,25 @@ def add_throughput(row: Dict[str, Any], analytic_flops: float) -> None:
   median = row.get("time_median_s")
   if row["flops"] and median:
     row["flops_per_s"] = row["flops"] / median
-    if row.get("roofline_flops_per_s"):
+    if row.get("roofline_flops_per_s") and meaningful(row):
       row["roofline_frac"] = (row["flops_per_s"]
                               / row["roofline_flops_per_s"])
+
+
+# Below these a cell's time is dispatch overhead and timer noise, and a
+# matmul this small is far from the machine's FLOP/s: such cells get no
+# roofline fraction and take no part in slopes (the report says so).
+MIN_CELL_SECONDS = 1e-3
+MIN_MATMUL_N = 512
+
+
+def meaningful(row: Dict[str, Any]) -> bool:
+  """True when a cell ran long enough (and against a big enough matmul)
+  for its roofline fraction and slope to mean anything."""
+  median = row.get("time_median_s")
+  n = row.get("matmul_n")
+  return bool(median and median >= MIN_CELL_SECONDS
+              and (n is None or n >= MIN_MATMUL_N))
 
 
 def setting_key(row) -> Tuple:

@@ -158,5 +158,10 @@ class AssociativeRecall(Task):
             "vocab_size": self.vocab.size, "input_length": self.length,
             "pad_id": PAD_ID, "bos_id": BOS_ID, "eos_id": EOS_ID}
 
+  def encode(self, text: str) -> np.ndarray:
+    """int32 ids of whitespace-separated symbols (``"a 1 b 2 a"``);
+    ValueError for symbols not in the vocabulary."""
+    return self.vocab.encode(text)
+
   def decode(self, ids: Sequence[int]) -> str:
     return self.vocab.decode(ids)
