@@ -60,5 +60,5 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # data-parallel devices (-1: all left)
   c.mesh.seq = 1                  # sequence-parallel devices (ring attention)
-  c.mesh.model = 1                # reserved for tensor parallelism
+  c.mesh.model = 1                # heads; only ring attention splits them
   return c

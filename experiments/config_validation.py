@@ -27,7 +27,9 @@ from attn import parallel
 from attn import positional
 from attn import registry
 from configs import base as base_config
+from experiments import config_warnings
 from experiments import data as tasks_lib
+from experiments import metrics_io
 from experiments import problems as problems_lib
 
 ARCHS = tuple(problems_lib.ARCHS)
@@ -138,6 +140,8 @@ def prepare(config: ml_collections.ConfigDict,
         node = node[p]
       node[leaf] = value
   validate(config)
+  for warning in config_warnings.positional_warnings(config):
+    metrics_io.get_logger().warning("warning: %s", warning)
   return config
 
 

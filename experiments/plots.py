@@ -7,6 +7,7 @@ matplotlib runs headless (Agg backend).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import matplotlib
@@ -62,10 +63,32 @@ def plot_curves(workdir: str, path: str) -> str | None:
   return _save(fig, path)
 
 
+def wrap_path(text: str, width: int) -> str:
+  """``text`` broken after ``/`` or ``, `` into lines of at most ``width``
+  characters where it can be (panel titles that fit their panel)."""
+  parts = re.split(r"(?<=/)|(?<=, )", text)
+  lines = [""]
+  for part in parts:
+    if lines[-1] and len(lines[-1]) + len(part) > width:
+      lines.append("")
+    lines[-1] += part
+  return "\n".join(line.rstrip() for line in lines)
+
+
+def tick_step(n: int, most: int = 10) -> int:
+  """The smallest of 1, 2, 5, 10, 20, 50, ... that puts at most ``most``
+  position labels on an axis of ``n`` cells (so labels never overlap)."""
+  decade = 1
+  while True:
+    for step in (decade, 2 * decade, 5 * decade):
+      if -(-n // step) <= most:
+        return step
+    decade *= 10
+
+
 def _ticks(ax, n: int, labels: Sequence[str] | None, axis: str):
   """Position indices on the main axis, tokens (if any) on the other side."""
-  step = max(1, int(np.ceil(n / 24)))
-  idx = list(range(0, n, step))
+  idx = list(range(0, n, tick_step(n)))
   secondary = (ax.secondary_xaxis("top") if axis == "x"
                else ax.secondary_yaxis("right"))
   if axis == "x":
@@ -116,7 +139,8 @@ def plot_attention_grid(weights_LNTS: np.ndarray, path: str, *,
       image = ax.imshow(w[l, n], cmap="viridis", vmin=vmin, vmax=vmax,
                         aspect="auto", interpolation="nearest")
       name = row_names[l] if row_names else f"layer {l}"
-      ax.set_title(f"{name}, head {n}", fontsize=8)
+      ax.set_title(wrap_path(f"{name}, head {n}", int(cell / 0.075)),
+                   fontsize=8)
       _ticks(ax, S, x_labels, "x")
       _ticks(ax, T, y_labels, "y")
       ax.set_xlabel(xlabel, fontsize=8)

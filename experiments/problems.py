@@ -93,8 +93,12 @@ class Problem:
   # Test examples the attention summary averages over.
   summary_examples = 32
 
-  def draw(self, params, task, workdir, step=None) -> list[str]:
+  def draw(self, params, task, workdir, step=None, best_step=None
+           ) -> list[str]:
     """Every picture of the run into ``workdir/figures[/step_N]``.
+
+    ``step``: a mid-run drawing at that step; ``None``: the final pictures
+    of the best checkpoint (``best_step``, named in the titles).
 
     Sets :attr:`attention_summary` (``{"<module>/head_<n>/<stat>": value}``,
     empty if the model has no attention maps), for the caller to record as
@@ -102,7 +106,9 @@ class Problem:
     """
     self.caption = (f"{type(self.model).__name__}, attention="
                     f"{self._variant()}, "
-                    + ("best checkpoint" if step is None else f"step {step}"))
+                    + (f"step {step}" if step is not None else
+                       "best checkpoint" + ("" if best_step is None
+                                            else f" (step {best_step})")))
     self.attention_summary = {}
     paths = []
     if step is None:

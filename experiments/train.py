@@ -268,7 +268,8 @@ def _draw(problem, params, task, workdir, step, writer=None,
   images, at ``record_step`` (default ``step``).
   """
   if _is_main_process():
-    paths = problem.draw(params, task, workdir, step=step)
+    paths = problem.draw(params, task, workdir, step=step,
+                         best_step=record_step)
     if writer is not None:
       at = step if record_step is None else record_step
       summary = getattr(problem, "attention_summary", None)
@@ -278,7 +279,7 @@ def _draw(problem, params, task, workdir, step, writer=None,
     return paths
   scratch = tempfile.mkdtemp(prefix="attn-figures-")
   try:
-    problem.draw(params, task, scratch, step=step)
+    problem.draw(params, task, scratch, step=step, best_step=record_step)
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
   return []

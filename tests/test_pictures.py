@@ -167,3 +167,18 @@ def test_pictures_report_and_tensorboard(tmp_path):
   assert '<img src="figures/map.png"' in page     # relative link
   assert "performer" in page and "0.98" in page
   assert "<td>enc/attention</td><td>0</td><td>0.5</td>" in page
+
+
+def test_position_ticks_never_crowd_and_long_titles_wrap():
+  for n in range(1, 2000, 7):
+    step = plots.tick_step(n)
+    assert -(-n // step) <= 10 and str(step)[0] in "125"
+    smaller = {1: None, 2: 1, 5: 2}.get(int(str(step)[0]))
+    if smaller is not None:  # the next smaller nice step would crowd
+      assert -(-n // (smaller * step // int(str(step)[0]))) > 10
+  assert [plots.tick_step(n) for n in (10, 11, 48, 101)] == [1, 2, 5, 20]
+  title = "TransformerEncoder_0/layer_0/attention, head 3"
+  wrapped = plots.wrap_path(title, 29)
+  assert wrapped.replace("\n", "") == title
+  assert max(map(len, wrapped.split("\n"))) <= 29
+  assert plots.wrap_path("layer 0, head 1", 29) == "layer 0, head 1"

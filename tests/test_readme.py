@@ -17,6 +17,14 @@ repository root).
   ``path`` or ``data_dir``, that is not there, everything but building the
   task is checked), and modules exposing ``config_from_flags`` and
   ``validate_config`` (the benchmark, the figures) have those called.
+* Every fenced ```python block of ``README.md`` runs as written: each one
+  alone, in a fresh namespace, in one of two worker subprocesses that share
+  the blocks (CPU, 8 simulated devices for the ring-attention example); a
+  failure names the block's README line. Code that is not meant to run
+  (signatures, pseudo-code, shell sessions) is fenced ```text, ```bash or
+  bare.
+* The examples in the *Built-in tasks* table are what
+  ``python -m experiments.data --count 2`` prints.
 """
 
 import glob
@@ -282,3 +290,259 @@ def test_ci_runs_the_readme_test_command():
   assert "pytest" in command and "venv" in command
   ci = read(os.path.join(ROOT, ".ci", "run")).splitlines()
   assert command in ci
+
+
+
+# --------------------------------------------------------------------------
+# The README's Python blocks run as written
+
+_FENCE_OPEN = re.compile(r"^ {0,3}(`{3,}|~{3,})[ \t]*([^\s`]*)")
+
+
+def fenced_blocks(text):
+  """``[(line, info, code)]`` for every fenced code block of ``text``:
+  ``line`` is the 1-based line of the opening fence, ``info`` its language
+  tag (lower case, ``""`` for none). A block closes at a fence of the same
+  character that is at least as long and carries no tag (CommonMark), so
+  fences shown inside a longer fence stay part of that block."""
+  blocks, opened = [], None
+  for number, line in enumerate(text.splitlines(), 1):
+    if opened is None:
+      m = _FENCE_OPEN.match(line)
+      if m:
+        opened, fence, info, body = number, m.group(1), m.group(2).lower(), []
+    elif re.fullmatch(r" {0,3}%s{%d,}[ \t]*" % (re.escape(fence[0]),
+                                                  len(fence)), line):
+      blocks.append((opened, info, "".join(l + "\n" for l in body)))
+      opened = None
+    else:
+      body.append(line)
+  return blocks
+
+
+PYTHON_TAGS = ("python", "py", "python3")
+
+
+def python_blocks(text):
+  """``[(line, code)]`` for the ```python blocks (see :func:`fenced_blocks`)."""
+  return [(line, code) for line, info, code in fenced_blocks(text)
+          if info in PYTHON_TAGS]
+
+
+def run_blocks(blocks, claim_dir=None):
+  """Runs each ``(path, line, code)`` block alone and reports on each.
+
+  Every block gets a fresh namespace (``__name__ == "__main__"``) and is
+  compiled so that tracebacks name ``path`` and the document's own line
+  numbers. Its stdout is swallowed. Attention variants a block registers
+  are unregistered after it, so one block's ``@register_attention`` does not
+  leak into the next one's ``attn.list_attention()``.
+
+  Args:
+    blocks: ``[(path, line, code)]``.
+    claim_dir: for several workers sharing ``blocks``: a worker runs block
+      ``i`` only if it is the first to create the file ``claim_dir/i``, and
+      the workers go through the blocks longest first (length is a rough
+      measure of cost; a long block picked up last would finish alone).
+
+  Returns:
+    ``[{"path", "line", "seconds", "cpu_seconds", "error"}]`` for the blocks
+    it ran, ``error`` None or the traceback.
+  """
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import traceback  # pylint: disable=g-import-not-at-top
+  from attn import registry  # pylint: disable=g-import-not-at-top
+  results = []
+  order = list(range(len(blocks)))
+  if claim_dir is not None:
+    order.sort(key=lambda i: -len(blocks[i][2]))
+  for i in order:
+    path, line, code = blocks[i]
+    if claim_dir is not None:
+      try:
+        os.close(os.open(os.path.join(claim_dir, str(i)),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+      except FileExistsError:
+        continue                  # another worker has it
+    saved = dict(registry._REGISTRY), dict(registry._ALIASES)  # pylint: disable=protected-access
+    start, start_cpu = time.perf_counter(), time.process_time()
+    error = None
+    try:
+      compiled = compile("\n" * line + code, path, "exec")
+      with contextlib.redirect_stdout(io.StringIO()):
+        exec(compiled, {"__name__": "__main__"})  # pylint: disable=exec-used
+    except (Exception, SystemExit) as e:  # pylint: disable=broad-except
+      tb = e.__traceback__.tb_next or e.__traceback__   # from the block on
+      error = "".join(traceback.format_exception(type(e), e, tb))[-4000:]
+    finally:
+      for table, before in zip((registry._REGISTRY, registry._ALIASES), saved):  # pylint: disable=protected-access
+        table.clear()
+        table.update(before)
+    results.append({"path": path, "line": line, "error": error,
+                    "seconds": round(time.perf_counter() - start, 2),
+                    "cpu_seconds": round(time.process_time() - start_cpu, 2)})
+  return results
+
+
+def _run_blocks_main():
+  """Worker entry: ``argv[1:]`` = blocks JSON file, results file, claims
+  directory."""
+  with open(sys.argv[1], encoding="utf-8") as f:
+    blocks = json.load(f)
+  results = run_blocks(blocks, claim_dir=sys.argv[3])
+  with open(sys.argv[2], "w", encoding="utf-8") as f:
+    json.dump(results, f)
+
+
+# What the subprocess that runs the README's blocks gets: the CPU, 8
+# simulated devices (the ring-attention example splits a sequence over all
+# devices) and XLA's cheapest compilation: the examples run eagerly, one
+# small compilation per operation, so compile time is most of their cost
+# (these three flags halve it).
+BLOCK_XLA_FLAGS = ("--xla_force_host_platform_device_count=8 "
+                   "--xla_backend_optimization_level=0 "
+                   "--xla_llvm_disable_expensive_passes=true "
+                   "--xla_cpu_use_fusion_emitters=false")
+
+
+# Worker subprocesses that share the blocks (each block runs in one of them;
+# a worker takes the next unclaimed block when it is free): the blocks'
+# cost is compilation and tracing, one CPU core each.
+WORKERS = min(2, os.cpu_count() or 1)
+
+
+def run_blocks_in_subprocesses(blocks, work_dir, workers=WORKERS):
+  """:func:`run_blocks` in ``workers`` fresh interpreters (never this one:
+  the blocks start JAX with 8 simulated devices); results in block order."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+      filter(None, [os.environ.get("XLA_FLAGS", ""), BLOCK_XLA_FLAGS])))
+  blocks_file = os.path.join(work_dir, "blocks.json")
+  with open(blocks_file, "w", encoding="utf-8") as f:
+    json.dump(blocks, f)
+  claims = os.path.join(work_dir, "claims")
+  os.makedirs(claims)
+  procs = []
+  for w in range(workers):
+    out, err = (os.path.join(work_dir, f"worker_{w}.{ext}")
+                for ext in ("json", "stderr"))
+    with open(err, "w", encoding="utf-8") as stderr:
+      procs.append((subprocess.Popen(
+          [sys.executable, "-c",
+           "from tests.test_readme import _run_blocks_main; _run_blocks_main()",
+           blocks_file, out, claims], stdin=subprocess.DEVNULL,
+          stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT, env=env),
+                    out, err))
+  try:
+    for proc, _, _ in procs:
+      proc.wait(timeout=900)
+  finally:
+    for proc, _, _ in procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  results = []
+  for proc, out, err in procs:
+    assert proc.returncode == 0, read(err)[-3000:]
+    with open(out, encoding="utf-8") as f:
+      results.extend(json.load(f))
+  return sorted(results, key=lambda r: (r["path"], r["line"]))
+
+
+def test_python_blocks_are_extracted():
+  text = ("# T\n"                          # 1
+          "```python\n"                    # 2
+          "x = 1\n"                        # 3
+          "```\n"                          # 4
+          "```bash\npython -c 'x'\n```\n"  # 5-7
+          "```text\nnot(code\n```\n"       # 8-10
+          "````markdown\n"                 # 11
+          "```python\nnested = 1\n```\n"   # 12-14
+          "````\n"                         # 15
+          "```\nbare\n```\n"               # 16-18
+          "  ```py\n"                      # 19
+          "y = 2\n"                        # 20
+          "\n"                             # 21
+          "z = 3\n"                        # 22
+          "  ```\n")                       # 23
+  assert python_blocks(text) == [(2, "x = 1\n"), (19, "y = 2\n\nz = 3\n")]
+  assert [(l, i) for l, i, _ in fenced_blocks(text)] == [
+      (2, "python"), (5, "bash"), (8, "text"), (11, "markdown"), (16, ""),
+      (19, "py")]
+  assert len(python_blocks(read(DOCS[0]))) >= 10   # the README has blocks
+
+
+def test_block_runner_reports_failures_and_isolates_blocks():
+  blocks = [
+      ("doc.md", 1, "x = 1\nprint(x)\n"),
+      ("doc.md", 10, "y = x\n"),                       # fresh namespace
+      ("doc.md", 20, "a = 1\n\n1 / 0\n"),              # fails on line 23
+      ("doc.md", 30, "from attn.registry import register_attention\n"
+                     "register_attention('readme_test_variant')(lambda q, k, v: v)\n"),
+      ("doc.md", 40, "import attn\n"
+                     "assert 'readme_test_variant' not in attn.list_attention()\n"),
+  ]
+  results = run_blocks(blocks)
+  assert [r["line"] for r in results] == [1, 10, 20, 30, 40]
+  assert results[0]["error"] is None
+  assert "NameError" in results[1]["error"]
+  assert "ZeroDivisionError" in results[2]["error"]
+  assert 'File "doc.md", line 23' in results[2]["error"]
+  assert results[3]["error"] is None and results[4]["error"] is None
+
+
+def test_readme_python_blocks_run(tmp_path):
+  """Each ```python block of the README runs alone, as written."""
+  blocks = [("README.md", line, code)
+            for line, code in python_blocks(read(DOCS[0]))]
+  assert blocks
+  results = run_blocks_in_subprocesses(blocks, str(tmp_path))
+  assert [r["line"] for r in results] == [line for _, line, _ in blocks]
+  bad = [f"README.md:{r['line']} ({r['seconds']} s):\n{r['error']}"
+         for r in results if r["error"]]
+  slowest = sorted(results, key=lambda r: -r["seconds"])[:5]
+  assert not bad, ("README python blocks that fail (line of the opening "
+                   "fence):\n\n" + "\n\n".join(bad) + "\n\nslowest: "
+                   + ", ".join(f"{r['line']}: {r['seconds']} s"
+                               for r in slowest))
+
+
+# --------------------------------------------------------------------------
+# The Built-in tasks table shows what the tasks produce
+
+_SHAPE = re.compile(r"^\[[\d, ]+\]$")
+
+
+def task_table(text):
+  """``{task: [fragment, ...]}``: the backticked pieces of the example column
+  of the Built-in tasks table, cut at ``…`` (shapes such as ``[8, 8, 1]``
+  left out: the examples print them as tuples)."""
+  section = text.split("### Built-in tasks", 1)[1].split("\n### ", 1)[0]
+  rows = {}
+  for line in section.splitlines():
+    m = re.match(r"^\| `(\w+)` \|.*\|([^|]*)\|\s*$", line)
+    if not m:
+      continue
+    pieces = []
+    for fragment in re.findall(r"`([^`]+)`", m.group(2)):
+      if not _SHAPE.match(fragment):
+        pieces.extend(p.strip() for p in fragment.split("…") if p.strip())
+    rows[m.group(1)] = pieces
+  return rows
+
+
+def test_task_table_examples_are_what_the_tasks_print():
+  from experiments.data import __main__ as data_main  # pylint: disable=g-import-not-at-top
+  from experiments.data import get_task, list_tasks  # pylint: disable=g-import-not-at-top
+  rows = task_table(read(DOCS[0]))
+  assert sorted(rows) == sorted(list_tasks())
+  bad = []
+  for name, pieces in rows.items():
+    task = get_task(name)
+    batch = task.batch("train", 0, 2)
+    printed = "\n".join(data_main.render_example(task, batch, i)
+                        for i in range(2))
+    bad.extend((name, p) for p in pieces if p not in printed)
+  assert not bad, ("table examples that `python -m experiments.data --count 2`"
+                   f" does not print: {bad}")
