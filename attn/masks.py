@@ -97,3 +97,14 @@ def dropout_keep(rng: Array, rate: float, shape, broadcast_axes=()) -> Array:
   for a in broadcast_axes:
     shape[a] = 1
   return jax.random.bernoulli(rng, 1.0 - rate, tuple(shape))
+
+
+def residual_lse(lse, dtype):
+  """A blockwise kernel's log-sum-exp as ``jax.nn`` reports it, in ``dtype``.
+
+  ``jax.nn`` counts masked logits as :data:`MASK_VALUE`, so a fully masked
+  row has ``lse = MASK_VALUE + log(S)`` (``MASK_VALUE`` in float32) where an
+  online softmax that skips masked keys has ``-inf``.
+  """
+  lse = jnp.where(jnp.isneginf(lse), jnp.float32(MASK_VALUE), lse)
+  return lse.astype(dtype)

@@ -62,6 +62,23 @@ class TestResidual:
         out, attn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)),
         rtol=0, atol=0)
 
+  @pytest.mark.parametrize("implementation", ["chunked", "xla"])
+  def test_fully_masked_row_lse_is_jax_nns(self, implementation):
+    """jax.nn counts masked logits as MASK_VALUE: an empty row's lse is
+    about -2.4e38, not -inf, for every implementation (masks and lengths)."""
+    q, k, v = _qkv()
+    mask = np.ones((B, 1, T, S), bool)
+    mask[0, 0, 2] = False
+    lengths = jnp.array([0] + [S] * (B - 1))
+    for kw in (dict(mask=jnp.asarray(mask)),
+               dict(key_value_seq_lengths=lengths)):
+      _, lse = attn.dot_product_attention(
+          q, k, v, implementation=implementation, return_residual=True, **kw)
+      _, want = jax.nn.dot_product_attention(
+          q, k, v, implementation="xla", return_residual=True, **kw)
+      np.testing.assert_allclose(lse, want, rtol=1e-6)
+      assert np.all(np.isfinite(np.asarray(lse)))
+
   def test_no_gradient_through_lse_and_unbatched_shape(self):
     q, k, v = _qkv()
     f = functools.partial(attn.dot_product_attention, implementation="xla",

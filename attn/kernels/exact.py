@@ -327,7 +327,7 @@ def _chunked(inputs: canonical.AttentionInputs, *, dropout_rate, dropout_rng,
                              return_residual=return_residual)
   if return_residual:
     out, lse = result
-    return out, lse.astype(inputs.key.dtype)  # jax.nn's residual dtype
+    return out, masks.residual_lse(lse, inputs.key.dtype)  # as jax.nn
   return result
 
 

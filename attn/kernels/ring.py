@@ -693,7 +693,8 @@ def ring_attention(query: Array, key: Array, value: Array,
     if _explicit(mesh):  # an unevenly padded sharded axis cannot be sliced
       lse = jax.sharding.reshard(lse, NamedSharding(mesh, P()))
     lse = lse[:, :T]
-  return out, canonical.restore_batch(lse, inputs)
+  return out, canonical.restore_batch(
+      masks.residual_lse(lse, jnp.float32), inputs)
 
 
 def _is_mesh(x) -> bool:
