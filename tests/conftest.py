@@ -4,9 +4,20 @@ Float64 references live in :mod:`tests.reference` (importable by any test
 module); this file holds fixtures only.
 """
 
-import jax
-import numpy as np
-import pytest
+import os
+import tempfile
+
+# One persistent compilation cache for the whole session: pytest-xdist
+# workers and the subprocesses tests start (which inherit the environment)
+# compile a program that another process already compiled only once.
+# Results are unchanged: a cache hit loads the same executable.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"attn-tests-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 @pytest.fixture
