@@ -86,7 +86,7 @@ def tick_step(n: int, most: int = 10) -> int:
     decade *= 10
 
 
-def _ticks(ax, n: int, labels: Sequence[str] | None, axis: str):
+def position_ticks(ax, n: int, labels: Sequence[str] | None, axis: str):
   """Position indices on the main axis, tokens (if any) on the other side."""
   idx = list(range(0, n, tick_step(n)))
   secondary = (ax.secondary_xaxis("top") if axis == "x"
@@ -130,8 +130,10 @@ def plot_attention_grid(weights_LNTS: np.ndarray, path: str, *,
   vmax = max(float(np.nanmax(w)) if w.size else 1.0, 1e-6)
   vmin = min(0.0, float(np.nanmin(w)) if w.size else 0.0)
   cell = max(2.2, min(4.5, 0.2 * max(T, S)))
+  # Constrained layout keeps the token axes (top, right) and the colour
+  # bar clear of the neighbouring panels.
   fig, axes = plt.subplots(L, N, figsize=(cell * N + 1.6, cell * L + 1.4),
-                           squeeze=False)
+                           squeeze=False, layout="constrained")
   image = None
   for l in range(L):
     for n in range(N):
@@ -141,15 +143,14 @@ def plot_attention_grid(weights_LNTS: np.ndarray, path: str, *,
       name = row_names[l] if row_names else f"layer {l}"
       ax.set_title(wrap_path(f"{name}, head {n}", int(cell / 0.075)),
                    fontsize=8)
-      _ticks(ax, S, x_labels, "x")
-      _ticks(ax, T, y_labels, "y")
+      position_ticks(ax, S, x_labels, "x")
+      position_ticks(ax, T, y_labels, "y")
       ax.set_xlabel(xlabel, fontsize=8)
       ax.set_ylabel(ylabel, fontsize=8)
   heading = title + (f"\n{note}" if note else "")
   if heading:
     fig.suptitle(heading, fontsize=9)
-  fig.tight_layout()
-  bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, pad=0.06)
+  bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
   bar.set_label("attention weight", fontsize=8)
   bar.ax.tick_params(labelsize=8)
   return _save(fig, path)

@@ -355,3 +355,40 @@ def test_every_variant_in_every_model(variant):
                 "vit": (B, 3), "rnn": (B, T, V)}[name]
     assert out.shape == expected and out.dtype == jnp.float32, (name, out)
     assert "params" in variables
+
+
+# --------------------------------------------------------------------------
+# Initialisation: a jitted init gives exactly the eager numbers.
+
+
+def test_initialisers_match_flax_defaults_eagerly_and_under_jit():
+  from flax.linen.linear import default_embed_init  # pylint: disable=g-import-not-at-top
+  from attn.modules.embeddings import normal_init, token_embedding_init  # pylint: disable=g-import-not-at-top
+  key = jax.random.key(3)
+  for shape in [(13, 32), (39, 48)]:
+    eager = token_embedding_init(key, shape)
+    np.testing.assert_array_equal(eager, default_embed_init(key, shape))
+    np.testing.assert_array_equal(
+        jax.jit(token_embedding_init, static_argnums=1)(key, shape), eager)
+    init = normal_init(0.02)
+    eager = init(key, shape)
+    np.testing.assert_array_equal(eager,
+                                  jax.nn.initializers.normal(0.02)(key, shape))
+    np.testing.assert_array_equal(jax.jit(init, static_argnums=1)(key, shape),
+                                  eager)
+
+
+# emb_dim 24: 1/sqrt(24) is inexact, so a fused product would round
+# differently (with 16 the scale 1/4 is exact and nothing could differ).
+@pytest.mark.parametrize("make", [
+    lambda: (tiny_lm(emb_dim=24), (tokens(1),)),
+    lambda: (Seq2SeqTransformer(cfg(vocab_size=V, max_len=12, emb_dim=24)),
+             (tokens(2), tokens(3))),
+    lambda: (ViT(cfg(positional="learned"), num_classes=3, patch_size=2),
+             (IMAGES,)),
+], ids=["lm", "seq2seq", "vit"])
+def test_jitted_init_is_bit_identical_to_eager(make):
+  model, args = make()
+  eager = model.init(KEY, *args)
+  jitted = jax.jit(model.init)(KEY, *args)
+  jax.tree.map(np.testing.assert_array_equal, jitted, eager)

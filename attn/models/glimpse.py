@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from attn.modules import GlimpseAttention
+from attn.modules.embeddings import Embed
 
 Array = jax.Array
 
@@ -56,7 +57,7 @@ class GlimpseNet(nn.Module):
     """int ``tokens[B, S]``, int ``context[B]`` -> ``(logits[B, C],
     weights[B, S])``."""
     cfg = self.config
-    x = nn.Embed(cfg.vocab_size, cfg.emb_dim)(tokens)
+    x = Embed(cfg.vocab_size, cfg.emb_dim)(tokens)
     return GlimpseAttention(cfg.num_contexts, cfg.num_classes,
                             score=cfg.score, max_length=cfg.max_len,
                             dtype=cfg.dtype)(x, context, mask=tokens != 0)

@@ -32,6 +32,7 @@ from attn import registry
 from attn.modules import (AdditiveAttention, LuongAttention,
                           MultiHeadAttention, PositionalEmbedding)
 from attn.modules.classic import LUONG_SCORES
+from attn.modules.embeddings import Embed
 
 Array = jax.Array
 
@@ -166,7 +167,7 @@ class RNNSeq2Seq(nn.Module):
     vocab_out = cfg.output_vocab_size or cfg.vocab_size
 
     def embed(tokens, vocab, name):
-      x = nn.Embed(vocab, cfg.emb_dim, dtype=cfg.dtype, name=name)(tokens)
+      x = Embed(vocab, cfg.emb_dim, dtype=cfg.dtype, name=name)(tokens)
       x = PositionalEmbedding(cfg.positional, cfg.max_len, dtype=cfg.dtype,
                               name=f"{name}_positional")(x)
       return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)

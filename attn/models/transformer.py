@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from attn.modules import MultiHeadAttention, PositionalEmbedding
+from attn.modules.embeddings import Embed
 
 Array = jax.Array
 AttentionSpec = Union[str, Callable[..., Array]]
@@ -285,7 +286,7 @@ class TokenEmbedding(nn.Module):
     """int ``tokens[B, T]`` -> ``[B, T, emb_dim]`` (dropout unless
     ``deterministic``)."""
     cfg = self.config
-    x = nn.Embed(self.vocab_size or cfg.need_vocab("TokenEmbedding"),
+    x = Embed(self.vocab_size or cfg.need_vocab("TokenEmbedding"),
                  cfg.emb_dim, dtype=cfg.dtype, name="embed")(tokens)
     x = PositionalEmbedding(cfg.positional, cfg.max_len, decode=cfg.decode,
                             dtype=cfg.dtype, name="positional")(x)

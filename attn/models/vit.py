@@ -17,6 +17,7 @@ from einops import einsum, rearrange
 
 from attn import positional as pe
 from attn.models.transformer import TransformerConfig, TransformerEncoder, pool
+from attn.modules.embeddings import normal_init
 
 Array = jax.Array
 
@@ -64,7 +65,7 @@ class ViT(nn.Module):
     x = rearrange(x, "b h w d -> b (h w) d")
     kind = pe.positional_kind(cfg.positional)
     if cfg.positional == "learned":
-      x = x + self.param("pos_embedding", nn.initializers.normal(0.02),
+      x = x + self.param("pos_embedding", normal_init(0.02),
                          (h * w, cfg.emb_dim)).astype(x.dtype)
     elif kind == "absolute":
       x = x + pe.sinusoidal_2d(h, w, cfg.emb_dim).astype(x.dtype)

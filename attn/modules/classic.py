@@ -29,6 +29,7 @@ import numpy as np
 from attn import scores as scores_lib
 from attn.masks import masked_softmax
 from attn.kernels.local_p import predicted_centres
+from attn.modules.embeddings import Embed, normal_init
 
 Array = jax.Array
 
@@ -64,13 +65,13 @@ def score_params(module: nn.Module, score: str, q_dim: int, k_dim: int, *,
     # std 1/√(q_dim·k_dim): with unit-variance queries and keys the logits
     # q W kᵀ start with unit variance, as the scaled dot product's do
     # (LeCun's 1/√q_dim would start them √k_dim times sharper).
-    w_init = nn.initializers.normal(1.0 / np.sqrt(q_dim * k_dim))
+    w_init = normal_init(1.0 / np.sqrt(q_dim * k_dim))
     return {"w_HK": module.param("w", w_init, (q_dim, k_dim))}
   if score == "additive":
     a = attention_dim or k_dim
     return {"w_q_HA": module.param("w_q", init, (q_dim, a)),
             "w_k_KA": module.param("w_k", init, (k_dim, a)),
-            "v_A": module.param("v", nn.initializers.normal(1.0 / np.sqrt(a)),
+            "v_A": module.param("v", normal_init(1.0 / np.sqrt(a)),
                                 (a,))}
   if score == "location":
     if max_length is None:
@@ -190,7 +191,7 @@ class LuongAttention(nn.Module):
     a = self.attention_dim or query.shape[-1]
     w_p = self.param("w_p", nn.initializers.lecun_normal(),
                      (query.shape[-1], a))
-    v_p = self.param("v_p", nn.initializers.normal(a ** -0.5), (a,))
+    v_p = self.param("v_p", normal_init(a ** -0.5), (a,))
     length_BT = jnp.sum(valid_BTS, axis=-1).astype(jnp.float32)
     return jax.vmap(predicted_centres, in_axes=(0, None, None, 0))(
         query, w_p, v_p, length_BT)
@@ -224,7 +225,7 @@ class GlimpseAttention(nn.Module):
     Returns ``(output[B, features], weights[B, S])``.
     """
     D = inputs.shape[-1]
-    query_B1D = nn.Embed(self.num_contexts, D, name="query")(context_ids)[:, None]
+    query_B1D = Embed(self.num_contexts, D, name="query")(context_ids)[:, None]
     params = score_params(self, self.score, D, D,
                           attention_dim=self.attention_dim,
                           max_length=self.max_length)

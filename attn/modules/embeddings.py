@@ -25,6 +25,35 @@ from attn import positional as pe
 Array = jax.Array
 
 
+def _unfused_normal(key, shape, dtype):
+  # Under jax.jit, XLA fuses a product with the normal draw into the draw
+  # and rounds some entries differently (1 ulp) from the same code run
+  # eagerly; the barrier keeps them apart, so both give the eager numbers.
+  return jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype))
+
+
+def normal_init(stddev: float):
+  """``nn.initializers.normal(stddev)``, with the same numbers eagerly and
+  under ``jax.jit`` (so a jitted ``init`` reproduces an eager one)."""
+  def init(key, shape, dtype=jnp.float32):
+    return _unfused_normal(key, shape, dtype) * jnp.array(stddev, dtype)
+  return init
+
+
+def token_embedding_init(key, shape, dtype=jnp.float32):
+  """``nn.Embed``'s default initialiser, N(0, 1/features), with the same
+  numbers eagerly and under ``jax.jit`` (see :func:`normal_init`)."""
+  return (_unfused_normal(key, shape, dtype)
+          * jnp.sqrt(jnp.array(1.0 / shape[-1], dtype)))
+
+
+def Embed(num_embeddings: int, features: int, **kwargs) -> nn.Embed:  # pylint: disable=invalid-name
+  """``nn.Embed`` with :func:`token_embedding_init` (the models' embedding
+  tables)."""
+  return nn.Embed(num_embeddings, features,
+                  embedding_init=token_embedding_init, **kwargs)
+
+
 class PositionalEmbedding(nn.Module):
   """Adds an absolute positional encoding to ``x[B, T, D]``; else identity.
 

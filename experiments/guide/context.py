@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from typing import Dict, List, Optional
 
@@ -11,7 +12,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
+from PIL import Image
 
+from experiments import plots
 from experiments.guide import runs
 
 DPI = 80
@@ -44,8 +47,13 @@ class Context:
     """Writes ``fig`` as ``guide_<name>.png`` and closes it."""
     os.makedirs(self.output_dir, exist_ok=True)
     path = self.path(name)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
+    # A 256-colour palette: the committed PNGs stay small (a third of the
+    # bytes) and look the same.
+    image = Image.open(buffer).convert("RGB")
+    image.quantize(256).save(path, optimize=True)
     return path
 
   def model(self, name: str) -> runs.Trained:
@@ -60,22 +68,32 @@ class Context:
 
 
 def heatmap(ax, w, title: str = "", x_labels=None, y_labels=None,
-            vmax=None, cmap: str = "viridis", gamma: float = 1.0):
-  """``w[rows, cols]`` as an image with optional tick labels.
+            vmax=None, cmap: str = "viridis", gamma: float = 1.0,
+            vmin: float = 0.0):
+  """``w[rows, cols]`` as an image; returns it (for :func:`colorbar`).
 
-  ``gamma < 1`` brightens small values (a power-law colour scale).
+  Position indices on the axes, tokens (``x_labels``/``y_labels``) on the
+  top/right axes, as in the pictures every run draws
+  (:func:`experiments.plots.position_ticks`). Pass the same ``vmax`` to
+  every panel of a figure so that one colour bar reads them all; ``gamma <
+  1`` brightens small values (a power-law colour scale).
   """
-  norm = matplotlib.colors.PowerNorm(gamma, vmin=0.0, vmax=vmax)
-  ax.imshow(np.asarray(w, np.float32), cmap=cmap, norm=norm,
-            aspect="auto", interpolation="nearest")
+  w = np.asarray(w, np.float32)
+  norm = matplotlib.colors.PowerNorm(gamma, vmin=vmin, vmax=vmax)
+  image = ax.imshow(w, cmap=cmap, norm=norm, aspect="auto",
+                    interpolation="nearest")
   ax.set_title(title, fontsize=8)
-  for labels, set_ticks in ((x_labels, ax.set_xticks),
-                            (y_labels, ax.set_yticks)):
-    if labels is None:
-      set_ticks([])
-    else:
-      kw = {"rotation": 90} if set_ticks == ax.set_xticks else {}
-      set_ticks(range(len(labels)), list(labels), fontsize=6, **kw)
+  plots.position_ticks(ax, w.shape[1], x_labels, "x")
+  plots.position_ticks(ax, w.shape[0], y_labels, "y")
+  return image
+
+
+def colorbar(fig, axes, image, label: str = "attention weight"):
+  """One colour bar for ``axes`` (the panels drawn on ``image``'s scale)."""
+  bar = fig.colorbar(image, ax=list(np.ravel(axes)), shrink=0.85)
+  bar.set_label(label, fontsize=8)
+  bar.ax.tick_params(labelsize=8)
+  return bar
 
 
 def token_labels(task, ids) -> List[str]:

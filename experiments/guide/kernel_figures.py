@@ -19,7 +19,8 @@ from attn import registry
 from attn import scores as scores_lib
 from attn.masks import masked_softmax
 from attn.modules import nadaraya_watson
-from experiments.guide.context import Context, heatmap
+from experiments import plots
+from experiments.guide.context import Context, colorbar, heatmap
 
 
 def sinusoidal_figure(ctx: Context) -> Dict[str, Any]:
@@ -33,7 +34,8 @@ def sinusoidal_figure(ctx: Context) -> Dict[str, Any]:
                         for k in range(-positions + 1, positions))
   fig, axes = plt.subplots(1, 3, figsize=(11, 3.6),
                            gridspec_kw={"width_ratios": [1.0, 0.45, 1.0]})
-  axes[0].imshow(pe_PD, cmap="RdBu", aspect="auto", interpolation="nearest")
+  pe_image = axes[0].imshow(pe_PD, cmap="RdBu", aspect="auto",
+                            interpolation="nearest", vmin=-1, vmax=1)
   axes[0].set(title="sinusoidal_encoding(positions, dim)",
               xlabel="dimension (sin, cos pairs; frequency falls →)",
               ylabel="position")
@@ -41,12 +43,14 @@ def sinusoidal_figure(ctx: Context) -> Dict[str, Any]:
                  interpolation="nearest")
   axes[1].set(title="binary counter", xlabel="bit (0 = fastest)",
               xticks=range(bits))
-  axes[2].imshow(sim_PP, cmap="viridis", interpolation="nearest")
+  sim_image = axes[2].imshow(sim_PP, cmap="viridis", interpolation="nearest")
   axes[2].set(title="PE[p]·PE[q]: depends on p − q only",
               xlabel="position q", ylabel="position p")
   for ax in axes:
     ax.title.set_fontsize(9)
-  fig.tight_layout()
+  fig.set_layout_engine("constrained")  # clear of token axes, bars
+  colorbar(fig, axes[0], pe_image, "PE value")
+  colorbar(fig, axes[2], sim_image, "dot product")
   wavelengths = 2 * np.pi * 10000.0 ** (np.arange(0, dim, 2) / dim)
   return {"path": ctx.save(fig, "sinusoidal"),
           "shortest_wavelength": float(wavelengths[0]),
@@ -109,19 +113,26 @@ def masking_figure(ctx: Context) -> Dict[str, Any]:
   diff = float(np.max(np.abs(before[rows] - after[rows])))
   fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
   shown = np.where(mask_TS, np.asarray(scores_TS), np.nan)
-  axes[0].imshow(shown, cmap="coolwarm", interpolation="nearest")
+  score_image = axes[0].imshow(shown, cmap="coolwarm",
+                               interpolation="nearest")
+  plots.position_ticks(axes[0], S, None, "x")
+  plots.position_ticks(axes[0], T, None, "y")
   axes[0].set_title("scores; masked out = blank\n(causal, 7 real keys, "
                     "8 real queries)", fontsize=8)
-  heatmap(axes[1], before, "mask, then softmax\n(masked_softmax)", vmax=1)
+  weight_image = heatmap(axes[1], before,
+                         "mask, then softmax\n(masked_softmax)", vmax=1)
   heatmap(axes[2], np.nan_to_num(after, nan=0.0),
            "softmax, zero masked, renormalise\n(empty rows: 0/0 = NaN, "
            "drawn as 0)", vmax=1)
-  heatmap(axes[3], np.abs(before - np.nan_to_num(after, nan=0.0)),
+  diff_image = heatmap(axes[3], np.abs(before - np.nan_to_num(after, nan=0.0)),
            f"|difference|: max {diff:.1e}\non rows with a key", cmap="magma")
   for ax in axes:
     ax.set_xlabel("key s", fontsize=7)
   axes[0].set_ylabel("query t", fontsize=7)
-  fig.tight_layout()
+  fig.set_layout_engine("constrained")  # clear of token axes, bars
+  colorbar(fig, axes[0], score_image, "score")
+  colorbar(fig, axes[1:3], weight_image)
+  colorbar(fig, axes[3], diff_image, "|difference|")
   return {"path": ctx.save(fig, "masking"), "max_abs_difference": diff,
           "empty_rows_masked_softmax_sum": float(before[~rows].sum()),
           "empty_rows_renormalised_nan": bool(np.isnan(after[~rows]).all())}
@@ -150,11 +161,12 @@ def causal_vs_full_figure(ctx: Context) -> Dict[str, Any]:
   for ax, (title, kwargs) in zip(axes, cases.items()):
     _, w = attn.dot_product_attention(q, k, v, return_weights=True, **kwargs)
     w_TS = np.asarray(w[0, 0])
-    heatmap(ax, w_TS, title, vmax=1)
+    image = heatmap(ax, w_TS, title, vmax=1)
     ax.set_xlabel("key s", fontsize=7)
     facts[f"nonzero[{title}]"] = int(np.count_nonzero(w_TS))
   axes[0].set_ylabel("query t", fontsize=7)
-  fig.tight_layout()
+  fig.set_layout_engine("constrained")  # clear of token axes, bars
+  colorbar(fig, axes, image)
   facts["path"] = ctx.save(fig, "causal_vs_full")
   return facts
 
@@ -219,7 +231,7 @@ def variants_figure(ctx: Context) -> Dict[str, Any]:
   exact = effective_weights("softmax", q, k)
   cols = 5
   rows = -(-len(specs) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows),
+  fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.3 * rows),
                            squeeze=False)
   facts: Dict[str, Any] = {}
   for ax, spec in zip(axes.flat, specs):
@@ -228,14 +240,16 @@ def variants_figure(ctx: Context) -> Dict[str, Any]:
     tv = float(np.mean(0.5 * np.sum(np.abs(w - exact), axis=-1)))
     name = registry.parse_spec(spec)[0]
     facts[f"tv_distance[{name}]"] = tv
-    heatmap(ax, np.abs(w), f"{name}: TV {tv:.2f}",
-             vmax=float(np.abs(exact).max()), gamma=0.5)
+    image = heatmap(ax, np.abs(w), f"{name}: TV {tv:.2f}",
+                    vmax=float(np.abs(exact).max()), gamma=0.5)
   for ax in list(axes.flat)[len(specs):]:
     ax.axis("off")
-  fig.suptitle(f"|effective attention matrix| of each variant for the same "
-               f"q, k (T = {T}, queries down, keys across); TV = mean over "
-               "queries of ½ Σ_s |A − A_softmax|; colour ∝ √|A|", fontsize=9)
-  fig.tight_layout()
+  fig.suptitle(f"implied weights |A| of each variant (its output for "
+               f"one-hot values) for the same q, k (T = {T}, queries down, "
+               "keys across)\nTV = mean over queries of ½ Σ_s |A − "
+               "A_softmax|; power-law colour scale (√)", fontsize=9)
+  fig.set_layout_engine("constrained")  # clear of token axes, bars
+  colorbar(fig, axes, image, "|implied weight|")
   facts["path"] = ctx.save(fig, "variants")
   return facts
 
@@ -264,10 +278,12 @@ def nadaraya_watson_figure(ctx: Context) -> Dict[str, Any]:
               title="f(x) = Σ softmax(−(x − xᵢ)² / 2h²) yᵢ")
   axes[0].legend(fontsize=7)
   key_order = np.argsort(x_S)
-  heatmap(axes[1], weights[0.3][:, key_order],
-           "weights, h = 0.3 (queries × keys, both sorted by x)")
-  axes[1].set(xlabel="key xᵢ", ylabel="query x")
+  image = heatmap(axes[1], weights[0.3][:, key_order],
+                  "weights, h = 0.3 (queries × keys, both sorted by x)")
+  axes[1].set(xlabel="key index (sorted by xᵢ)",
+              ylabel="query index (sorted by x)")
   axes[0].title.set_fontsize(9)
-  fig.tight_layout()
+  fig.set_layout_engine("constrained")  # clear of token axes, bars
+  colorbar(fig, axes[1], image)
   facts["path"] = ctx.save(fig, "nadaraya_watson")
   return facts

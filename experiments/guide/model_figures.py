@@ -15,7 +15,8 @@ import numpy as np
 from attn import scores as scores_lib
 from attn.models import transformer as tfm
 from attn.models import vit as vit_lib
-from experiments.guide.context import Context, heatmap, token_labels
+from experiments import plots
+from experiments.guide.context import Context, colorbar, heatmap, token_labels
 from experiments.guide.runs import Trained
 
 
@@ -61,6 +62,9 @@ def encoder_decoder_figure(ctx: Context) -> Dict[str, Any]:
   inputs = batch["inputs"][:1]
   pred, weights = seq2seq_attention(trained, inputs)
   src, out = token_labels(task, inputs[0]), token_labels(task, pred[0])
+  # Decoder position t reads BOS + the outputs shifted right and predicts
+  # output t: its keys are what it reads, not what it predicts.
+  dec_in = ["BOS"] + out[:-1]
   # The first layer of each place, averaged over heads.
   first = {}
   for path, w in weights.items():
@@ -68,19 +72,24 @@ def encoder_decoder_figure(ctx: Context) -> Dict[str, Any]:
   L = int(np.sum(inputs[0] != 0))
   cross = first["cross"][1]
   mirrored = float(np.mean([cross[t, L - 1 - t] for t in range(L)]))
-  fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
-  for ax, (place, x_lab, y_lab, what) in zip(axes, (
-      ("encoder_self", src, src, "encoder self-attention (full)"),
-      ("decoder_self", out, out, "decoder self-attention (causal)"),
-      ("cross", src, out, "cross-attention (decoder → encoder)"))):
+  fig, axes = plt.subplots(1, 3, figsize=(13, 4.6))
+  for ax, (place, x_lab, y_lab, x_name, y_name, what) in zip(axes, (
+      ("encoder_self", src, src, "source position (key)",
+       "source position (query)", "encoder self-attention (full)"),
+      ("decoder_self", dec_in, out, "decoder input position (key; BOS + "
+       "outputs shifted)", "output position (query)",
+       "decoder self-attention (causal)"),
+      ("cross", src, out, "source position (key)", "output position (query)",
+       "cross-attention (decoder → encoder)"))):
     path, w = first[place]
-    heatmap(ax, w, f"{what}\n{path}, mean of heads", x_lab, y_lab, vmax=1)
-    ax.set_xlabel("key (source)" if place != "decoder_self" else
-                  "key (output so far)", fontsize=7)
-    ax.set_ylabel("query", fontsize=7)
-  fig.suptitle(f"reverse: {task.decode(inputs[0])} → {task.decode(pred[0])}",
-               fontsize=9)
-  fig.tight_layout()
+    image = heatmap(ax, w, f"{what}\n{path}, mean of heads", x_lab, y_lab,
+                    vmax=1)
+    ax.set_xlabel(x_name, fontsize=8)
+    ax.set_ylabel(y_name, fontsize=8)
+  fig.suptitle(f"{trained.describe()}: {task.decode(inputs[0])} → "
+               f"{task.decode(pred[0])}", fontsize=9)
+  fig.set_layout_engine("constrained")  # clear of token axes, bars
+  colorbar(fig, axes, image)
   return {"path": ctx.save(fig, "encoder_decoder"),
           "test_sequence_accuracy": trained.test.get("sequence_accuracy",
                                                      float("nan")),
@@ -100,13 +109,10 @@ def heads_figure(ctx: Context) -> Dict[str, Any]:
   letters = np.array([c.isalpha() for c in labels])
   enc = [(p, w[0, :, :n, :n]) for p, w in weights.items()
          if _place(p) == "encoder_self"]
-  L, N = len(enc), enc[0][1].shape[0]
-  fig, axes = plt.subplots(L, N, figsize=(2.9 * N, 3.0 * L), squeeze=False)
+  N = enc[0][1].shape[0]
   facts: Dict[str, Any] = {}
   for l, (path, w_NTS) in enumerate(enc):
     for h in range(N):
-      heatmap(axes[l, h], w_NTS[h], f"{path} head {h}", labels, labels,
-               vmax=1)
       # The key this head attends to most, and its share of all weight.
       share_S = w_NTS[h].sum(0) / n
       top = int(np.argmax(share_S))
@@ -114,10 +120,11 @@ def heads_figure(ctx: Context) -> Dict[str, Any]:
           f"{top}:{labels[top]}:{share_S[top]:.2f}")
       facts[f"mass_on_letters[layer{l}/head{h}]"] = float(
           share_S[letters].sum())
-  fig.suptitle(f"dates encoder self-attention, every head: "
-               f"{task.decode(inputs[0])!r}", fontsize=9)
-  fig.tight_layout()
-  facts["path"] = ctx.save(fig, "heads")
+  facts["path"] = plots.plot_attention_grid(
+      np.stack([w for _, w in enc]), ctx.path("heads"), x_labels=labels,
+      y_labels=labels, row_names=[p for p, _ in enc],
+      title=f"{trained.describe()}: encoder self-attention, every layer "
+            f"and head, on {task.decode(inputs[0])!r}")
   return facts
 
 
@@ -147,11 +154,16 @@ def dates_alignment_figure(ctx: Context) -> Dict[str, Any]:
     n = int(np.sum(inputs[b] != 0))
     ok = np.array_equal(pred[b], batch["targets"][chosen[b]])
     correct += int(ok)
-    heatmap(ax, w_BNTS[b].mean(0)[:, :n], f"{task.decode(inputs[b])!r} → "
-             f"{task.decode(pred[b])!r}", token_labels(task, inputs[b, :n]),
-             token_labels(task, pred[b]), vmax=1)
-  fig.suptitle(f"dates: cross-attention ({path}, mean of heads)", fontsize=9)
-  fig.tight_layout()
+    image = heatmap(ax, w_BNTS[b].mean(0)[:, :n],
+                    f"{task.decode(inputs[b])!r} → {task.decode(pred[b])!r}",
+                    token_labels(task, inputs[b, :n]),
+                    token_labels(task, pred[b]), vmax=1)
+    ax.set_xlabel("source position (key)", fontsize=8)
+    ax.set_ylabel("output position (query)", fontsize=8)
+  fig.suptitle(f"{trained.describe()}: cross-attention ({path}, mean of "
+               "heads)", fontsize=9)
+  fig.set_layout_engine("constrained")  # clear of token axes, bars
+  colorbar(fig, axes, image)
   return {"path": ctx.save(fig, "dates_alignment"),
           "test_sequence_accuracy": trained.test.get("sequence_accuracy",
                                                      float("nan")),
@@ -254,21 +266,24 @@ def vit_saliency_figure(ctx: Context) -> Dict[str, Any]:
   p = problem.model.patch_size
   grid = (batch["inputs"].shape[1] // p, batch["inputs"].shape[2] // p)
   sal = np.asarray(vit_lib.cls_saliency(rollout, grid))
-  fig, axes = plt.subplots(2, count, figsize=(1.7 * count, 3.8))
+  fig, axes = plt.subplots(2, count, figsize=(1.8 * count + 1.0, 3.8))
+  top = float(sal.max())            # one colour scale for every digit
   for b in range(count):
     image = batch["inputs"][b, ..., 0]
     axes[0, b].imshow(image, cmap="gray_r")
     axes[0, b].set_title(f"label {batch['labels'][b]}, pred {pred[b]}",
                          fontsize=7)
-    axes[1, b].imshow(np.kron(sal[b], np.ones((p, p))), cmap="inferno")
+    image_sal = axes[1, b].imshow(np.kron(sal[b], np.ones((p, p))),
+                                  cmap="inferno", vmin=0.0, vmax=top)
     axes[1, b].contour(image, levels=[0.5 * float(image.max())],
                        colors="cyan", linewidths=0.8)
     for ax in axes[:, b]:
       ax.axis("off")
-  fig.suptitle("ViT on 8×8 digits: attention rollout of the class token "
-               f"per {p}×{p} patch (bright = more), digit outlined",
+  fig.suptitle(f"{trained.describe()}: attention rollout of the class "
+               f"token per {p}×{p} patch (one colour scale), digit outlined",
                fontsize=9)
-  fig.tight_layout()
+  fig.set_layout_engine("constrained")  # clear of token axes, bars
+  colorbar(fig, axes[1], image_sal, "rollout weight")
   return {"path": ctx.save(fig, "vit_saliency"),
           "test_accuracy": trained.test.get("accuracy", float("nan")),
           "shown_correct": int(np.sum(pred == batch["labels"]))}
@@ -303,16 +318,20 @@ def glimpse_figure(ctx: Context) -> Dict[str, Any]:
   axes[0].axhline(1.0 / length, color="C1", linestyle=":",
                   label=f"uniform weight 1/{length}")
   axes[0].set_xticks(x, names, fontsize=7, rotation=20)
-  axes[0].set(ylim=(0, 1.05), title="glimpse network per score function")
-  axes[0].legend(fontsize=7)
+  axes[0].set(ylim=(0, 1.45), yticks=np.linspace(0, 1, 6),
+              title="glimpse network per score function")
+  axes[0].legend(fontsize=7, loc="upper center", ncol=2)
   target = int(batch["target_position"][0])
-  heatmap(axes[1], np.stack(rows), f"glimpse weights on one test example "
-           f"(context {task.key_names[batch['context'][0]]}, target at "
-           f"position {target}, boxed)", token_labels(task, batch["inputs"][0]),
-           names, vmax=1)
+  image = heatmap(axes[1], np.stack(rows), f"glimpse weights on one test "
+                  f"example (context {task.key_names[batch['context'][0]]}, "
+                  f"target at position {target}, boxed)",
+                  token_labels(task, batch["inputs"][0]), None, vmax=1)
+  axes[1].set_yticks(range(len(names)), names, fontsize=8)
+  axes[1].set_xlabel("input position", fontsize=8)
   axes[1].add_patch(plt.Rectangle((target - 0.5, -0.5), 1, len(names),
                                   fill=False, edgecolor="red", linewidth=1.5))
   axes[0].title.set_fontsize(9)
-  fig.tight_layout()
+  fig.set_layout_engine("constrained")  # clear of token axes, bars
+  colorbar(fig, axes[1], image)
   facts["path"] = ctx.save(fig, "glimpse")
   return facts

@@ -100,29 +100,39 @@ class Trained:
     init_params: freshly initialised parameters (same seed), for
       before/after comparisons.
     test: test metrics of the best checkpoint (``{}`` when not trained).
+    config: the run's validated config.
+    step: the best checkpoint's step (0 when not trained).
   """
   name: str
   problem: Any
   params: Any
   init_params: Any
   test: Dict[str, float]
+  config: Any = None
+  step: int = 0
+
+  def describe(self) -> str:
+    """``"<task> <arch>, attention <variant>, step <n>"`` for titles."""
+    c = self.config
+    return (f"{c.task.name} {c.model.get('arch', 'model')}, attention "
+            f"{c.model.get('attention', 'softmax')}, step {self.step}")
 
 
 
 def restore_best_params(config, problem, params, workdir: str):
-  """Parameters of the best checkpoint in ``workdir``.
+  """``(step, parameters)`` of the best checkpoint in ``workdir``.
 
   ``params`` gives the structure; raises ``CheckpointError`` if the
   checkpoint does not match it and ``ValueError`` if there is none.
   """
   target = train.init_state(config, params)  # the checkpointed train state
-  _, state = checkpoints.restore_best(workdir, target,
+  step, state = checkpoints.restore_best(workdir, target,
                                       best_metric=problem.best_metric,
                                       best_mode=problem.best_mode)
   if state is None:
     raise ValueError("no best checkpoint under "
                      f"{checkpoints.best_dir(workdir)}")
-  return state["params"]
+  return step, state["params"]
 
 
 def load_run(name: str, *, fast: bool, workdir: str) -> Trained:
@@ -135,10 +145,11 @@ def load_run(name: str, *, fast: bool, workdir: str) -> Trained:
   first = task.batch("train", 0, config.batch_size)
   init_params = jax.jit(problem.init)(jax.random.key(config.seed), first)
   if fast and name not in FAST_TRAINED:
-    return Trained(name, problem, init_params, init_params, {})
+    return Trained(name, problem, init_params, init_params, {}, config)
   test = metrics_io.final_test_metrics(workdir)
   if test is None:
     train.train_and_evaluate(config, workdir)
     test = metrics_io.final_test_metrics(workdir)
-  params = restore_best_params(config, problem, init_params, workdir)
-  return Trained(name, problem, params, init_params, test or {})
+  step, params = restore_best_params(config, problem, init_params, workdir)
+  return Trained(name, problem, params, init_params, test or {}, config,
+                 int(step))
