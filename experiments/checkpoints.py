@@ -21,6 +21,7 @@ naming it; nothing is silently restarted.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -151,9 +152,37 @@ def restore_latest(workdir: str, target: Any):
     manager.close()
 
 
+def _is_closed_loop_callback(unraisable) -> bool:
+  exc = unraisable.exc_value
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_abandoned_reads() -> None:
+  """Drops the "Event loop is closed" errors of an abandoned restore.
+
+  When Orbax's restore fails (a corrupt or mismatched checkpoint) it closes
+  its event loop while TensorStore reads are still in flight; each read
+  that finishes later calls back into the closed loop, and Python prints
+  that error as a traceback. The restore has already failed with a
+  :class:`CheckpointError` naming the checkpoint, so those tracebacks only
+  bury the one line that matters. Every other unraisable exception still
+  reaches the previous ``sys.unraisablehook``.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_attn_quiet", False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_callback(unraisable):
+      previous(unraisable)
+  hook._attn_quiet = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
 def _restore(manager, step: int, target: Any, kind: str):
   path = os.path.join(str(manager.directory), str(step))
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  _quiet_abandoned_reads()
   try:
     restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # pylint: disable=broad-except

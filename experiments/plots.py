@@ -21,7 +21,7 @@ from experiments import metrics_io
 
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=90, bbox_inches="tight")
+  fig.savefig(path, dpi=90, bbox_inches=None if fig.get_layout_engine() else "tight")
   plt.close(fig)
   return path
 

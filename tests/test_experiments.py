@@ -5,6 +5,7 @@ import glob
 import importlib
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -38,7 +39,8 @@ def load_config(name, **overrides):
 def tiny(name, **overrides):
   """runlocal config, made smaller still for unit tests."""
   base = dict(num_train_steps=6, eval_every_steps=3, checkpoint_every_steps=3,
-              log_every_steps=3, num_eval_examples=8, eval_batch_size=8)
+              log_every_steps=3, num_eval_examples=8, eval_batch_size=8,
+              **{"figures.num_examples": 1})
   base.update(overrides)
   config = load_config(name)
   config = config_validation.prepare(config)
@@ -57,13 +59,37 @@ def read_jsonl(workdir):
     return [json.loads(line) for line in f]
 
 
+# One config per problem kind draws its pictures in the smoke run.
+DRAWN = ("reverse", "reverse_rnn", "digits_vit", "glimpse", "nadaraya_watson",
+         "associative_recall", "digits_set_anomaly")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """``name -> (workdir, result)`` of the smoke run of config ``name``,
+  trained once per module (tests that need a finished run copy it)."""
+  runs = {}
+
+  def get(name):
+    if name not in runs:
+      path = str(tmp_path_factory.mktemp(name))
+      config = tiny(name, **{"figures.enabled": name in DRAWN})
+      runs[name] = (path, train.train_and_evaluate(config, path))
+    return runs[name]
+  return get
+
+
+def finished_copy(smoke_run, name, tmp_path):
+  """A private copy of the finished smoke run of ``name``."""
+  path = str(tmp_path / "run")
+  shutil.copytree(smoke_run(name)[0], path)
+  return path
+
+
 @pytest.mark.parametrize("name", EXPERIMENT_CONFIGS)
-def test_smoke_every_config(name, tmp_path):
-  draw = name in ("reverse", "reverse_rnn", "digits_vit", "glimpse",
-                  "nadaraya_watson", "associative_recall",
-                  "digits_set_anomaly")
-  config = tiny(name, **{"figures.enabled": draw})
-  result = train.train_and_evaluate(config, str(tmp_path))
+def test_smoke_every_config(name, smoke_run):
+  draw = name in DRAWN
+  tmp_path, result = smoke_run(name)
   records = read_jsonl(tmp_path)
   # Drawn runs also log what attention looked like (split "attention").
   expected = {"train", "valid", "test"} | ({"attention"} if draw else set())
@@ -80,9 +106,10 @@ def _final_params(workdir, config):
   task = config_validation.make_task(config)
   from experiments import problems  # pylint: disable=g-import-not-at-top
   problem = problems.make_problem(config, task)
-  params = problem.init(jax.random.key(0), task.batch("train", 0, 2))
-  step, state = checkpoints.restore_latest(
-      workdir, train.init_state(config, params))
+  # Shapes only: restoring needs the structure, not initialised numbers.
+  target = jax.eval_shape(lambda: train.init_state(
+      config, problem.init(jax.random.key(0), task.batch("train", 0, 2))))
+  step, state = checkpoints.restore_latest(workdir, target)
   return step, state["params"]
 
 
@@ -172,31 +199,38 @@ def test_misspelled_field_is_reported(tmp_path):
     train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_corrupt_checkpoint_is_named_and_fresh_start_sets_it_aside(tmp_path):
+# A failed restore prints nothing but its error (no "Event loop is closed"
+# tracebacks from Orbax's abandoned reads).
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_checkpoint_is_named_and_fresh_start_sets_it_aside(
+    smoke_run, tmp_path):
   config = tiny("copy", **{"figures.enabled": False})
-  train.train_and_evaluate(config, str(tmp_path))
-  step_dir = tmp_path / "checkpoints" / "latest" / "6"
+  workdir = finished_copy(smoke_run, "copy", tmp_path)
+  step_dir = tmp_path / "run" / "checkpoints" / "latest" / "6"
   for path in glob.glob(str(step_dir / "**" / "*"), recursive=True):
     if os.path.isfile(path) and "metadata" not in path.lower():
       with open(path, "wb") as f:
         f.write(b"garbage")
   with pytest.raises(train.CheckpointError, match=str(step_dir)):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, workdir)
   config.fresh_start = True
-  train.train_and_evaluate(config, str(tmp_path))
-  aside = glob.glob(str(tmp_path / "set_aside" / "*" / "checkpoints"))
+  train.train_and_evaluate(config, workdir)
+  aside = glob.glob(os.path.join(workdir, "set_aside", "*", "checkpoints"))
   assert len(aside) == 1  # progress is renamed, never deleted
 
 
-def test_incompatible_checkpoint_is_named(tmp_path):
+# A failed restore prints nothing but its error (no "Event loop is closed"
+# tracebacks from Orbax's abandoned reads).
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_incompatible_checkpoint_is_named(smoke_run, tmp_path):
   config = tiny("copy", **{"figures.enabled": False})
-  train.train_and_evaluate(config, str(tmp_path))
+  workdir = finished_copy(smoke_run, "copy", tmp_path)
   config.model.emb_dim = 16
   with pytest.raises(train.ConfigError, match="model.emb_dim: 32 -> 16"):
-    train.train_and_evaluate(config, str(tmp_path))
-  os.remove(tmp_path / "config.json")  # a workdir that records no config
+    train.train_and_evaluate(config, workdir)
+  os.remove(os.path.join(workdir, "config.json"))  # records no config
   with pytest.raises(train.CheckpointError, match="checkpoints"):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.parametrize("positional, equivariant",
@@ -209,7 +243,7 @@ def test_set_anomaly_reports_permutation_error(positional, equivariant):
   task = config_validation.make_task(config)
   problem = problems.make_problem(config, task)
   batch = task.batch("train", 0, 8)
-  params = problem.init(jax.random.key(0), batch)
+  params = jax.jit(problem.init)(jax.random.key(0), batch)
   error = float(problem.eval_step(params, batch)["permutation_error"])
   if equivariant:
     assert error < 1e-5

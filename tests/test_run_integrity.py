@@ -58,8 +58,9 @@ def final_state(workdir, cfg):
   """(latest step, latest params, best step) of a workdir."""
   task = config_validation.make_task(cfg)
   problem = problems.make_problem(cfg, task)
-  target = train.init_state(cfg, problem.init(jax.random.key(0),
-                                              task.batch("train", 0, 2)))
+  # Shapes only: restoring needs the structure, not initialised numbers.
+  target = jax.eval_shape(lambda: train.init_state(
+      cfg, problem.init(jax.random.key(0), task.batch("train", 0, 2))))
   step, state = checkpoints.restore_latest(workdir, target)
   best_step, _ = checkpoints.restore_best(
       workdir, target, best_metric=problem.best_metric,

@@ -233,7 +233,7 @@ def embeddings_figure(ctx: Context) -> Dict[str, Any]:
                  "grey lines join the two cases of a letter", fontsize=9)
     ax.set_xticks([])
     ax.set_yticks([])
-  axes[0].legend(fontsize=7)
+  axes[0].legend(fontsize=7, loc="upper left")
   letters = [chars[a] for a, _ in pairs]
   order = np.argsort(same_case["after training"])
   for when, marker in (("initialisation", "x"), ("after training", "o")):
@@ -247,7 +247,7 @@ def embeddings_figure(ctx: Context) -> Dict[str, Any]:
                      fontsize=6)
   axes[2].set(xlabel="cosine similarity", title="cos(lower case, upper case)")
   axes[2].title.set_fontsize(9)
-  axes[2].legend(fontsize=7)
+  axes[2].legend(fontsize=7, loc="lower right")
   fig.tight_layout()
   facts["path"] = ctx.save(fig, "embeddings")
   return facts
