@@ -51,6 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2          # latest-N kept (the best is kept apart)
   c.num_eval_examples = 512       # validation/test examples per evaluation
   c.eval_batch_size = 128
+  c.prefetch_batches = 2          # train batches made ahead on a thread; 0: none
 
   c.figures = ml_collections.ConfigDict()
   c.figures.enabled = True        # write workdir/figures/ at the end

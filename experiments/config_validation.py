@@ -157,6 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "model.num_layers", "model.num_heads", "model.emb_dim",
                      "model.mlp_dim"], problems)
   _positive(config, ["warmup_steps", "weight_decay", "grad_clip_norm",
+                     "prefetch_batches",
                      "model.num_kv_heads", "figures.every_steps",
                      "figures.num_examples"], problems, allow_zero=True)
   for name in ("model.dropout_rate", "model.attention_dropout_rate"):

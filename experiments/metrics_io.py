@@ -227,8 +227,10 @@ class Progress:
     elif line:
       get_logger().info("%s ...", line)
 
-  def update(self, step: int, loss: float):
-    """``step`` is the number of completed steps."""
+  def update(self, step: int, loss: Optional[float]):
+    """``step`` is the number of completed steps; ``loss`` is None on steps
+    whose metrics stay on the device (the bar counts them; lines and the
+    loss shown wait for a step with a loss)."""
     now = time.time()
     if self._first_done is None:
       self._first_done = (now, step)
@@ -237,8 +239,10 @@ class Progress:
       self.phase(None)
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
-      self._bar.set_postfix(loss=f"{loss:.4f}")
-    elif step % self.log_every == 0 or step == self.total:
+      if loss is not None:
+        self._bar.set_postfix(loss=f"{loss:.4f}")
+    elif loss is not None and (step % self.log_every == 0
+                               or step == self.total):
       t, s = self._first_done
       rate = (step - s) / (now - t) if step > s and now > t else None
       get_logger().info("step %d/%d  loss %.4f%s", step, self.total, loss,

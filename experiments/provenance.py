@@ -36,7 +36,8 @@ PROVENANCE_NAME = "provenance.jsonl"
 # (the mesh changes only the order of float32 reductions).
 BOOKKEEPING = ("runlocal", "fresh_start", "log_every_steps",
                "eval_every_steps", "checkpoint_every_steps",
-               "keep_checkpoints", "eval_batch_size", "figures", "mesh")
+               "keep_checkpoints", "eval_batch_size", "figures", "mesh",
+               "prefetch_batches")
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
             "ml_collections", "numpy", "attn")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -37,6 +37,7 @@ from experiments import checkpoints
 from experiments import config_validation
 from experiments import metrics_io
 from experiments import pictures
+from experiments import prefetch
 from experiments import problems
 from experiments import report
 from experiments import provenance
@@ -302,7 +303,7 @@ def _host_batch(task, mesh, step, batch_size):
 # differing only in these share compiled functions (_compiled).
 _NOT_COMPILED = ("log_every_steps", "eval_every_steps",
                  "checkpoint_every_steps", "keep_checkpoints", "figures",
-                 "fresh_start", "runlocal")
+                 "fresh_start", "runlocal", "prefetch_batches")
 _COMPILED: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
 
 
@@ -341,7 +342,7 @@ def _run(config, workdir, task, mesh, stop):
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
                       best_metric=problem.best_metric,
                       best_mode=problem.best_mode)
-  writer = progress = None
+  writer = progress = batches = None
   try:
     start, state = ckpt.restore_latest(state)
     start = int(start or 0)
@@ -356,17 +357,35 @@ def _run(config, workdir, task, mesh, stop):
     progress = metrics_io.Progress(start, config.num_train_steps,
                                    config.log_every_steps)
     evaluated = False
+    batches = prefetch.Prefetcher(
+        lambda step: _host_batch(task, mesh, step, config.batch_size),
+        start, config.num_train_steps, depth=config.prefetch_batches)
+    pending = []   # (step, metrics on the device) not yet fetched
     for step in range(start, config.num_train_steps):
-      batch = _host_batch(task, mesh, step, config.batch_size)
-      state, metrics = train_step(state, batch)
-      metrics = jax.device_get(metrics)
-      _check_finite(step + 1, metrics, ckpt, workdir)
+      state, metrics = train_step(state, batches.get(step))
       done = step + 1
-      progress.update(done, float(metrics["loss"]))
-      if done % config.log_every_steps == 0 or done == config.num_train_steps:
-        writer.write(done, "train", metrics)
+      pending.append((done, metrics))
+      is_log = (done % config.log_every_steps == 0
+                or done == config.num_train_steps)
       is_eval = (done % config.eval_every_steps == 0
                  or done == config.num_train_steps)
+      draw = bool(config.figures.every_steps and config.figures.enabled
+                  and done % config.figures.every_steps == 0)
+      saves = is_eval or done % config.checkpoint_every_steps == 0
+      signum = stop.requested()
+      # Metrics leave the device only here, so the host never waits for a
+      # step it has just dispatched; every step is checked for a finite loss
+      # before anything is saved, logged or drawn.
+      if done == start + 1 or is_log or saves or draw or signum:
+        fetched, pending = jax.device_get(pending), []
+        for s, m in fetched:
+          _check_finite(s, m, ckpt, workdir)
+        metrics = fetched[-1][1]
+        progress.update(done, float(metrics["loss"]))
+        if is_log:
+          writer.write(done, "train", metrics)
+      else:
+        progress.update(done, None)
       if is_eval:
         progress.phase("validating", None if evaluated else
                        f"step {done}: first validation (compiles the eval "
@@ -377,16 +396,14 @@ def _run(config, workdir, task, mesh, stop):
         logging.info("step %d valid %s", done, _fmt(valid))
         ckpt.save(done, state, valid)
         progress.phase(None)
-      elif done % config.checkpoint_every_steps == 0:
+      elif saves:
         ckpt.save(done, state)
-      if (config.figures.every_steps and config.figures.enabled
-          and done % config.figures.every_steps == 0):
+      if draw:
         progress.phase("drawing figures",
                        f"step {done}: drawing figures into "
                        f"{os.path.join(workdir, 'figures', f'step_{done}')}")
         _draw(problem, state["params"], task, workdir, done, writer)
         progress.phase(None)
-      signum = stop.requested()
       if signum:
         ckpt.save(done, state)  # a no-op when this step was just saved
         raise Preempted(signum, done, checkpoints.latest_dir(workdir))
@@ -394,8 +411,8 @@ def _run(config, workdir, task, mesh, stop):
     result = _final_evaluation(problem, task, ckpt, state, config, workdir,
                                writer, stop)
   finally:
-    for close in (progress and progress.close, writer and writer.close,
-                  ckpt.close):
+    for close in (batches and batches.close, progress and progress.close,
+                  writer and writer.close, ckpt.close):
       if close is not None:
         try:
           close()

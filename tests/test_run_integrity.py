@@ -383,15 +383,15 @@ def test_sigint_stops_at_a_step_boundary_and_resumes_bit_identically(
     straight, tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   cfg = config()
-  original = TASK_CLS.batch
+  original = metrics_io.Progress.update
 
-  def batch(task, split, step, batch_size):
-    if split == "train" and step == 2:  # during step 3 (the 3rd batch)
+  def update(progress, step, loss):
+    original(progress, step, loss)
+    if step == 2:  # the signal arrives while step 3 is being dispatched
       os.kill(os.getpid(), signal.SIGINT)
-    return original(task, split, step, batch_size)
 
   with monkeypatch.context() as mp:
-    mp.setattr(TASK_CLS, "batch", batch)
+    mp.setattr(metrics_io.Progress, "update", update)
     with pytest.raises(train.Preempted) as e:
       train.train_and_evaluate(cfg, workdir)
   assert (e.value.step, e.value.exit_code) == (3, 130)
