@@ -101,3 +101,11 @@ def test_a_nan_between_log_steps_is_caught_before_anything_is_saved(
   with pytest.raises(train.NonFiniteLossError, match="at step 3"):
     train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints" / "latest" / "4").exists()
+
+
+def test_loop_overhead_measurement_times_both_sides():
+  from experiments.bench import loop  # pylint: disable=g-import-not-at-top
+  result = loop.measure(tiny("copy"), steps=3, repeats=1)
+  assert result["bare_ms"] > 0 and result["loop_ms"] > 0
+  assert result["overhead"] == pytest.approx(
+      result["loop_ms"] / result["bare_ms"] - 1)
