@@ -27,15 +27,38 @@ QUICK = {
 }
 
 
+# The ``peers`` preset: attn's automatic exact kernel against the kernels a
+# user would pick instead (PyTorch's SDPA, tokamax) and jax.nn, over
+# T x causal x fwd/fwd_bwd x fp32/bf16. The GQA and H=128 cells are the
+# same preset with --config.num_kv_heads=2 or --config.head_dims='(128,)'
+# and --config.seq_lens='(4096,)' (README, "attn against PyTorch and
+# tokamax").
+PEERS = {
+    "variants": "softmax",
+    "baselines": "jax_nn,torch_sdpa,tokamax,tokamax_xla_chunked",
+    "seq_lens": (1024, 4096, 16384),
+    "dtypes": ("fp32", "bf16"),
+    "causal": (False, True),
+    "modes": ("fwd", "fwd_bwd"),
+    "output_dir": "runs/benchmark_peers",
+}
+PRESETS = {"quick": QUICK, "peers": PEERS}
+
+
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  """Benchmark settings; ``preset`` is ``""`` (full CPU sweep) or ``quick``."""
+  """Benchmark settings; ``preset`` is ``""`` (full CPU sweep), ``quick``
+  or ``peers``."""
   c = ml_collections.ConfigDict()
   # Comma-separated spec strings ("softmax,performer(num_features=128)"),
-  # baseline names (jax_nn, jax_nn_cudnn, flax_linen) or "all" (every
-  # registered variant plus the baselines).
+  # baseline names (jax_nn, jax_nn_cudnn, flax_linen, torch_sdpa, tokamax,
+  # tokamax_xla_chunked) or "all" (every registered variant plus the
+  # baselines).
   c.variants = "all"
   # Always run, first, in every cell group; ratios are against jax_nn.
-  c.baselines = "jax_nn,jax_nn_cudnn,flax_linen"
+  # torch_sdpa and tokamax* are optional (pip install -e '.[bench]'); when
+  # missing their cells say "not installed".
+  c.baselines = ("jax_nn,jax_nn_cudnn,flax_linen,torch_sdpa,tokamax,"
+                 "tokamax_xla_chunked")
   c.seq_lens = (1024, 2048, 4096, 8192, 16384)  # T = S (self-attention)
   c.batch_size = 1
   c.num_heads = 8                 # query heads N
@@ -54,9 +77,9 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.seed = 0                      # inputs, parameters and kernel rng
   c.output_dir = "runs/benchmark"
   c.progress = True               # tqdm progress bar over cells
-  if preset == "quick":
-    c.update(QUICK)
+  if preset in PRESETS:
+    c.update(PRESETS[preset])
   elif preset:
     raise ValueError(f"unknown benchmark preset {preset!r}; presets: "
-                     "'' (default), 'quick'")
+                     "'' (default), " + ", ".join(map(repr, PRESETS)))
   return c

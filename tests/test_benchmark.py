@@ -2,6 +2,7 @@
 (experiments/benchmark.py)."""
 
 import csv
+import importlib.util
 import json
 import os
 
@@ -188,6 +189,14 @@ def test_quick_mode_writes_parseable_outputs(tmp_path):
     if jax.devices()[0].platform != "gpu":
       assert by_name[("jax_nn_cudnn", t)]["status"].startswith(
           "unsupported")
+    for peer, module in (("torch_sdpa", "torch"), ("tokamax", "tokamax"),
+                         ("tokamax_xla_chunked", "tokamax")):
+      status = by_name[(peer, t)]["status"]
+      if importlib.util.find_spec(module) is None:
+        assert status == (f"not installed: {module} is not installed; "
+                          "pip install -e '.[bench]'")
+      else:
+        assert status == "ok"
 
   data = json.loads((out / "results.json").read_text())
   assert data["meta"]["config"]["seq_lens"] == list(seq_lens)
@@ -288,6 +297,60 @@ def test_failing_cells_are_recorded_and_the_sweep_continues():
       assert r["time_median_s"] is None and r["speedup_vs_jax_nn"] is None
 
 
+def _float64_host(inputs, *, mode, causal):
+  """A kernel outside JAX: NumPy float64 attention (forward only)."""
+  assert mode == "fwd"
+  q, k, v = (np.asarray(inputs[n], np.float64) for n in ("q", "k", "v"))
+  T, S = q.shape[1], k.shape[1]
+  mask = np.tril(np.ones((T, S), bool)) if causal else None
+  return (lambda: np_reference_attention(q, k, v, mask=mask)[0]), np.asarray
+
+
+def test_kernels_outside_jax_are_timed_and_checked():
+  host = variants.Variant("numpy64", None, exact=True, host=_float64_host)
+  absent = variants.Variant(
+      "absent", None, exact=True, host=_float64_host,
+      missing=lambda: "absentlib is not installed; pip install absentlib")
+  rows = sweep.run_benchmark(
+      _config(causal=(False, True), num_heads=4, num_kv_heads=2),
+      variants=[variants.BASELINES["jax_nn"], host, absent])
+  by = {(r["variant"], r["causal"]): r for r in rows}
+  for causal in (False, True):
+    r = by[("numpy64", causal)]
+    assert r["status"] == "ok", r
+    assert r["max_abs_err"] < 1e-5        # float64 vs the float32 reference
+    assert r["compile_s"] is None and r["temp_bytes"] is None
+    assert r["time_min_s"] <= r["time_median_s"] <= r["time_max_s"]
+    assert r["speedup_vs_jax_nn"] > 0
+    assert by[("absent", causal)]["status"] == (
+        "not installed: absentlib is not installed; pip install absentlib")
+    assert by[("absent", causal)]["time_median_s"] is None
+
+
+def test_missing_optional_peers_name_the_install_command(monkeypatch):
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  for name in ("torch_sdpa", "tokamax", "tokamax_xla_chunked"):
+    why = variants.BASELINES[name].missing()
+    assert why.endswith("is not installed; pip install -e '.[bench]'"), why
+
+
+@pytest.mark.parametrize("name,module", [
+    ("torch_sdpa", "torch"), ("tokamax", "tokamax"),
+    ("tokamax_xla_chunked", "tokamax")])
+def test_peers_compute_attention_and_its_gradient(name, module):
+  pytest.importorskip(module)
+  rows = sweep.run_benchmark(
+      _config(causal=(False, True), modes=("fwd", "fwd_bwd"),
+              dtypes=("fp32", "bf16"), num_heads=4, num_kv_heads=2),
+      variants=[variants.BASELINES[name]])
+  assert len(rows) == 8
+  for r in rows:
+    assert r["status"] == "ok", r
+    # fp32: round-off; bf16: inputs, outputs and gradients rounded to 8 bits.
+    assert r["max_abs_err"] < (1e-4 if r["dtype"] == "fp32" else 0.1), r
+  assert max(r["max_abs_err"] for r in rows if r["dtype"] == "bf16") > 1e-4
+
+
 def test_cells_over_the_memory_limit_are_skipped_not_run():
   rows = sweep.run_benchmark(
       _config(max_memory_gib=1e-6),
@@ -361,6 +424,34 @@ def test_cells_too_short_to_time_get_no_slope_or_roofline():
   assert "| — |" in summary and "faster than 1 ms" in summary
 
 
+def test_peer_ratios_and_their_geometric_mean():
+  def cell(variant, t, seconds, frac=None):
+    return dict(_row(variant, t, seconds, 1), matmul_n=4096,
+                roofline_frac=frac)
+  rows = [cell("softmax", 4096, 2e-3, 0.5), cell("jax_nn", 4096, 6e-3),
+          cell("torch_sdpa", 4096, 3e-3, 0.4), cell("tokamax", 4096, 8e-3),
+          cell("tokamax_xla_chunked", 4096, 4e-3),
+          cell("softmax", 8192, 4e-3), cell("torch_sdpa", 8192, 2e-3),
+          cell("tokamax", 8192, None), cell("jax_nn", 8192, 5e-4),
+          dict(cell("tokamax_xla_chunked", 8192, None), status="oom: x"),
+          cell("softmax", 64, 1e-5), cell("torch_sdpa", 64, 1e-5)]
+  rows[7]["status"] = "not installed: tokamax is not installed; ..."
+  by_t = {r["seq_len"]: r for r in report.peer_ratios(rows)}
+  assert by_t[4096]["vs_jax_nn"] == pytest.approx(3.0)
+  assert by_t[4096]["vs_torch_sdpa"] == pytest.approx(1.5)
+  assert by_t[4096]["vs_tokamax"] == pytest.approx(2.0)   # the faster one
+  assert by_t[4096]["attn_matmul_share"] == 0.5
+  assert by_t[4096]["torch_matmul_share"] == 0.4
+  assert by_t[8192]["vs_torch_sdpa"] == pytest.approx(0.5)
+  assert by_t[8192]["vs_tokamax"] is None       # neither tokamax cell ran
+  assert by_t[8192]["vs_jax_nn"] is None        # jax_nn cell under 1 ms
+  assert by_t[64]["vs_torch_sdpa"] is None      # too short to time
+  lines = report.peer_summary(report.peer_ratios(rows))
+  # geometric means over the cells that have the ratio: sqrt(1.5 * 0.5).
+  assert lines[-2] == "| geometric mean | | 3.00 | 0.87 | 2.00 | | |"
+  assert report.peer_summary(report.peer_ratios(rows[1:5])) == []
+
+
 def test_every_line_of_a_plot_has_its_own_colour():
   for n in (3, 10, 19, 25):
     colours = report.line_colors(n)
@@ -396,8 +487,11 @@ def test_config_overrides_on_top_of_the_quick_preset():
   assert config.variants == "xla, chunked"
   assert config.head_dims == benchmark_config.QUICK["head_dims"]
   assert config.max_memory_gib == benchmark_config.get_config().max_memory_gib
-  with pytest.raises(ValueError, match="quick"):
+  with pytest.raises(ValueError, match="quick.*peers"):
     benchmark_config.get_config("slow")
+  peers = _parse(f"--config={CONFIG_PATH}:peers")
+  assert peers.variants == "softmax" and peers.seq_lens == (1024, 4096, 16384)
+  assert "torch_sdpa" in peers.baselines
 
 
 def test_without_config_the_defaults_take_overrides():

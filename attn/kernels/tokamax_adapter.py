@@ -29,6 +29,16 @@ def available() -> bool:
   return importlib.util.find_spec("tokamax") is not None
 
 
+def import_tokamax():
+  """The ``tokamax`` module, its absl flags usable (it reads them at call
+  time; unparsed flags are marked parsed so their defaults apply)."""
+  import tokamax  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax
+
+
 def unsupported(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
                 return_weights: bool = False) -> str | None:
   """Why ``implementation="tokamax"`` cannot serve these inputs, or None."""
@@ -51,10 +61,7 @@ def tokamax_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
                              return_weights=return_weights),
       return_residual=return_residual, einsums=einsums,
       einsum_dot_general=einsum_dot_general)
-  import tokamax  # pylint: disable=g-import-not-at-top
-  from absl import flags  # tokamax reads absl flags; use their defaults
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+  tokamax = import_tokamax()
   mask = inputs.mask
   if inputs.q_segment_ids is not None:
     seg = (inputs.q_segment_ids[:, None, :, None]

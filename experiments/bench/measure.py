@@ -221,7 +221,8 @@ def classify_error(e: BaseException) -> str:
   text = str(e)
   first = (text.strip().splitlines() or [""])[0][:240]
   if (isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text
-      or "out of memory" in text.lower()):
+      or "out of memory" in text.lower()
+      or "can't allocate memory" in text):   # PyTorch's CPU allocator
     return f"oom: {first}"
   if isinstance(e, (ValueError, NotImplementedError)):
     return f"unsupported: {first}"
@@ -267,13 +268,22 @@ def measure_cell(variant: Variant, inputs: Dict[str, Any], *, mode: str,
   ``roofline_flops_per_s``.
 
   Never raises for a failing kernel: the returned dict carries ``status``
-  (``ok``, ``unsupported: ...``, ``oom: ...``, ``skipped: ...`` or
-  ``error: ...``) and whatever was measured before the failure.
+  (``ok``, ``unsupported: ...``, ``not installed: ...``, ``oom: ...``,
+  ``skipped: ...`` or ``error: ...``) and whatever was measured before the failure.
   """
   row: Dict[str, Any] = {"status": "ok"}
   if causal and not variant.supports_causal:
     row["status"] = f"unsupported: {variant.name} does not support causal"
     return row
+  why_missing = variant.missing() if variant.missing else None
+  if why_missing:
+    row["status"] = f"not installed: {why_missing}"
+    return row
+  paired = None if roofline is None else (roofline.compiled, roofline.args)
+  if variant.host is not None:
+    return _measure_host(variant, inputs, row, mode=mode, causal=causal,
+                         warmup=warmup, repeats=repeats, reference=reference,
+                         paired=paired, roofline=roofline)
   q, k, v = inputs["q"], inputs["k"], inputs["v"]
   try:
     params = make_params(variant, q.shape, k.shape, seed)
@@ -294,8 +304,6 @@ def measure_cell(variant: Variant, inputs: Dict[str, Any], *, mode: str,
       row["status"] = (f"skipped: too large (needs {need / _GIB:.1f} GiB > "
                        f"max_memory_gib={max_memory_bytes / _GIB:g})")
       return row
-    paired = None if roofline is None else (roofline.compiled,
-                                            roofline.args)
     output, times, matmul_times = time_calls(
         compiled, args, warmup=warmup, repeats=repeats, paired=paired)
     if reference is not None:
@@ -306,12 +314,36 @@ def measure_cell(variant: Variant, inputs: Dict[str, Any], *, mode: str,
     # stop the sweep.
     row["status"] = classify_error(e)
     return row
+  _record_times(row, times, matmul_times, roofline)
+  return row
+
+
+def _record_times(row, times, matmul_times, roofline) -> None:
   row["time_median_s"] = float(np.median(times))
   row["time_min_s"] = float(np.min(times))
   row["time_max_s"] = float(np.max(times))
   if roofline is not None:
     row["roofline_flops_per_s"] = roofline.flops / float(
         np.median(matmul_times))
+
+
+def _measure_host(variant: Variant, inputs, row, *, mode, causal, warmup,
+                  repeats, reference, paired, roofline) -> Dict[str, Any]:
+  """:func:`measure_cell` for a kernel outside JAX (``variant.host``): no
+  compile time, no XLA memory figures and no memory gate (the framework
+  allocates for itself; running out of memory is recorded as ``oom``)."""
+  try:
+    call, to_numpy = variant.host(inputs, mode=mode, causal=causal)
+    output, times, matmul_times = time_calls(
+        call, (), warmup=warmup, repeats=repeats, paired=paired)
+    if reference is not None:
+      row["max_abs_err"], row["rel_err"] = compare(to_numpy(output),
+                                                   reference)
+    del output
+  except Exception as e:  # pylint: disable=broad-except
+    row["status"] = classify_error(e)
+    return row
+  _record_times(row, times, matmul_times, roofline)
   return row
 
 

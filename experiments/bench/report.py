@@ -61,6 +61,77 @@ def slopes(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------
+# attn against the kernels users would pick instead
+
+ATTN_VARIANT = "softmax"      # attn's automatic choice of exact kernel
+TORCH_VARIANT = "torch_sdpa"
+TOKAMAX_VARIANTS = ("tokamax", "tokamax_xla_chunked")
+
+
+def _geomean(xs: Sequence[float]) -> Optional[float]:
+  xs = [x for x in xs if x]
+  return float(np.exp(np.mean(np.log(xs)))) if xs else None
+
+
+def peer_ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """One row per (setting, T) where ``softmax`` ran: how many times faster
+  attn's automatic kernel is than ``jax_nn``, PyTorch's SDPA and the faster
+  of the two tokamax cells (> 1: attn is faster; ``None`` where the peer
+  did not run or either cell is too short to time,
+  :func:`~experiments.bench.sweep.meaningful`), and attn's and PyTorch's
+  share of the matmul FLOP/s."""
+  cells: Dict[Tuple, Dict[str, Dict[str, Any]]] = {}
+  for r in rows:
+    if r["status"] == "ok":
+      cells.setdefault(setting_key(r) + (r["seq_len"],), {})[r["variant"]] = r
+  out = []
+  for key, by_name in cells.items():
+    ours = by_name.get(ATTN_VARIANT)
+    if ours is None:
+      continue
+    def times_faster(names):
+      times = [by_name[n]["time_median_s"] for n in names
+               if n in by_name and meaningful(by_name[n])]
+      if not times or not meaningful(ours):
+        return None
+      return min(times) / ours["time_median_s"]
+    torch_row = by_name.get(TORCH_VARIANT) or {}
+    out.append(dict(
+        zip(SETTING_KEYS + ("seq_len",), key),
+        vs_jax_nn=times_faster(["jax_nn"]),
+        vs_torch_sdpa=times_faster([TORCH_VARIANT]),
+        vs_tokamax=times_faster(TOKAMAX_VARIANTS),
+        attn_matmul_share=ours.get("roofline_frac"),
+        torch_matmul_share=torch_row.get("roofline_frac")))
+  return out
+
+
+def peer_summary(peer_rows: List[Dict[str, Any]]) -> List[str]:
+  """Markdown lines: the :func:`peer_ratios` table and its geometric means
+  (empty when ``softmax`` was not benchmarked)."""
+  if not peer_rows:
+    return []
+  lines = ["## attn against what users would pick instead", "",
+           f"`{ATTN_VARIANT}` (attn's automatic exact kernel) against "
+           "jax.nn, PyTorch's SDPA and the faster of tokamax's default and "
+           "`xla_chunked`: each peer's median time over attn's (> 1 = attn "
+           "is faster); share = FLOP/s over the same-run square matmul; "
+           f"`—`: a cell under {MIN_CELL_SECONDS * 1e3:g} ms (or the peer "
+           "did not run).", "",
+           "| cell | T | × jax.nn | ÷ torch SDPA | ÷ tokamax | attn share | "
+           "torch share |", "|---|---|---|---|---|---|---|"]
+  ratio_keys = ("vs_jax_nn", "vs_torch_sdpa", "vs_tokamax")
+  share_keys = ("attn_matmul_share", "torch_matmul_share")
+  cell = lambda x: "—" if x is None else f"{x:.2f}"
+  for r in peer_rows:
+    lines.append(f"| {_setting_title(r)} | {r['seq_len']} | " + " | ".join(
+        cell(r[k]) for k in ratio_keys + share_keys) + " |")
+  means = [cell(_geomean([r[k] for r in peer_rows])) for k in ratio_keys]
+  lines += ["| geometric mean | | " + " | ".join(means) + " | | |", ""]
+  return lines
+
+
+# --------------------------------------------------------------------------
 # Outputs
 
 
@@ -142,6 +213,7 @@ def markdown_summary(rows: List[Dict[str, Any]],
           f"{_fmt(r['temp_ratio_vs_jax_nn'], '.3f')} | "
           f"{_fmt(r['max_abs_err'], '.1e')} |")
     lines.append("")
+  lines += peer_summary(peer_ratios(rows))
   lines += ["## Log-log slopes against T", "",
             "Least-squares slope of log(median time) and log(XLA temporary "
             "bytes) against log T over the cells that ran; 1 = linear, "
@@ -239,8 +311,8 @@ def write_outputs(rows: List[Dict[str, Any]],
   slope_rows = slopes(rows)
   write_csv(rows, paths["csv"])
   with open(paths["json"], "w") as f:
-    json.dump({"meta": meta, "cells": rows, "slopes": slope_rows}, f,
-              indent=1)
+    json.dump({"meta": meta, "cells": rows, "slopes": slope_rows,
+               "peers": peer_ratios(rows)}, f, indent=1)
   with open(paths["markdown"], "w") as f:
     f.write(markdown_summary(rows, slope_rows, meta))
   plot_vs_t(rows, paths["time_plot"], value="time_median_s",

@@ -4,8 +4,10 @@ A :class:`Variant` is one attention function with the call the harness
 makes, ``fn(q[B,T,N,H], k[B,S,K,H], v[B,S,K,Dv], *, is_causal, rng, params)
 -> [B, T, N, Dv]``. The baselines are ``jax_nn``
 (``jax.nn.dot_product_attention``, its default XLA path), ``jax_nn_cudnn``
-(its cuDNN path, GPU only) and ``flax_linen``
-(``flax.linen.dot_product_attention``); every registry spec string
+(its cuDNN path, GPU only), ``flax_linen``
+(``flax.linen.dot_product_attention``) and the kernels users would pick
+instead (:mod:`experiments.bench.peers`: PyTorch's SDPA, tokamax); every
+registry spec string
 (``performer(num_features=128)``) is a variant too.
 """
 
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from attn import registry
+from experiments.bench import peers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,12 +39,23 @@ class Variant:
     supports_causal: False makes causal cells "unsupported" without running.
     param_shapes: ``None`` or ``f(query_shape, key_shape) -> {name: (shape,
       initializer)}`` for variants whose parameters a module would own.
+    missing: ``None`` or ``f() -> reason or None``: a reason (an optional
+      package is not installed, with the command that installs it) makes
+      the variant's cells ``not installed: <reason>`` without running.
+    host: ``None`` for a JAX function (``fn`` is jitted). Otherwise a
+      function outside JAX (another framework's kernel):
+      ``host(inputs, mode=, causal=) -> (call, to_numpy)`` where ``call()``
+      runs one step to completion (the timed call; ``fn`` is unused) and
+      ``to_numpy(result)`` gives the output, or ``(dq, dk, dv)``, in our
+      ``[B, T, N, H]`` layout for the error check.
   """
   name: str
-  fn: Callable[..., Any]
+  fn: Optional[Callable[..., Any]]
   exact: bool
   supports_causal: bool = True
   param_shapes: Optional[Callable[..., Dict[str, Any]]] = None
+  missing: Optional[Callable[[], Optional[str]]] = None
+  host: Optional[Callable[..., Any]] = None
 
 
 def _on_gpu() -> bool:
@@ -78,6 +92,13 @@ BASELINES = {
     "jax_nn": Variant("jax_nn", _jax_nn, exact=True),
     "jax_nn_cudnn": Variant("jax_nn_cudnn", _jax_nn_cudnn, exact=True),
     "flax_linen": Variant("flax_linen", _flax_linen, exact=True),
+    "torch_sdpa": Variant("torch_sdpa", None, exact=True,
+                          missing=peers.torch_missing, host=peers.torch_sdpa),
+    "tokamax": Variant("tokamax", peers.tokamax_attention(None), exact=True,
+                       missing=peers.tokamax_missing),
+    "tokamax_xla_chunked": Variant(
+        "tokamax_xla_chunked", peers.tokamax_attention("xla_chunked"),
+        exact=True, missing=peers.tokamax_missing),
 }
 
 
