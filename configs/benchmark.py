@@ -42,13 +42,36 @@ PEERS = {
     "modes": ("fwd", "fwd_bwd"),
     "output_dir": "runs/benchmark_peers",
 }
-PRESETS = {"quick": QUICK, "peers": PEERS}
+# The ``training`` preset: TransformerLM training steps (text_lm) for
+# attention variants, step time, tokens/s, MFU and loop overhead
+# (experiments.bench.training).
+TRAINING = {
+    "kind": "training",
+    "variants": "softmax,linear,performer,local",
+    "seq_lens": (512, 1024, 2048, 4096, 8192),
+    "repeats": 3,
+    "output_dir": "runs/benchmark_training",
+}
+PRESETS = {"quick": QUICK, "peers": PEERS, "training": TRAINING}
 
 
 def get_config(preset: str = "") -> ml_collections.ConfigDict:
-  """Benchmark settings; ``preset`` is ``""`` (full CPU sweep), ``quick``
-  or ``peers``."""
+  """Benchmark settings; ``preset`` is ``""`` (full CPU sweep), ``quick``,
+  ``peers`` or ``training``."""
   c = ml_collections.ConfigDict()
+  # "kernels": attention kernels alone (the fields below); "training":
+  # TransformerLM training steps per variant and T (c.training; uses
+  # variants, seq_lens, repeats, output_dir, progress).
+  c.kind = "kernels"
+  c.training = ml_collections.ConfigDict()
+  c.training.experiment = "text_lm"   # configs/<name>.py, an LM config
+  c.training.tokens_per_step = 8192   # batch = max(1, this // T)
+  c.training.steps = 5                # steps per timing window
+  c.training.matmul_n = 2048          # square fp32 matmul for MFU
+  # Experiment config fields set in every cell, comma-separated
+  # "path=value" ("model.num_layers=4,model.emb_dim=256"; values are Python
+  # literals, else strings).
+  c.training.overrides = ""
   # Comma-separated spec strings ("softmax,performer(num_features=128)"),
   # baseline names (jax_nn, jax_nn_cudnn, flax_linen, torch_sdpa, tokamax,
   # tokamax_xla_chunked) or "all" (every registered variant plus the

@@ -4,6 +4,9 @@ Usage (one convention: a config file, optionally with a preset, and
 ``--config.<field>`` overrides)::
 
   python -m experiments.benchmark --config=configs/benchmark.py:quick  # CI
+  python -m experiments.benchmark --config=configs/benchmark.py:peers
+  python -m experiments.benchmark --config=configs/benchmark.py:training \
+      --config.variants=softmax,linear --config.seq_lens='(512,2048)'
   python -m experiments.benchmark --config=configs/benchmark.py \
       --config.variants=xla,chunked --config.seq_lens='(1024,2048,4096)' \
       --config.causal='(False,True)' --config.repeats=3
@@ -12,7 +15,9 @@ Without ``--config`` the defaults of ``configs/benchmark.py`` (the README's
 CPU sweep) are used; ``--config.<field>`` overrides still apply. What is
 measured, and how, is described in :mod:`experiments.bench`; the outputs
 (``results.csv``, ``results.json``, ``summary.md`` and three PNGs) go to
-``config.output_dir``.
+``config.output_dir``. ``config.kind="training"`` (the ``training``
+preset) times TransformerLM training steps instead
+(:mod:`experiments.bench.training`).
 """
 
 from __future__ import annotations
@@ -24,15 +29,21 @@ from typing import Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
 from configs import benchmark as benchmark_config
 from experiments.bench.report import write_outputs
+from experiments.bench.report import write_training_outputs
+from experiments.bench.training import run_training_benchmark
+from experiments.bench.training import validate_training
+from experiments.bench.variants import resolve_variants
 from experiments.bench.sweep import run_benchmark
 from experiments.bench.sweep import validate_config
 
-__all__ = ["define_flags", "config_from_flags", "validate_config", "main"]
+__all__ = ["define_flags", "config_from_flags", "validate_config", "check",
+           "main"]
 
 DEFAULT_CONFIG = os.path.abspath(benchmark_config.__file__)
 
@@ -56,6 +67,20 @@ def config_from_flags(fv: flags.FlagValues) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fv.config.to_dict())
 
 
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming what is wrong with a benchmark config
+  (bad field values, unknown variants, an experiment that cannot be
+  benchmarked), before anything is measured."""
+  if config.kind == "training":
+    validate_training(config)
+  elif config.kind == "kernels":
+    validate_config(config)
+    resolve_variants(config.variants, config.baselines)
+  else:
+    raise ValueError(f"unknown kind {config.kind!r}; kinds: 'kernels', "
+                     "'training'")
+
+
 def main(argv: Sequence[str],
          flag_values: Optional[flags.FlagValues] = None) -> None:
   """Runs the benchmark and writes its outputs.
@@ -73,8 +98,20 @@ def main(argv: Sequence[str],
       raise app.UsageError(f"unexpected arguments: {list(argv[1:])}")
     command = ["python", "-m", "experiments.benchmark"] + sys.argv[1:]
   config = config_from_flags(flag_values)
-  rows = run_benchmark(config)
-  paths = write_outputs(rows, config, command)
+  try:
+    check(config)
+  except ValueError as e:
+    # A mistake in the command line: one line, no traceback.
+    print(f"error: invalid benchmark config: {' '.join(str(e).split())}",
+          file=sys.stderr)
+    sys.exit(1)
+  if config.kind == "training":
+    logging.set_verbosity(logging.WARNING)   # the training loop's INFO lines
+    rows = run_training_benchmark(config)
+    paths = write_training_outputs(rows, config, command)
+  else:
+    rows = run_benchmark(config)
+    paths = write_outputs(rows, config, command)
   counts: Dict[str, int] = {}
   for r in rows:
     status = r["status"].split(":")[0]

@@ -286,7 +286,7 @@ def _draw(problem, params, task, workdir, step, writer=None,
   return []
 
 
-def _host_batch(task, mesh, step, batch_size):
+def host_batch(task, mesh, step, batch_size):
   """This host's rows of global batch ``step``, as global sharded arrays.
 
   The global batch is a pure function of (seed, step); each host keeps only
@@ -327,18 +327,26 @@ def _compiled(config, task, mesh):
   return _COMPILED[key]
 
 
-def _run(config, workdir, task, mesh, stop):
-  """The loop proper (called under ``jax.set_mesh(mesh)``)."""
-  problem, tx, train_step = _compiled(config, task, mesh)
+def start_training(config, task, mesh, name: str = "run"):
+  """``(problem, train_step, state)``: the (shared) jitted train step of
+  ``config`` and its freshly initialised train state, replicated on
+  ``mesh``. Call under ``jax.set_mesh(mesh)``; ``name`` labels the log."""
+  problem, _, train_step = _compiled(config, task, mesh)
   init_rng, _ = jax.random.split(jax.random.key(config.seed))
   first = task.batch("train", 0, config.batch_size)
-  logging.info("%s: initialising %s for task %s ...", workdir,
+  logging.info("%s: initialising %s for task %s ...", name,
                type(problem.model).__name__, task.name)
   # Jitted: one compilation instead of hundreds of op-by-op ones; the
   # models' initialisers give the same numbers either way
   # (attn.modules.embeddings.normal_init).
   state = init_state(config, jax.jit(problem.init)(init_rng, first))
-  state = jax.device_put(state, parallel.replicated(mesh))
+  return problem, train_step, jax.device_put(state,
+                                             parallel.replicated(mesh))
+
+
+def _run(config, workdir, task, mesh, stop):
+  """The loop proper (called under ``jax.set_mesh(mesh)``)."""
+  problem, train_step, state = start_training(config, task, mesh, workdir)
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints,
                       best_metric=problem.best_metric,
                       best_mode=problem.best_mode)
@@ -358,7 +366,7 @@ def _run(config, workdir, task, mesh, stop):
                                    config.log_every_steps)
     evaluated = False
     batches = prefetch.Prefetcher(
-        lambda step: _host_batch(task, mesh, step, config.batch_size),
+        lambda step: host_batch(task, mesh, step, config.batch_size),
         start, config.num_train_steps, depth=config.prefetch_batches)
     pending = []   # (step, metrics on the device) not yet fetched
     for step in range(start, config.num_train_steps):

@@ -17,6 +17,7 @@ import pytest
 
 from configs import benchmark as benchmark_config
 from experiments import benchmark
+from experiments import config_validation
 from experiments.bench import measure
 from experiments.bench import report
 from experiments.bench import sweep
@@ -506,3 +507,104 @@ def test_only_config_flags_exist():
   for old in ("--quick", "--seq_lens=32", "--repeats=3"):
     with pytest.raises(flags.UnrecognizedFlagError):
       _parse(old)
+
+
+# ---------------------------------------------------------------- training
+
+TINY_LM = ("model.num_layers=1,model.emb_dim=16,model.mlp_dim=32,"
+           "model.num_heads=2,eval_batch_size=4,num_eval_examples=4")
+
+
+def _training_config(**overrides):
+  config = benchmark_config.get_config("training")
+  config.update(dict(progress=False, seq_lens=(32,), repeats=1,
+                     variants="softmax,linformer"))
+  config.training.update(dict(tokens_per_step=64, steps=2,
+                              overrides=TINY_LM, matmul_n=256))
+  config.update(overrides)
+  return config
+
+
+def test_training_benchmark_cells(tmp_path):
+  from experiments.bench import training  # pylint: disable=g-import-not-at-top
+  rows = training.run_training_benchmark(_training_config())
+  by = {r["variant"]: r for r in rows}
+  assert set(by) == {"softmax", "linformer"}
+  assert by["linformer"]["status"].startswith("unsupported")   # no causal
+  assert "causal" in by["linformer"]["status"]
+  vocab = config_validation_vocab()
+  # Dense weights by hand: q, k, v, out (4 x 16 x 16), fc1 + fc2 (2 x 16 x
+  # 32), logits (16 x vocab).
+  dense = 4 * 16 * 16 + 2 * 16 * 32 + 16 * vocab
+  for name in ("softmax",):
+    r = by[name]
+    assert r["status"] == "ok", r
+    assert r["batch"] == 2 and r["tokens_per_step"] == 64
+    assert r["params_dense"] == dense
+    assert r["tokens_per_s"] == pytest.approx(64 / r["loop_step_s"])
+    assert r["loop_overhead"] == pytest.approx(
+        r["loop_step_s"] / r["step_s"] - 1)
+    assert r["mfu"] == pytest.approx(
+        r["model_flops"] / r["loop_step_s"] / r["matmul_flops_per_s"])
+  # Causal pairs of T=32: 528; q·k and p·v over H=8, x3.5 for fwd + bwd.
+  attention = 3.5 * 2 * 2 * 2 * 528 * (8 + 8)
+  assert by["softmax"]["model_flops"] == pytest.approx(
+      6 * dense * 64 + attention)
+  assert by["softmax"]["flops_note"] == "dense + attention"
+  linear_config = training.experiment_config(_training_config().training,
+                                             "linear", 32)
+  linear = training.model_flops(
+      linear_config, config_validation.make_task(linear_config))
+  assert linear["params_dense"] == dense
+  assert linear["model_flops"] == pytest.approx(6 * dense * 64)
+  assert linear["flops_note"].startswith("dense only")
+
+  config = _training_config(output_dir=str(tmp_path))
+  paths = report.write_training_outputs(rows, config, ["cmd"])
+  summary = open(paths["markdown"]).read()
+  assert "| softmax | 32 | 2 | ok |" in summary
+  with open(paths["csv"]) as f:
+    assert len(list(csv.DictReader(f))) == 2
+  assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def config_validation_vocab():
+  from configs import text_lm  # pylint: disable=g-import-not-at-top
+  return config_validation.make_task(text_lm.get_config()).spec()[
+      "vocab_size"]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("variants", "all", "explicit variants"),
+    ("variants", "nope", "unknown attention 'nope'"),
+    ("training.experiment", "reverse", "not a TransformerLM"),
+    ("training.experiment", "nonexist", "no configs/nonexist.py"),
+    ("training.overrides", "model.nmlayers=2", "did you mean"),
+    ("training.overrides", "model.num_layers", "not path=value"),
+    ("training.steps", 0, "training.steps must be >= 1"),
+])
+def test_training_benchmark_bad_config_is_one_line(capsys, field, value,
+                                                   message):
+  argv = ["benchmark", f"--config={CONFIG_PATH}:training",
+          f"--config.{field}={value}"]
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.main(argv)
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: invalid benchmark")
+  assert message in err[0]
+
+
+def test_long_windows_get_a_longer_builtin_text():
+  from experiments.bench import training  # pylint: disable=g-import-not-at-top
+  c = training.experiment_config(_training_config().training, "softmax",
+                                 8192)
+  assert c.task.options.length == 8192 and c.batch_size == 1
+  task = config_validation.make_task(c)
+  assert task.batch("valid", 0, 1)["inputs"].shape == (1, 8192)
+  from experiments.data import text  # pylint: disable=g-import-not-at-top
+  assert len(text.TextLM(paragraphs=1200).ids) > 1.9 * len(text.TextLM().ids)
+  with pytest.raises(ValueError, match="paragraphs sizes the built-in"):
+    text.TextLM(path=__file__, paragraphs=700)
+  with pytest.raises(ValueError, match="paragraphs=0"):
+    text.TextLM(paragraphs=0)

@@ -52,20 +52,16 @@ def bare_step_seconds(config, steps: int) -> float:
   task = config_validation.make_task(config)
   mesh = parallel.make_mesh(**config.mesh)
   with jax.set_mesh(mesh):
-    problem, _, train_step = train._compiled(config, task, mesh)  # pylint: disable=protected-access
-    first = task.batch("train", 0, config.batch_size)
-    state = train.init_state(config, jax.jit(problem.init)(
-        jax.random.key(config.seed), first))
-    state = jax.device_put(state, parallel.replicated(mesh))
-    batches = [train._host_batch(task, mesh, s, config.batch_size)  # pylint: disable=protected-access
+    _, train_step, state = train.start_training(config, task, mesh, "bare step")
+    batches = [train.host_batch(task, mesh, s, config.batch_size)
                for s in range(steps)]
     state, _ = train_step(state, batches[0])          # compile, warm up
     jax.block_until_ready(state)
-    start = time.perf_counter()
+    begin = time.perf_counter()
     for batch in batches:
       state, metrics = train_step(state, batch)
     jax.block_until_ready((state, metrics))
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - begin) / steps
 
 
 def loop_step_seconds(config, steps: int) -> float:

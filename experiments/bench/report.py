@@ -323,3 +323,101 @@ def write_outputs(rows: List[Dict[str, Any]],
             ylabel="FLOP/s / matmul FLOP/s", logy=False)
   return paths
 
+
+
+# --------------------------------------------------------------------------
+# Training benchmark (experiments.bench.training)
+
+
+def training_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]
+                      ) -> str:
+  """Markdown table of a training benchmark, one line per (variant, T)."""
+  t = meta["config"]["training"]
+  lines = [
+      "# TransformerLM training benchmark", "",
+      f"Device: {meta['device']} ({meta['platform']}, {meta['cpu_count']} "
+      f"CPUs); jax {meta['jax']}, flax {meta['flax']}; {meta['date']}.",
+      f"Experiment `configs/{t['experiment']}.py`"
+      + (f" with `{t['overrides']}`" if t["overrides"] else "")
+      + f", batch = {t['tokens_per_step']} // T, medians of "
+      f"{meta['config']['repeats']} interleaved timings of {t['steps']} "
+      "steps. `step` is the bare jitted step on pre-made batches, `loop` "
+      "the same step inside train_and_evaluate; tokens/s and MFU use the "
+      "loop; MFU = model FLOPs / step time / same-run fp32 matmul FLOP/s "
+      "(model FLOPs: 6 x dense weights x tokens, plus exact attention's "
+      "matmuls, forward + backward; approximations: dense part only).", "",
+      "| variant | T | batch | status | step ms | loop ms | loop overhead | "
+      "tokens/s | GFLOP/step | matmul GFLOP/s | MFU |",
+      "|" + "---|" * 11]
+  for r in rows:
+    status = r["status"] if len(r["status"]) <= 60 else (
+        r["status"][:57] + "...")
+    lines.append(
+        f"| {r['variant']} | {r['seq_len']} | {'' if r['batch'] is None else r['batch']} | "
+        f"{status.replace('|', chr(92) + '|')} | "
+        f"{_fmt(r['step_s'], '.1f', 1e3)} | "
+        f"{_fmt(r['loop_step_s'], '.1f', 1e3)} | "
+        f"{_fmt(r['loop_overhead'], '+.1f', 100)}{'%' if r['loop_overhead'] is not None else ''} | "
+        f"{_fmt(r['tokens_per_s'], ',.0f')} | "
+        f"{_fmt(r['model_flops'], '.1f', 1e-9)}"
+        f"{'*' if r['model_flops'] and r['exact'] is False else ''} | "
+        f"{_fmt(r['matmul_flops_per_s'], '.1f', 1e-9)} | "
+        f"{_fmt(r['mfu'], '.2f')} |")
+  lines += ["", "`*`: dense part only; the approximation's attention work "
+            "is not counted, so its MFU is a lower bound.", ""]
+  return "\n".join(lines)
+
+
+def plot_training(rows: List[Dict[str, Any]], path: str) -> None:
+  """Tokens/s and MFU against T, one line per variant."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = list(dict.fromkeys(r["variant"] for r in rows))
+  colors = line_colors(len(names))
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+  for ax, (value, label) in zip(axes, (("tokens_per_s", "tokens/s (loop)"),
+                                       ("mfu", "MFU"))):
+    for name, color in zip(names, colors):
+      pts = sorted((r["seq_len"], r[value]) for r in rows
+                   if r["variant"] == name and r[value] is not None)
+      if pts:
+        ax.plot(*zip(*pts), marker="o", markersize=3, color=color,
+                label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0].set_yscale("log")
+  axes[0].set_title("TransformerLM training throughput", fontsize=9)
+  axes[1].set_title("model FLOPs utilisation (* approximations: dense only)",
+                    fontsize=9)
+  axes[1].legend(fontsize=8)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def write_training_outputs(rows: List[Dict[str, Any]],
+                           config: ml_collections.ConfigDict,
+                           command: Sequence[str] = ()) -> Dict[str, str]:
+  """``results.csv``, ``results.json``, ``summary.md`` and
+  ``training.png`` of a training benchmark in ``config.output_dir``."""
+  from experiments.bench.training import TRAINING_COLUMNS  # pylint: disable=g-import-not-at-top
+  out_dir = config.output_dir
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {name: os.path.join(out_dir, file) for name, file in (
+      ("csv", "results.csv"), ("json", "results.json"),
+      ("markdown", "summary.md"), ("plot", "training.png"))}
+  meta = run_metadata(config, command)
+  with open(paths["csv"], "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=TRAINING_COLUMNS)
+    writer.writeheader()
+    for r in rows:
+      writer.writerow({k: ("" if r[k] is None else r[k])
+                       for k in TRAINING_COLUMNS})
+  with open(paths["json"], "w") as f:
+    json.dump({"meta": meta, "cells": rows}, f, indent=1)
+  with open(paths["markdown"], "w") as f:
+    f.write(training_markdown(rows, meta))
+  plot_training(rows, paths["plot"])
+  return paths

@@ -117,17 +117,25 @@ class TextLM(Task):
   Options:
     path: a UTF-8 text file; None uses :func:`builtin_text`.
     length: characters per window.
+    paragraphs: paragraphs of the built-in text (600, about 150 KB; more
+      for windows longer than its 5% valid/test regions, ~7.5 K
+      characters). Only with ``path=None``.
   """
 
   name = "text_lm"
   kind = "lm"
 
   def __init__(self, seed: int = 0, *, path: Optional[str] = None,
-               length: int = 128):
+               length: int = 128, paragraphs: int = 600):
     super().__init__(seed)
     self.path = path
     self.length = check_int(self.name, "length", length, 2)
-    text = builtin_text() if path is None else _read_text(path)
+    paragraphs = check_int(self.name, "paragraphs", paragraphs, 1)
+    if path is not None and paragraphs != 600:
+      raise ValueError("text_lm: paragraphs sizes the built-in text; with "
+                       "path=... the file is the text (leave paragraphs "
+                       "out)")
+    text = builtin_text(paragraphs) if path is None else _read_text(path)
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     alphabet = np.unique(codes)
     self.vocab = Vocabulary([chr(c) for c in alphabet], separator="")
@@ -141,8 +149,8 @@ class TextLM(Task):
         source = "the built-in text" if path is None else repr(path)
         raise ValueError(f"text_lm: the {split} part of {source} has "
                          f"{stop - start} characters, fewer than "
-                         f"length={self.length}; use a longer text or a "
-                         f"smaller length")
+                         f"length={self.length}; use a longer text (or "
+                         f"more paragraphs) or a smaller length")
 
   def _windows(self, starts: np.ndarray) -> Batch:
     inputs = self.ids[starts[:, None] + np.arange(self.length)]
