@@ -34,6 +34,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from configs import benchmark as benchmark_config
+from experiments import metrics_io
 from experiments.bench.report import write_outputs
 from experiments.bench.report import write_training_outputs
 from experiments.bench.training import run_training_benchmark
@@ -102,7 +103,7 @@ def main(argv: Sequence[str],
     check(config)
   except ValueError as e:
     # A mistake in the command line: one line, no traceback.
-    print(f"error: invalid benchmark config: {' '.join(str(e).split())}",
+    print(f"error: invalid benchmark config: {metrics_io.one_line(e)}",
           file=sys.stderr)
     sys.exit(1)
   if config.kind == "training":

@@ -275,10 +275,6 @@ def check_runnable(config: ml_collections.ConfigDict) -> None:
   _RUNNABLE.add(key)
 
 
-def _one_line(error: BaseException) -> str:
-  return " ".join(str(error).split()) or type(error).__name__
-
-
 def runtime_problem(config: ml_collections.ConfigDict) -> str | None:
   """What stops a valid ``config`` from running here (see
   :func:`check_runnable`), or ``None``."""
@@ -286,7 +282,7 @@ def runtime_problem(config: ml_collections.ConfigDict) -> str | None:
     mesh = parallel.make_mesh(data=config.mesh.data, seq=config.mesh.seq,
                               model=config.mesh.model)
   except ValueError as e:
-    return f"config.mesh: {_one_line(e)}"
+    return f"config.mesh: {metrics_io.one_line(e)}"
   if config.batch_size % mesh.shape["data"]:
     return (f"config.batch_size={config.batch_size} is not divisible by the "
             f"data-parallel size {mesh.shape['data']} (config.mesh)")
@@ -294,12 +290,12 @@ def runtime_problem(config: ml_collections.ConfigDict) -> str | None:
     task = make_task(config)
     first = {split: task.batch(split, 0, 1) for split in tasks_lib.SPLITS}
   except (ValueError, OSError) as e:
-    return f"config.task.options: {_one_line(e)}"
+    return f"config.task.options: {metrics_io.one_line(e)}"
   try:
     with jax.set_mesh(mesh):
       trace_training(config, task, first["train"])
   except (ValueError, TypeError, NotImplementedError) as e:
-    return f"config.model: {_one_line(e)}"
+    return f"config.model: {metrics_io.one_line(e)}"
   return None
 
 

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 
 from attn import parallel
 from experiments import config_validation
+from experiments import metrics_io
 from experiments import provenance
 from experiments import train
 
@@ -206,7 +207,7 @@ def main(argv: Sequence[str],
     if not direct or any(v is not None for v in hosts.values()):
       parallel.initialize_distributed(**hosts)
   except (ValueError, RuntimeError) as e:
-    fail(f"cannot start the multi-host run: {' '.join(str(e).split())}",
+    fail(f"cannot start the multi-host run: {metrics_io.one_line(e)}",
          "pass --coordinator_address, --num_processes and --process_id "
          "together (or none: auto-detection)")
   overrides = config_flags.get_override_values(flag_values["config"])

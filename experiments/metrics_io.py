@@ -37,6 +37,13 @@ class _ConsoleHandler(logging.Handler):
       self.handleError(record)
 
 
+def one_line(error) -> str:
+  """An exception (or message) as one line: whitespace and line breaks
+  collapsed, the exception's type name if it has no message. Every
+  ``error: ...`` line the commands print goes through this."""
+  return " ".join(str(error).split()) or type(error).__name__
+
+
 def get_logger() -> logging.Logger:
   """The experiments' own INFO logger ``attn.experiments`` (stderr).
 

@@ -19,9 +19,15 @@ import numpy as np
 from experiments import metrics_io
 
 
+def bbox_inches(fig):
+  """``savefig``'s ``bbox_inches`` for ``fig``: a figure with a layout
+  engine is laid out already (``"tight"`` would draw it twice)."""
+  return None if fig.get_layout_engine() else "tight"
+
+
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=90, bbox_inches=None if fig.get_layout_engine() else "tight")
+  fig.savefig(path, dpi=90, bbox_inches=bbox_inches(fig))
   plt.close(fig)
   return path
 

@@ -57,11 +57,6 @@ class SampleError(Exception):
   """Why a run cannot be sampled from; the message is one line."""
 
 
-def _one_line(message: str) -> str:
-  return "; ".join(part.strip() for part in str(message).splitlines()
-                   if part.strip())
-
-
 @dataclasses.dataclass
 class Run:
   """A trained LM run, rebuilt: what :func:`sample_tokens` needs."""
@@ -288,7 +283,7 @@ def main(argv, flags_values=None):
                    temperature=f.temperature, top_k=f.top_k or None,
                    seed=f.seed, num_samples=f.num_samples)
   except SampleError as e:
-    sys.exit(f"error: {_one_line(e)}")
+    sys.exit(f"error: {metrics_io.one_line(e)}")
   for i, text in enumerate(texts):
     if len(texts) > 1:
       print(f"--- sample {i} ---")

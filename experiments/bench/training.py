@@ -40,6 +40,7 @@ import numpy as np
 import tqdm
 
 from experiments import config_validation
+from experiments import metrics_io
 from experiments import problems
 from experiments.bench import loop
 from experiments.bench.measure import attention_flops, make_roofline
@@ -160,7 +161,7 @@ def measure_training_cell(training, variant: str, seq_len: int, *,
     after = _matmul_flops_per_s(roofline)
   except Exception as e:  # pylint: disable=broad-except
     # A variant that cannot train here is data about that variant.
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = metrics_io.one_line(e)
     kind = "unsupported" if isinstance(e, ValueError) else "error"
     row["status"] = f"{kind}: {text[:240]}"
     return row

@@ -48,7 +48,7 @@ class Context:
     os.makedirs(self.output_dir, exist_ok=True)
     path = self.path(name)
     buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=DPI, bbox_inches="tight")
+    fig.savefig(buffer, dpi=DPI, bbox_inches=plots.bbox_inches(fig))
     plt.close(fig)
     # A 256-colour palette: the committed PNGs stay small (a third of the
     # bytes) and look the same.
