@@ -26,7 +26,6 @@ import optax
 from attn import models
 from attn.models import vit as vit_lib
 from attn.modules import AttentionPooling
-from attn.modules.attention import check_support, resolve_attention
 from experiments import pictures
 from experiments import plots
 
@@ -580,13 +579,9 @@ PROBLEMS: Mapping[str, type] = {
 
 
 def can_decode(attention) -> bool:
-  """Whether ``attention`` can decode with a KV cache (registry metadata, the
-  rule :class:`~attn.modules.MultiHeadAttention` applies)."""
-  try:
-    check_support(resolve_attention(attention), causal=True, decode=True)
-  except ValueError:
-    return False
-  return True
+  """Whether ``attention`` can decode with a KV cache
+  (:func:`attn.models.can_decode`)."""
+  return models.can_decode(attention)
 
 
 def transformer_config(config, **fields) -> models.TransformerConfig:

@@ -16,10 +16,10 @@ what was sampled from goes to stderr.
 Sampling (:func:`sample_tokens`): ``temperature=0`` is greedy, otherwise
 ``softmax(logits / temperature)`` over the ``top_k`` most likely tokens, with
 the PRNG key ``jax.random.key(seed)`` (token ``i`` uses ``fold_in(key, i)``),
-so the same seed gives the same sample. Attention variants that can decode
-with a KV cache (registry ``decode`` support) use
-:func:`attn.models.generate`; the others recompute the whole prefix at every
-step (:func:`sample_full_prefix`), which is exact and fine for short samples.
+so the same seed gives the same sample, through :func:`attn.models.generate`:
+attention variants that can decode with a KV cache (registry ``decode``
+support) use it; the others recompute the whole prefix at every step,
+which is exact and fine for short samples.
 
 Without ``--prompt`` the prompt is the start of the first test example (for
 ``associative_recall``, everything up to the query key, so the one new token
@@ -31,7 +31,6 @@ vocabulary, give one ``error: ...`` line and exit status 1.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import sys
 from typing import Any, Optional
@@ -41,7 +40,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from attn.models import transformer as transformer_lib
 from experiments import checkpoints
 from experiments import config_validation
 from experiments import data as tasks_lib
@@ -182,32 +180,6 @@ def check_arguments(prompt_length: int, max_new_tokens: int, max_len: int,
                       "(the vocabulary size)")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 6))
-def sample_full_prefix(model, params, prompt, rng, max_new_tokens: int,
-                       temperature, top_k: Optional[int] = None):
-  """Samples without a cache: a full causal forward pass per new token.
-
-  Same contract and same random draws as :func:`attn.models.generate`
-  (token ``i`` from ``fold_in(rng, i)``): ``prompt`` int ``[B, P]`` ->
-  int32 ``[B, P + max_new_tokens]``. The buffer has its final length from
-  the start (the tokens after position ``t`` do not change the causal
-  logits at ``t``), so the loop compiles once.
-  """
-  B, P = prompt.shape
-  tokens = jnp.zeros((B, P + max_new_tokens), jnp.int32).at[:, :P].set(
-      prompt)
-
-  def body(i, tokens):
-    logits = model.apply({"params": params}, tokens)
-    last = jax.lax.dynamic_index_in_dim(logits, P + i - 1, axis=1,
-                                        keepdims=False)
-    token = transformer_lib.sample_logits(
-        last, jax.random.fold_in(rng, i), temperature, top_k)
-    return jax.lax.dynamic_update_index_in_dim(tokens, token, P + i, axis=1)
-
-  return jax.lax.fori_loop(0, max_new_tokens, body, tokens)
-
-
 def sample_tokens(run: Run, prompt, max_new_tokens: int, *,
                   temperature: float = 0.8, top_k: Optional[int] = None,
                   seed: int = 0, num_samples: int = 1,
@@ -225,12 +197,10 @@ def sample_tokens(run: Run, prompt, max_new_tokens: int, *,
     raise SampleError(f"--num_samples={num_samples} must be >= 1")
   batch = jnp.asarray(np.tile(prompt[None], (num_samples, 1)))
   rng = jax.random.key(seed)
-  if run.uses_cache if use_cache is None else use_cache:
-    out = run.model.generate(run.params, batch, max_new_tokens, rng,
-                             temperature=temperature, top_k=top_k)
-  else:
-    out = sample_full_prefix(run.model, run.params, batch, rng,
-                             max_new_tokens, jnp.float32(temperature), top_k)
+  out = run.model.generate(run.params, batch, max_new_tokens, rng,
+                           temperature=temperature, top_k=top_k,
+                           use_cache=run.uses_cache if use_cache is None
+                           else use_cache)
   return np.asarray(out)
 
 

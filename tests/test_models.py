@@ -107,6 +107,29 @@ def test_generate_greedy_and_top_k_against_full_forward(lm_and_variables):
   assert np.all((top3 == np.asarray(sampled)[:, 3:, None]).any(-1))
 
 
+def test_generate_without_cache_matches_the_cached_path(lm_and_variables):
+  lm, variables = lm_and_variables
+  prompt = tokens(5, (B, 2))
+  for temperature in (0.0, 1.5):
+    cached, full = (lm.generate(variables, prompt, 4, jax.random.key(2),
+                                temperature=temperature, use_cache=use)
+                    for use in (True, False))
+    np.testing.assert_array_equal(cached, full)
+  # performer cannot decode with a cache: the default takes the full-prefix
+  # path, whose greedy tokens are the argmax of a full forward pass.
+  performer = TransformerLM(cfg(vocab_size=V, max_len=T,
+                                attention="performer"))
+  assert not attn.models.can_decode("performer")
+  assert attn.models.can_decode("softmax")
+  params = performer.init(KEY, tokens(0))
+  greedy = performer.generate(params, prompt, 4, KEY, temperature=0.0)
+  logits = performer.apply(params, greedy)
+  np.testing.assert_array_equal(greedy[:, 2:],
+                                jnp.argmax(logits[:, 1:-1], -1))
+  with pytest.raises(ValueError, match="decoding with a KV cache"):
+    performer.generate(params, prompt, 4, KEY, use_cache=True)
+
+
 def test_generate_rejects_bad_arguments(lm_and_variables):
   lm, variables = lm_and_variables
   prompt = tokens(0, (B, 3))

@@ -20,11 +20,11 @@ from attn.models.transformer import (DecoderBlock, EncoderClassifier,
                                      Seq2SeqTransformer, TransformerBlock,
                                      TransformerConfig, TransformerDecoder,
                                      TransformerEncoder, TransformerLM,
-                                     attention_weights, generate)
+                                     attention_weights, can_decode, generate)
 from attn.models.vit import ViT, attention_rollout, cls_saliency
 
 __all__ = ["DecoderBlock", "EncoderClassifier", "GlimpseConfig", "GlimpseNet",
            "RNNConfig", "RNNSeq2Seq", "Seq2SeqTransformer", "SetEncoder",
            "TransformerBlock", "TransformerConfig", "TransformerDecoder",
            "TransformerEncoder", "TransformerLM", "ViT", "attention_rollout",
-           "attention_weights", "cls_saliency", "generate"]
+           "attention_weights", "can_decode", "cls_saliency", "generate"]

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from attn.modules import MultiHeadAttention, PositionalEmbedding
+from attn.modules.attention import check_support, resolve_attention
 from attn.modules.embeddings import Embed
 
 Array = jax.Array
@@ -333,11 +334,12 @@ class TransformerLM(nn.Module):
 
   @nn.nowrap
   def generate(self, params, prompt: Array, max_new_tokens: int, rng: Array,
-               temperature: float = 1.0, top_k: Optional[int] = None
-               ) -> Array:
-    """Samples a continuation with the KV cache; see :func:`generate`."""
+               temperature: float = 1.0, top_k: Optional[int] = None,
+               use_cache: Optional[bool] = None) -> Array:
+    """Samples a continuation; see :func:`generate`."""
     return generate(self, params, prompt, max_new_tokens, rng,
-                    temperature=temperature, top_k=top_k)
+                    temperature=temperature, top_k=top_k,
+                    use_cache=use_cache)
 
 
 def sample_logits(logits: Array, rng: Array, temperature,
@@ -358,13 +360,31 @@ def sample_logits(logits: Array, rng: Array, temperature,
   return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+def can_decode(attention) -> bool:
+  """Whether ``attention`` (a spec or ``attention_fn``) can decode with a KV
+  cache: the rule :class:`~attn.modules.MultiHeadAttention` applies."""
+  try:
+    check_support(resolve_attention(attention), causal=True, decode=True)
+  except ValueError:
+    return False
+  return True
+
+
 def generate(model: TransformerLM, params, prompt: Array, max_new_tokens: int,
              rng: Array, *, temperature: float = 1.0,
-             top_k: Optional[int] = None) -> Array:
-  """Autoregressive generation with a KV cache (jit-compiled).
+             top_k: Optional[int] = None,
+             use_cache: Optional[bool] = None) -> Array:
+  """Autoregressive generation (jit-compiled).
 
-  The prompt is consumed in one cached forward pass; then one token per
-  step, inside ``lax.scan``.
+  With the KV cache (``use_cache``; default: when the model's attention can
+  decode, :func:`can_decode`) the prompt is consumed in one cached forward
+  pass, then one token per step inside ``lax.scan``. Without it (attention
+  variants that cannot decode, e.g. ``linformer`` or ``performer``), every
+  new token takes one full causal forward pass over a buffer that has its
+  final length from the start (later tokens do not change the causal logits
+  at earlier positions), so the loop compiles once; exact, and fine for
+  short samples. Both draw token ``i`` from ``fold_in(rng, i)``, so they
+  agree token for token where both apply.
 
   Args:
     model: a :class:`TransformerLM` (its ``config.decode`` is ignored).
@@ -380,8 +400,8 @@ def generate(model: TransformerLM, params, prompt: Array, max_new_tokens: int,
     int32 ``[B, P + max_new_tokens]``: the prompt followed by new tokens.
 
   Raises:
-    ValueError: bad lengths/temperature/top_k, or an attention variant that
-      cannot decode with a cache.
+    ValueError: bad lengths/temperature/top_k, or ``use_cache=True`` with
+      an attention variant that cannot decode with a cache.
   """
   cfg = model.config
   prompt = jnp.asarray(prompt, jnp.int32)
@@ -399,9 +419,33 @@ def generate(model: TransformerLM, params, prompt: Array, max_new_tokens: int,
     raise ValueError(f"top_k must be in [1, vocab_size={cfg.vocab_size}], "
                      f"got {top_k}")
   variables = params if "params" in params else {"params": params}
+  if use_cache is None:
+    use_cache = can_decode(cfg.attention)
+  if not use_cache:
+    return _generate_full_prefix(model.clone(parent=None), variables, prompt,
+                                 rng, jnp.float32(temperature),
+                                 max_new_tokens, top_k)
   decoder = model.clone(config=cfg.replace(decode=True), parent=None)
   return _generate(decoder, variables, prompt, rng, jnp.float32(temperature),
                    max_new_tokens, top_k)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _generate_full_prefix(model: TransformerLM, variables, prompt, rng,
+                          temperature, max_new_tokens, top_k):
+  B, P = prompt.shape
+  tokens = jnp.zeros((B, P + max_new_tokens), jnp.int32).at[:, :P].set(
+      prompt)
+
+  def body(i, tokens):
+    logits = model.apply(variables, tokens)
+    last = jax.lax.dynamic_index_in_dim(logits, P + i - 1, axis=1,
+                                        keepdims=False)
+    token = sample_logits(last, jax.random.fold_in(rng, i), temperature,
+                          top_k)
+    return jax.lax.dynamic_update_index_in_dim(tokens, token, P + i, axis=1)
+
+  return jax.lax.fori_loop(0, max_new_tokens, body, tokens)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6))
