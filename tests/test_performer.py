@@ -53,3 +53,30 @@ def test_performer_randomness_is_seeded():
   np.testing.assert_array_equal(with_rng, out("performer(seed=3)", rng=key7))
   assert not np.allclose(with_rng, out("performer(seed=3)"))
   assert not np.allclose(with_rng, out("performer(seed=3)", rng=key8))
+
+
+@pytest.mark.parametrize("s", [11, 23])
+def test_performer_causal_alignment_padding_and_grads(s):
+  """Causal performer (native-layout prefix sums) with S != T, key lengths,
+  a query padding mask, GQA and T=16 with chunk 5 equals the float64
+  brute-force form of its own features (same W), forward and jax.grad."""
+  from tests.test_linear import favor_phi, reference_and_grads  # pylint: disable=g-import-not-at-top
+  from tests.variant_helpers import call_and_grads  # pylint: disable=g-import-not-at-top
+  q, k, v = make_inputs(t=T, s=s, seed=41)
+  kv_len = np.array([s, s // 2 - 1])
+  # example 0 pads its queries, example 1 its keys
+  q_valid = np.arange(T)[None, :] < np.array([9, T])[:, None]
+  out, grads = call_and_grads(
+      "performer(num_features=24, seed=5, chunk_size=5)", q, k, v,
+      is_causal=True, key_value_seq_lengths=jnp.asarray(kv_len),
+      mask=jnp.asarray(q_valid)[:, None, :, None])
+  w = np.asarray(performer_lib.orthogonal_features(
+      *performer_lib.gaussian_draws(None, 5, 24, H)))
+  kv_valid = np.arange(s)[None, :] < kv_len[:, None]
+  want, want_grads = reference_and_grads(
+      q, k, v, 2 * out, lambda xp: favor_phi(xp, w, 1 / np.sqrt(H)),
+      kv_valid=kv_valid, q_valid=q_valid)
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(out[0, 9:], 0.0)
+  for g, want_g in zip(grads, want_grads):
+    np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=2e-5)

@@ -11,11 +11,11 @@ accumulates the state ``Σ φ(k) vᵀ [M, Dv]`` and then the queries are mapped
 chunk by chunk; causal, one scan carries the state of all previous chunks
 and adds the masked ``[c, c]`` product inside the chunk. Time ``O(T)``,
 memory ``O(T)`` in the length, and the working set of a step does not grow
-with ``T``. The registered kernels run the bidirectional case as
-:func:`feature_attention_noncausal`: the same loops over the ``[B, T, N, H]``
-layout itself (no per-head copies of q, k and v; the feature map still sees
-one head's chunk), which keeps the time linear in T on a CPU whose caches
-the per-head copies outgrow.
+with ``T``. The registered kernels run both cases as
+:func:`feature_attention_noncausal` and :func:`feature_attention_causal`:
+the same loops over the ``[B, T, N, H]`` layout itself (no per-head copies
+of q, k and v; the feature map still sees one head's chunk), which keeps
+the time linear in T on a CPU whose caches the per-head copies outgrow.
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ def feature_attention_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
                                chunk_size: int) -> Array:
   """Normalised kernel attention ``φ(Q) φ(K)ᵀ V / φ(Q) φ(K)ᵀ 1``, one head.
 
-  The registered kernels call it (vmapped over heads) for the causal case;
-  the bidirectional case runs as :func:`feature_attention_noncausal`, which
-  the tests check against this one-head form.
+  The registered kernels run :func:`feature_attention_noncausal` and
+  :func:`feature_attention_causal` instead (all heads at once over the
+  native layout); the tests check both against this one-head form.
 
   Args:
     q_TH: ``[T, H]``; k_SH: ``[S, H]``; v_SD: ``[S, Dv]``.
@@ -173,6 +173,8 @@ def feature_attention_noncausal(q: Array, k: Array, v: Array,
   """
   B, T, N, H = q.shape
   S, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
+  if T == 0:
+    return jnp.zeros((B, 0, N, Dv), F32)
   c_k, c_q = max(1, min(chunk_size, S)), max(1, min(chunk_size, T))
   n_k, n_q = -(-S // c_k), -(-T // c_q)
   def pad(x, n, fill=0):  # pads the length axis (1) to n
@@ -224,6 +226,106 @@ def feature_attention_noncausal(q: Array, k: Array, v: Array,
   return out[:, :T]
 
 
+def _pad_length(x: Array, n: int, fill=0) -> Array:
+  """Pads the length axis (1) of ``x[B, L, ...]`` to ``n`` with ``fill``."""
+  widths = [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+  return jnp.pad(x, widths, constant_values=fill)
+
+
+def feature_attention_causal(q: Array, k: Array, v: Array,
+                             kv_valid: Optional[Array],
+                             features: FeatureMap, *,
+                             chunk_size: int) -> Array:
+  """Causal :func:`feature_attention_one_head` for all heads at once.
+
+  Same numerics as the one-head causal scan (chunk ``i`` first raises the
+  running stabiliser to the largest key logit of the chunk and rescales the
+  state, then adds the ``[c, c]`` lower-triangular in-chunk products to the
+  state of chunks ``< i``), but the loop walks the ``[B, T, N, H]`` layout
+  directly (``dynamic_slice`` along the length axis), so q, k and v are
+  never copied into head-major layout as a whole (a per-head ``vmap``
+  around the ``scan`` does that); only each step's ``[B, c, N, H]`` chunk
+  is rearranged, in cache. The feature map still sees one head's
+  ``[c, H]`` chunk at a time; key features are computed once per key/value
+  head and shared by its ``G`` query heads.
+
+  Args:
+    q: ``[B, T, N, H]``; k: ``[B, T, K, H]``; v: ``[B, T, K, Dv]`` (keys
+      already aligned to the query positions, see
+      :func:`attn.kernels.blocks.align_keys`), ``N % K == 0`` (query head
+      ``n`` uses key head ``n // (N // K)``).
+    kv_valid: bool ``[B, T]`` or None; invalid keys are never attended.
+    features: the feature map ``φ``.
+    chunk_size: rows per loop step ``c``.
+
+  Returns:
+    float32 ``[B, T, N, Dv]``: ``out_t = Σ_{s<=t} φ(q_t)·φ(k_s) v_s /
+    Σ_{s<=t} φ(q_t)·φ(k_s)``; zeros for a query whose normaliser is 0.
+  """
+  B, T, N, H = q.shape
+  S, K, Dv = k.shape[1], k.shape[2], v.shape[-1]
+  if S != T:
+    raise ValueError(f"causal feature attention needs S == T, got S={S}, "
+                     f"T={T}")
+  if T == 0:
+    return jnp.zeros((B, 0, N, Dv), F32)
+  c = max(1, min(chunk_size, T))
+  n = -(-T // c)
+  q, k, v = (_pad_length(x, n * c) for x in (q, k, v.astype(F32)))
+  if kv_valid is None and n * c == T:
+    # All keys valid: a constant per step, so XLA can drop the masking
+    # (padded keys, when T % c != 0, must stay masked: they could move the
+    # stabiliser of the last chunk).
+    chunk_valid = lambda i: jnp.ones((B, c), bool)
+  else:
+    valid = jnp.ones((B, T), bool) if kv_valid is None else kv_valid
+    valid = _pad_length(valid, n * c, False)
+    chunk_valid = lambda i: jax.lax.dynamic_slice_in_dim(valid, i * c, c,
+                                                         axis=1)
+  M = features.query(q[0, :1, 0]).shape[-1]
+  # One head's [c, H] chunk per call, over the leading (b, k[, g]) axes of
+  # the head-major chunk.
+  key_max = jax.vmap(jax.vmap(features.key_max, in_axes=(0, None)))
+  key_phi = jax.vmap(jax.vmap(features.key, in_axes=(0, None, 0)))
+  query_phi = jax.vmap(jax.vmap(jax.vmap(features.query)))
+  tril_cc = jnp.tril(jnp.ones((c, c), bool))
+
+  def step(state, i):
+    kv_BKMD, z_BKM, m_BK = state
+    chunk = lambda x: jax.lax.dynamic_slice_in_dim(x, i * c, c, axis=1)
+    # Only the [c]-row chunk is transposed to head-major (it stays in
+    # cache), so every einsum below has its batch axes leading.
+    q_BKGcH = einops.rearrange(chunk(q), "b c (k g) h -> b k g c h", k=K)
+    k_BKcH = einops.rearrange(chunk(k), "b c k h -> b k c h")
+    v_BKcD = einops.rearrange(chunk(v), "b c k d -> b k c d")
+    ok_Bc = chunk_valid(i)
+    m_new = jax.lax.stop_gradient(jnp.maximum(m_BK, key_max(k_BKcH, ok_Bc)))
+    rescale = jnp.exp(m_BK - m_new)
+    kv_BKMD = kv_BKMD * rescale[..., None, None]
+    z_BKM = z_BKM * rescale[..., None]
+    phi_k = key_phi(k_BKcH, ok_Bc, m_new)                 # [B, K, c, M]
+    phi_q = query_phi(q_BKGcH)                            # [B, K, G, c, M]
+    w = jnp.where(tril_cc, jnp.einsum("bkgtm,bksm->bkgts", phi_q, phi_k),
+                  0.0)                                    # [B, K, G, c, c]
+    num = (jnp.einsum("bkgtm,bkmd->bkgtd", phi_q, kv_BKMD)
+           + jnp.einsum("bkgts,bksd->bkgtd", w, v_BKcD))
+    den = jnp.einsum("bkgtm,bkm->bkgt", phi_q, z_BKM) + jnp.sum(w, axis=-1)
+    # φ(k)ᵀ v with φ(k) transposed first: XLA's CPU backend then runs it
+    # as its fast batched matmul; contracting φ(k)'s row axis directly
+    # compiled to a slower generic dot (performer measurably slower).
+    phi_k_BKMc = jnp.swapaxes(phi_k, -1, -2)
+    new_state = (kv_BKMD + jnp.einsum("bkms,bksd->bkmd", phi_k_BKMc, v_BKcD),
+                 z_BKM + jnp.sum(phi_k, axis=2), m_new)
+    return new_state, einops.rearrange(_safe_divide(num, den),
+                                       "b k g c d -> b c (k g) d")
+
+  init = (jnp.zeros((B, K, M, Dv), F32), jnp.zeros((B, K, M), F32),
+          jnp.full((B, K), MASK_VALUE, F32))
+  _, out = jax.lax.scan(step, init, jnp.arange(n))        # [n, B, c, N, Dv]
+  out = einops.rearrange(out, "i b c n d -> b (i c) n d")
+  return out[:, :T]
+
+
 def kernelized_attention(name: str, inputs: canonical.AttentionInputs,
                          features: FeatureMap, *, chunk_size: int) -> Array:
   """Runs feature attention for validated inputs, handling masks and GQA.
@@ -250,12 +352,8 @@ def kernelized_attention(name: str, inputs: canonical.AttentionInputs,
     return blocks.finish(out, inputs, q_valid)
   key, value, kv_valid = blocks.align_keys(inputs.key, inputs.value, kv_valid,
                                            inputs.query.shape[1])
-
-  def one_head(q_TH, k_SH, v_SD, kv_valid_S):
-    return feature_attention_one_head(q_TH, k_SH, v_SD, kv_valid_S, features,
-                                      is_causal=True, chunk_size=chunk_size)
-
-  out = blocks.map_heads(one_head, inputs.query, key, value, kv_valid)
+  out = feature_attention_causal(inputs.query, key, value, kv_valid, features,
+                                 chunk_size=chunk_size)
   return blocks.finish(out, inputs, q_valid)
 
 
