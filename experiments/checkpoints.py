@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -152,28 +153,43 @@ def restore_latest(workdir: str, target: Any):
     manager.close()
 
 
-def _is_closed_loop_callback(unraisable) -> bool:
+# Orbax's coroutine that reads one array index of a checkpoint.
+_ORBAX_READ = "_read_array_index_and_device_put"
+
+
+def _is_abandoned_read(unraisable) -> bool:
   exc = unraisable.exc_value
-  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True
+  # A read left suspended is closed when it is garbage-collected: Orbax
+  # turns the GeneratorExit into "Encountered error while reading array
+  # index", which Python can only print.
+  return (getattr(unraisable.object, "__name__", None) == _ORBAX_READ
+          and isinstance(getattr(exc, "__cause__", None), GeneratorExit))
 
 
 def _quiet_abandoned_reads() -> None:
-  """Drops the "Event loop is closed" errors of an abandoned restore.
+  """Drops the errors of an abandoned restore's reads.
 
   When Orbax's restore fails (a corrupt or mismatched checkpoint) it closes
   its event loop while TensorStore reads are still in flight; each read
-  that finishes later calls back into the closed loop, and Python prints
-  that error as a traceback. The restore has already failed with a
-  :class:`CheckpointError` naming the checkpoint, so those tracebacks only
-  bury the one line that matters. Every other unraisable exception still
-  reaches the previous ``sys.unraisablehook``.
+  that finishes later calls back into the closed loop ("Event loop is
+  closed"), and each one left suspended raises when it is garbage-collected;
+  Python prints either as a traceback, possibly much later. The restore has
+  already failed with a :class:`CheckpointError` naming the checkpoint, so
+  those tracebacks only bury the one line that matters. Every other
+  unraisable exception still reaches the previous ``sys.unraisablehook``.
   """
+  # A read never started only warns when it is garbage-collected.
+  warnings.filterwarnings(
+      "ignore", message=f"coroutine '{_ORBAX_READ}' was never awaited",
+      category=RuntimeWarning)
   previous = sys.unraisablehook
   if getattr(previous, "_attn_quiet", False):
     return
 
   def hook(unraisable):
-    if not _is_closed_loop_callback(unraisable):
+    if not _is_abandoned_read(unraisable):
       previous(unraisable)
   hook._attn_quiet = True  # pylint: disable=protected-access
   sys.unraisablehook = hook

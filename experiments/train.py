@@ -308,8 +308,10 @@ _COMPILED: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
 
 
 def _compiled(config, task, mesh):
-  """``(problem, tx, train_step)``, reused by later runs of the same config
-  in this process (a notebook, the guide, the tests), so they compile once."""
+  """``(problem, tx, train_step, init)``, reused by later runs of the same
+  config in this process (a notebook, the guide, the tests), so they compile
+  once (``init``: the jitted ``problem.init``; a fresh ``jax.jit`` of the
+  bound method would compile again on every run)."""
   fields = {k: v for k, v in provenance.flatten(config.to_dict()).items()
             if not any(k == p or k.startswith(p + ".") for p in _NOT_COMPILED)}
   key = json.dumps([fields, [d.id for d in mesh.devices.flat],
@@ -320,7 +322,7 @@ def _compiled(config, task, mesh):
     tx = make_optimizer(config)
     train_step = jax.jit(functools.partial(_train_step, problem, tx,
                                            dropout_rng), donate_argnums=(0,))
-    _COMPILED[key] = (problem, tx, train_step)
+    _COMPILED[key] = (problem, tx, train_step, jax.jit(problem.init))
     while len(_COMPILED) > 2:
       _COMPILED.popitem(last=False)
   _COMPILED.move_to_end(key)
@@ -331,7 +333,7 @@ def start_training(config, task, mesh, name: str = "run"):
   """``(problem, train_step, state)``: the (shared) jitted train step of
   ``config`` and its freshly initialised train state, replicated on
   ``mesh``. Call under ``jax.set_mesh(mesh)``; ``name`` labels the log."""
-  problem, _, train_step = _compiled(config, task, mesh)
+  problem, _, train_step, init = _compiled(config, task, mesh)
   init_rng, _ = jax.random.split(jax.random.key(config.seed))
   first = task.batch("train", 0, config.batch_size)
   logging.info("%s: initialising %s for task %s ...", name,
@@ -339,7 +341,7 @@ def start_training(config, task, mesh, name: str = "run"):
   # Jitted: one compilation instead of hundreds of op-by-op ones; the
   # models' initialisers give the same numbers either way
   # (attn.modules.embeddings.normal_init).
-  state = init_state(config, jax.jit(problem.init)(init_rng, first))
+  state = init_state(config, init(init_rng, first))
   return problem, train_step, jax.device_put(state,
                                              parallel.replicated(mesh))
 

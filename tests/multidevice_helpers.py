@@ -13,6 +13,9 @@ Modes (``python -m tests.multidevice_helpers MODE ...`` from the repo root)::
     memory        XLA memory analysis at T=65536, ring vs chunked (8 devices)
     mesh          attn.parallel on 8 devices (+ initialize_distributed no-op)
     distributed   one process of a 2-process group (--port, --process_id)
+
+Several modes (``ring memory``) run one after another in one process, which
+then prints ``{mode: result}``: a test file pays for one 8-device start.
 """
 # JAX, attn and NumPy are imported inside the functions that run in the
 # child processes. pylint: disable=g-import-not-at-top
@@ -35,9 +38,18 @@ _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
                 "TPU_WORKER_HOSTNAMES")
 
 
+# XLA's cheapest CPU compilation, for the test session and the children it
+# starts (see tests/conftest.py); ATTN_TEST_XLA_FLAGS="" turns it off.
+TEST_XLA_FLAGS = os.environ.get(
+    "ATTN_TEST_XLA_FLAGS",
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    " --xla_cpu_use_fusion_emitters=false")
+
+
 def _env(devices: int) -> Dict[str, str]:
   env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_ENV}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = " ".join(filter(None, [
+      TEST_XLA_FLAGS, f"--xla_force_host_platform_device_count={devices}"]))
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return env
@@ -469,8 +481,8 @@ def check_distributed(port: int, process_id: int,
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("mode", choices=["ring", "memory", "mesh",
-                                       "distributed"])
+  parser.add_argument("modes", nargs="+", metavar="mode",
+                      choices=["ring", "memory", "mesh", "distributed"])
   parser.add_argument("--length", type=int, default=65536)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--backward", action="store_true",
@@ -481,20 +493,23 @@ def main(argv=None):
   args = parser.parse_args(argv)
   os.environ.setdefault("XLA_FLAGS",
                         "--xla_force_host_platform_device_count=8")
-  if args.mode == "ring":
-    result = check_ring()
-  elif args.mode == "memory":
-    result = check_memory(args.length, args.dtype, args.backward)
-    for name, m in result.items():
-      print(f"{name:16s} total {m['total']:9.1f} MiB  (arguments "
-            f"{m['argument']:.1f}, output {m['output']:.1f}, temp "
-            f"{m['temp']:.1f})")
-  elif args.mode == "mesh":
-    result = check_mesh()
-  else:
-    result = check_distributed(args.port, args.process_id,
-                               args.num_processes)
-  print(json.dumps(result))
+  results = {}
+  for mode in args.modes:
+    if mode == "ring":
+      result = check_ring()
+    elif mode == "memory":
+      result = check_memory(args.length, args.dtype, args.backward)
+      for name, m in result.items():
+        print(f"{name:16s} total {m['total']:9.1f} MiB  (arguments "
+              f"{m['argument']:.1f}, output {m['output']:.1f}, temp "
+              f"{m['temp']:.1f})")
+    elif mode == "mesh":
+      result = check_mesh()
+    else:
+      result = check_distributed(args.port, args.process_id,
+                                 args.num_processes)
+    results[mode] = result
+  print(json.dumps(results if len(args.modes) > 1 else result))
 
 
 if __name__ == "__main__":

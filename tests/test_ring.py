@@ -29,9 +29,15 @@ def _normal(rng, *shape):
   return jnp.asarray(rng.normal(size=shape), jnp.float32)
 
 
-def test_ring_on_8_devices_matches_single_device_attention():
+@pytest.fixture(scope="module")
+def eight_devices():
+  """The 8-device checks of this module, in one subprocess (one start)."""
+  return helpers.run_helper("ring", "memory", "--length=65536")
+
+
+def test_ring_on_8_devices_matches_single_device_attention(eight_devices):
   """Shards of 2/4/8, causal and not, padding, bias/mask, bf16, Flax."""
-  results = helpers.run_helper("ring")
+  results = eight_devices["ring"]
   expected = {f"seq{n}_{c}" for n in (2, 4, 8) for c in ("full", "causal")}
   expected |= {"padding_lengths", "shorter_than_ring", "cross_bias_mask",
                "segments_window_bias",
@@ -47,9 +53,10 @@ def test_ring_on_8_devices_matches_single_device_attention():
   assert not failures, failures
 
 
-def test_ring_memory_on_8_devices_at_64k_is_a_sixth_of_chunked():
+def test_ring_memory_on_8_devices_at_64k_is_a_sixth_of_chunked(
+    eight_devices):
   """XLA memory analysis, T=65536, 8 heads of 64, causal forward."""
-  mem = helpers.run_helper("memory", "--length=65536")
+  mem = eight_devices["memory"]
   ring, chunked = mem["ring_seq8"]["total"], mem["chunked_1device"]["total"]
   # Per-device inputs and output are 1/8 of the single-device ones.
   assert mem["ring_seq8"]["argument"] * 8 == mem["chunked_1device"]["argument"]

@@ -37,7 +37,10 @@ def runs(tmp_path_factory):
   """
   root = tmp_path_factory.mktemp("scale")
   path = lambda name: str(root / name)  # noqa: E731
-  cache = path("compilation_cache")
+  # The session's compilation cache (tests/conftest.py) when there is one:
+  # a rerun loads these runs' programs instead of compiling them again.
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or path(
+      "compilation_cache")
   resume = lambda name, overrides: {  # noqa: E731
       "workdir": path(name), "copy_from": path("killed8"),
       "overrides": overrides, "params_out": path(name + ".npz")}
