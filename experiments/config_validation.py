@@ -123,6 +123,16 @@ def runlocal_changes(config: ml_collections.ConfigDict,
   return {k: v for k, v in changes.items() if not _is_explicit(k, explicit)}
 
 
+def set_field(config: ml_collections.ConfigDict, path: str, value) -> None:
+  """Sets the field at dotted ``path`` (``"model.num_layers"``) of
+  ``config``; ``KeyError``/``AttributeError`` when a parent is missing."""
+  *parents, leaf = path.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
 def prepare(config: ml_collections.ConfigDict,
             explicit: Iterable[str] = ()) -> ml_collections.ConfigDict:
   """A validated copy of ``config``, shrunk when ``config.runlocal``.
@@ -134,11 +144,7 @@ def prepare(config: ml_collections.ConfigDict,
   validate(config)
   if config.get("runlocal", False):
     for path, value in runlocal_changes(config, explicit).items():
-      *parents, leaf = path.split(".")
-      node = config
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+      set_field(config, path, value)
   validate(config)
   for warning in config_warnings.positional_warnings(config):
     metrics_io.get_logger().warning("warning: %s", warning)

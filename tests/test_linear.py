@@ -49,6 +49,15 @@ def test_linear_causal_with_fewer_keys_than_queries():
                              rtol=2e-5, atol=2e-5)
 
 
+def _one_head_path(feats, valid, *, is_causal):
+  """The one-head chunk scan vmapped over heads (the layout the native
+  paths replaced): ``f(q, k, v) -> [B, T, N, Dv]``, chunks of 8."""
+  from attn.kernels import linear as linear_lib  # pylint: disable=g-import-not-at-top
+  one = functools.partial(linear_lib.feature_attention_one_head,
+                          features=feats, is_causal=is_causal, chunk_size=8)
+  return lambda q, k, v: blocks.map_heads(one, q, k, v, valid)
+
+
 @pytest.mark.parametrize("feature_map", ["elu", "favor"])
 def test_noncausal_feature_attention_layouts_agree(feature_map):
   """The native-layout non-causal path (what linear/performer run) equals
@@ -69,10 +78,7 @@ def test_noncausal_feature_attention_layouts_agree(feature_map):
     return linear_lib.feature_attention_noncausal(q, k, v, valid, feats,
                                                   chunk_size=8)
 
-  def per_head(q, k, v):
-    one = functools.partial(linear_lib.feature_attention_one_head,
-                            features=feats, is_causal=False, chunk_size=8)
-    return blocks.map_heads(one, q, k, v, valid)
+  per_head = _one_head_path(feats, valid, is_causal=False)
 
   np.testing.assert_allclose(native(q, k, v), per_head(q, k, v), atol=1e-5)
   g_native = jax.grad(lambda *a: native(*a).sum(), argnums=(0, 1, 2))(q, k, v)
@@ -218,10 +224,7 @@ def test_causal_feature_attention_layouts_agree(feature_map):
     return linear_lib.feature_attention_causal(q, k, v, valid, feats,
                                                chunk_size=8)
 
-  def per_head(q, k, v):
-    one = functools.partial(linear_lib.feature_attention_one_head,
-                            features=feats, is_causal=True, chunk_size=8)
-    return blocks.map_heads(one, q, k, v, valid)
+  per_head = _one_head_path(feats, valid, is_causal=True)
 
   out, grads = out_and_grads(native, cot, q, k, v)
   want, want_grads = out_and_grads(per_head, cot, q, k, v)

@@ -149,6 +149,12 @@ def feature_attention_one_head(q_TH: Array, k_SH: Array, v_SD: Array,
   return blocks.from_blocks(out, T)
 
 
+def _pad_length(x: Array, n: int, fill=0) -> Array:
+  """Pads the length axis (1) of ``x[B, L, ...]`` to ``n`` with ``fill``."""
+  widths = [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+  return jnp.pad(x, widths, constant_values=fill)
+
+
 def feature_attention_noncausal(q: Array, k: Array, v: Array,
                                 kv_valid: Optional[Array],
                                 features: FeatureMap, *,
@@ -177,13 +183,9 @@ def feature_attention_noncausal(q: Array, k: Array, v: Array,
     return jnp.zeros((B, 0, N, Dv), F32)
   c_k, c_q = max(1, min(chunk_size, S)), max(1, min(chunk_size, T))
   n_k, n_q = -(-S // c_k), -(-T // c_q)
-  def pad(x, n, fill=0):  # pads the length axis (1) to n
-    widths = [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
-    return jnp.pad(x, widths, constant_values=fill)
-
   valid = jnp.ones((B, S), bool) if kv_valid is None else kv_valid
-  k, v, valid = pad(k, n_k * c_k), pad(v.astype(F32), n_k * c_k), pad(
-      valid, n_k * c_k, False)
+  k, v = _pad_length(k, n_k * c_k), _pad_length(v.astype(F32), n_k * c_k)
+  valid = _pad_length(valid, n_k * c_k, False)
   M = features.query(q[0, :1, 0]).shape[-1]
   # per (b, kv head): k chunk [c, H] at axis 1 of [B, c, K, H].
   key_max = jax.vmap(jax.vmap(features.key_max, in_axes=(1, None)),
@@ -208,7 +210,8 @@ def feature_attention_noncausal(q: Array, k: Array, v: Array,
           jnp.full((B, K), MASK_VALUE, F32))
   kv_BKMD, z_BKM, _ = jax.lax.fori_loop(0, n_k, add_keys, init)
 
-  q = einops.rearrange(pad(q, n_q * c_q), "b t (k g) h -> b t k g h", k=K)
+  q = einops.rearrange(_pad_length(q, n_q * c_q), "b t (k g) h -> b t k g h",
+                       k=K)
   # per (b, kv head, group member): q chunk [c, H] of [B, c, K, G, H].
   query_phi = jax.vmap(jax.vmap(jax.vmap(features.query, in_axes=1,
                                          out_axes=1), in_axes=1, out_axes=1))
@@ -224,12 +227,6 @@ def feature_attention_noncausal(q: Array, k: Array, v: Array,
   out = jax.lax.map(read, jnp.arange(n_q))               # [n_q, B, c, N, Dv]
   out = einops.rearrange(out, "i b c n d -> b (i c) n d")
   return out[:, :T]
-
-
-def _pad_length(x: Array, n: int, fill=0) -> Array:
-  """Pads the length axis (1) of ``x[B, L, ...]`` to ``n`` with ``fill``."""
-  widths = [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
-  return jnp.pad(x, widths, constant_values=fill)
 
 
 def feature_attention_causal(q: Array, k: Array, v: Array,

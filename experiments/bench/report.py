@@ -22,6 +22,7 @@ import numpy as np
 
 from experiments.bench.sweep import (COLUMNS, MIN_CELL_SECONDS, MIN_MATMUL_N,
                                      SETTING_KEYS, meaningful, setting_key)
+from experiments.bench.training import TRAINING_COLUMNS
 
 _MIB = 2 ** 20
 
@@ -135,13 +136,23 @@ def peer_summary(peer_rows: List[Dict[str, Any]]) -> List[str]:
 # Outputs
 
 
-def write_csv(rows: List[Dict[str, Any]], path: str) -> None:
-  """One line per cell, columns :data:`COLUMNS`; ``None`` as empty."""
+def write_csv(rows: List[Dict[str, Any]], path: str,
+              columns: Sequence[str] = COLUMNS) -> None:
+  """One line per cell, ``columns`` (default :data:`COLUMNS`); ``None`` as
+  empty."""
   with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COLUMNS)
+    writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
     for r in rows:
-      writer.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+      writer.writerow({k: ("" if r[k] is None else r[k]) for k in columns})
+
+
+def _status_cell(status: str) -> str:
+  """A cell's status for a markdown table: at most 60 characters, pipes
+  escaped."""
+  if len(status) > 60:
+    status = status[:57] + "..."
+  return status.replace("|", "\\|")
 
 
 def run_metadata(config: ml_collections.ConfigDict,
@@ -199,11 +210,8 @@ def markdown_summary(rows: List[Dict[str, Any]],
     lines += [f"## {_setting_title(dict(zip(SETTING_KEYS, key)))}", "",
               header, "|" + "---|" * 11]
     for r in group:
-      status = r["status"] if len(r["status"]) <= 60 else (
-          r["status"][:57] + "...")
-      status = status.replace("|", "\\|")
       lines.append(
-          f"| {r['variant']} | {r['seq_len']} | {status} | "
+          f"| {r['variant']} | {r['seq_len']} | {_status_cell(r['status'])} | "
           f"{_fmt(r['compile_s'], '.2f')} | "
           f"{_fmt(r['time_median_s'], '.2f', 1e3)} | "
           f"{_fmt(r['speedup_vs_jax_nn'], '.2f')} | "
@@ -350,11 +358,10 @@ def training_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any]
       "tokens/s | GFLOP/step | matmul GFLOP/s | MFU |",
       "|" + "---|" * 11]
   for r in rows:
-    status = r["status"] if len(r["status"]) <= 60 else (
-        r["status"][:57] + "...")
     lines.append(
-        f"| {r['variant']} | {r['seq_len']} | {'' if r['batch'] is None else r['batch']} | "
-        f"{status.replace('|', chr(92) + '|')} | "
+        f"| {r['variant']} | {r['seq_len']} | "
+        f"{'' if r['batch'] is None else r['batch']} | "
+        f"{_status_cell(r['status'])} | "
         f"{_fmt(r['step_s'], '.1f', 1e3)} | "
         f"{_fmt(r['loop_step_s'], '.1f', 1e3)} | "
         f"{_fmt(r['loop_overhead'], '+.1f', 100)}{'%' if r['loop_overhead'] is not None else ''} | "
@@ -402,19 +409,13 @@ def write_training_outputs(rows: List[Dict[str, Any]],
                            command: Sequence[str] = ()) -> Dict[str, str]:
   """``results.csv``, ``results.json``, ``summary.md`` and
   ``training.png`` of a training benchmark in ``config.output_dir``."""
-  from experiments.bench.training import TRAINING_COLUMNS  # pylint: disable=g-import-not-at-top
   out_dir = config.output_dir
   os.makedirs(out_dir, exist_ok=True)
   paths = {name: os.path.join(out_dir, file) for name, file in (
       ("csv", "results.csv"), ("json", "results.json"),
       ("markdown", "summary.md"), ("plot", "training.png"))}
   meta = run_metadata(config, command)
-  with open(paths["csv"], "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=TRAINING_COLUMNS)
-    writer.writeheader()
-    for r in rows:
-      writer.writerow({k: ("" if r[k] is None else r[k])
-                       for k in TRAINING_COLUMNS})
+  write_csv(rows, paths["csv"], TRAINING_COLUMNS)
   with open(paths["json"], "w") as f:
     json.dump({"meta": meta, "cells": rows}, f, indent=1)
   with open(paths["markdown"], "w") as f:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import ast
 import importlib
 import statistics
-import time
 from typing import Any, Dict, List
 
 import jax
@@ -39,11 +38,14 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from attn import registry
 from experiments import config_validation
 from experiments import metrics_io
 from experiments import problems
 from experiments.bench import loop
-from experiments.bench.measure import attention_flops, make_roofline
+from experiments.bench.measure import (attention_flops, make_roofline,
+                                       time_calls)
+from experiments.bench.variants import split_specs
 
 LM_ARCH = "transformer"
 TRAINING_COLUMNS = (
@@ -74,12 +76,8 @@ def experiment_config(training: ml_collections.ConfigDict, variant: str,
     # The built-in text's 5% valid/test regions must hold one window.
     c.task.options.paragraphs = max(600, seq_len * 25 * 600 // 150_000 + 1)
   for path, value in parse_overrides(training.overrides).items():
-    *parents, leaf = path.split(".")
-    node = c
     try:
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+      config_validation.set_field(c, path, value)
     except (KeyError, AttributeError, TypeError):
       raise ValueError(f"training.overrides: {path!r} is not a field of "
                        f"configs/{training.experiment}.py") from None
@@ -89,7 +87,6 @@ def experiment_config(training: ml_collections.ConfigDict, variant: str,
 def parse_overrides(text: str) -> Dict[str, Any]:
   """``"a.b=4,c='x'"`` -> ``{"a.b": 4, "c": "x"}`` (Python literals, else
   strings); ``ValueError`` for an item without ``=``."""
-  from experiments.bench.variants import split_specs  # pylint: disable=g-import-not-at-top
   out = {}
   for item in split_specs(text or ""):
     path, sep, value = item.partition("=")
@@ -128,17 +125,13 @@ def model_flops(config, task) -> Dict[str, Any]:
 
 
 def _is_exact(spec: str) -> bool:
-  from attn import registry  # pylint: disable=g-import-not-at-top
   name, _ = registry.parse_spec(spec)
   return registry.get_entry(name).exact
 
 
 def _matmul_flops_per_s(roofline, repeats: int = 5) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(roofline.compiled(*roofline.args))
-    times.append(time.perf_counter() - start)
+  _, times, _ = time_calls(roofline.compiled, roofline.args, warmup=1,
+                           repeats=repeats)
   return roofline.flops / statistics.median(times)
 
 
@@ -185,8 +178,6 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"seq_lens must be >= 2, got {config.seq_lens}")
   if config.repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {config.repeats}")
-  from experiments.bench.variants import split_specs  # pylint: disable=g-import-not-at-top
-  from attn import registry  # pylint: disable=g-import-not-at-top
   specs = split_specs(config.variants)
   if not specs or "all" in specs:
     raise ValueError("the training benchmark needs explicit variants "
@@ -201,7 +192,6 @@ def validate_training(config: ml_collections.ConfigDict) -> None:
 def run_training_benchmark(config: ml_collections.ConfigDict
                            ) -> List[Dict[str, Any]]:
   """Every (variant, T) cell of ``config`` (``config.kind == "training"``)."""
-  from experiments.bench.variants import split_specs  # pylint: disable=g-import-not-at-top
   validate_training(config)
   specs = split_specs(config.variants)
   roofline = make_roofline(config.training.matmul_n, jax.numpy.float32)
