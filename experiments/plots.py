@@ -92,24 +92,30 @@ def tick_step(n: int, most: int = 10) -> int:
     decade *= 10
 
 
-def position_ticks(ax, n: int, labels: Sequence[str] | None, axis: str):
-  """Position indices on the main axis, tokens (if any) on the other side."""
+def position_ticks(ax, n: int, labels: Sequence[str] | None, axis: str, *,
+                   numbers: bool = True, tokens: bool = True):
+  """Position indices on the main axis, tokens (if any) on the other side.
+
+  ``numbers=False`` keeps the ticks but hides their labels and ``tokens=False``
+  draws no token axis: inner panels of a grid whose outer panels carry them.
+  """
   idx = list(range(0, n, tick_step(n)))
-  secondary = (ax.secondary_xaxis("top") if axis == "x"
-               else ax.secondary_yaxis("right"))
   if axis == "x":
     ax.set_xticks(idx, [str(i) for i in idx], fontsize=8)
+    ax.tick_params(axis="x", labelbottom=numbers)
   else:
     ax.set_yticks(idx, [str(i) for i in idx], fontsize=8)
-  if labels is not None and n <= 48:
-    labels = [str(x) for x in list(labels)[:n]]
-    if axis == "x":
-      secondary.set_xticks(range(len(labels)), labels, fontsize=8,
-                           rotation=90 if max(map(len, labels)) > 1 else 0)
-    else:
-      secondary.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.tick_params(axis="y", labelleft=numbers)
+  if not (tokens and labels is not None and n <= 48):
+    return
+  labels = [str(x) for x in list(labels)[:n]]
+  if axis == "x":
+    ax.secondary_xaxis("top").set_xticks(
+        range(len(labels)), labels, fontsize=8,
+        rotation=90 if max(map(len, labels)) > 1 else 0)
   else:
-    secondary.set_visible(False)
+    ax.secondary_yaxis("right").set_yticks(range(len(labels)), labels,
+                                           fontsize=8)
 
 
 def plot_attention_grid(weights_LNTS: np.ndarray, path: str, *,
@@ -122,9 +128,10 @@ def plot_attention_grid(weights_LNTS: np.ndarray, path: str, *,
   """One heat map per (layer, head): rows = layers, columns = heads.
 
   One colour scale for the whole figure (0 to the largest weight, with a
-  colour bar), so a flat head looks flat next to a sharp one. Axes show
-  position indices; ``x_labels``/``y_labels`` (tokens) go on the top/right
-  axes when the sequence is short enough to read them. ``note`` is printed
+  colour bar), so a flat head looks flat next to a sharp one. Position
+  indices label the bottom row and left column; ``x_labels``/``y_labels``
+  (tokens) go on the top row and right column when the sequence is short
+  enough to read them. ``note`` is printed
   under the title (e.g. "implied weights").
   """
   w = np.asarray(weights_LNTS, np.float32)
@@ -149,10 +156,16 @@ def plot_attention_grid(weights_LNTS: np.ndarray, path: str, *,
       name = row_names[l] if row_names else f"layer {l}"
       ax.set_title(wrap_path(f"{name}, head {n}", int(cell / 0.075)),
                    fontsize=8)
-      position_ticks(ax, S, x_labels, "x")
-      position_ticks(ax, T, y_labels, "y")
-      ax.set_xlabel(xlabel, fontsize=8)
-      ax.set_ylabel(ylabel, fontsize=8)
+      # Every panel has the same axes: positions and axis names on the
+      # bottom row and left column, tokens on the top row and right column
+      # (inner panels' labels only repeat them, and cost most of the time
+      # the figure takes to draw).
+      position_ticks(ax, S, x_labels, "x", numbers=l == L - 1, tokens=l == 0)
+      position_ticks(ax, T, y_labels, "y", numbers=n == 0, tokens=n == N - 1)
+      if l == L - 1:
+        ax.set_xlabel(xlabel, fontsize=8)
+      if n == 0:
+        ax.set_ylabel(ylabel, fontsize=8)
   heading = title + (f"\n{note}" if note else "")
   if heading:
     fig.suptitle(heading, fontsize=9)

@@ -392,6 +392,66 @@ def test_listops_labels_lengths_and_lra_strings():
       "( ( ( [MAX 2 ) 9 ) ] )")
 
 
+def abandoning_generate_tree(rand, max_depth, max_args, min_length,
+                             max_length, split):
+  """LRA's generate_tree written recursively, each draw abandoned where the
+  sampler documents it (``max_length - 1`` tokens reached, or a first
+  ``SPLIT_PREFIX`` tokens of another split): ``(tokens, value)`` or None."""
+  tokens, checked = [], [split is None]
+
+  def wrong_split():
+    checked[0] = True
+    ids = listops.VOCAB.encode(" ".join(tokens))
+    return listops.example_split(list(ids)) != split
+
+  def node(depth):
+    if len(tokens) >= max_length - 1:
+      return None
+    if not checked[0] and len(tokens) >= listops.SPLIT_PREFIX and (
+        wrong_split()):
+      return None
+    r = rand.random() if depth < max_depth else 1.0
+    if r > listops.VALUE_P:
+      value = int(rand.random() * 10)
+      tokens.append(str(value))
+      return value
+    num_args = 2 + int(rand.random() * (max_args - 1))
+    op = listops.OPERATORS[int(rand.random() * 4)]
+    tokens.append(op)
+    args = []
+    for _ in range(num_args):
+      arg = node(depth + 1)
+      if arg is None:
+        return None
+      args.append(arg)
+    tokens.append("]")
+    return evaluate_tokens([op] + [str(a) for a in args] + ["]"])
+
+  value = node(1)
+  if value is None or not min_length < len(tokens) < max_length:
+    return None
+  if not checked[0] and wrong_split():
+    return None
+  return tokens, value
+
+
+@pytest.mark.parametrize("split", [None, 0, 2])
+@pytest.mark.parametrize("opts", [(10, 10, 32, 128), (4, 5, 1, 200),
+                                  (3, 3, 3, 9)])
+def test_listops_draws_are_the_recursive_definitions(opts, split):
+  # The explicit-stack sampler consumes the same random numbers, abandons
+  # the same draws and returns the same examples as the recursive
+  # definition, so a fixed seed keeps giving the same data.
+  ours, theirs = random.Random(3), random.Random(3)
+  for _ in range(60):
+    want = None
+    while want is None:
+      want = abandoning_generate_tree(theirs, *opts, split)
+    ids, value = listops.generate_expression(ours, *opts, split)
+    assert (listops.VOCAB.decode(ids).split(), value) == want
+  assert ours.random() == theirs.random()
+
+
 def test_listops_length_distribution_matches_an_lra_port():
   # No effective length window (4 levels of <= 5 args give <= 187 tokens),
   # so the tree shape distribution itself is compared.

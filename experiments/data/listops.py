@@ -58,10 +58,8 @@ SPLIT_PREFIX = 16
 _OP_IDS = tuple(int(VOCAB.encode(op)[0]) for op in OPERATORS)
 _END_ID = int(VOCAB.encode(END)[0])
 _DIGIT_IDS = tuple(int(i) for i in VOCAB.encode(" ".join(DIGITS)))
-
-
-class _Reject(Exception):
-  """Raised inside the generator once a tree cannot be accepted any more."""
+_OP_BY_ID = dict(zip(_OP_IDS, OPERATORS))
+_VALUE_BY_ID = {i: value for value, i in enumerate(_DIGIT_IDS)}
 
 
 def apply_operator(op: str, args: Sequence[int]) -> int:
@@ -87,13 +85,33 @@ def example_split(ids: Sequence[int]) -> int:
   return sequence_split(ids[:SPLIT_PREFIX])
 
 
+def _value_of(ids: Sequence[int]) -> int:
+  """Value of a complete expression given as token ids (stack evaluation)."""
+  stack: List[List[int]] = [[]]
+  ops: List[str] = []
+  for i in ids:
+    if i == _END_ID:
+      args = stack.pop()
+      stack[-1].append(apply_operator(ops.pop(), args))
+    elif i in _OP_BY_ID:
+      ops.append(_OP_BY_ID[i])
+      stack.append([])
+    else:
+      stack[-1].append(_VALUE_BY_ID[i])
+  (value,) = stack[0]
+  return value
+
+
 class _TreeSampler:
   """LRA's ``generate_tree`` plus its length filter, producing token ids.
 
-  A draw is abandoned as soon as it is known to be rejected: when it reaches
+  The tree is drawn depth first with an explicit stack (the random draws are
+  those of the recursive definition, in the same order). A draw is
+  abandoned as soon as it is known to be rejected: when it reaches
   ``max_length - 1`` tokens, or when its first :data:`SPLIT_PREFIX` tokens
   hash to another split. The accepted trees are the ones full generation
-  followed by both checks would accept, drawn with the same probabilities.
+  followed by both checks would accept, drawn with the same probabilities;
+  only an accepted tree's value is computed.
   """
 
   def __init__(self, rand: random.Random, max_depth: int, max_args: int,
@@ -102,50 +120,59 @@ class _TreeSampler:
     self.max_depth, self.max_args = max_depth, max_args
     self.min_length, self.max_length = min_length, max_length
     self.split = split
-    self.ids: List[int] = []
-    self.prefix_checked = False
 
   def sample(self) -> Tuple[List[int], int]:
     """One accepted ``(token_ids, value)``."""
     for _ in range(_MAX_ATTEMPTS_PER_EXAMPLE):
-      self.ids, self.prefix_checked = [], False
-      try:
-        value = self._node(1)
-        if not self.min_length < len(self.ids) < self.max_length:
-          continue
-        if not self.prefix_checked:
-          self._check_prefix()
-      except _Reject:
-        continue
-      return self.ids, value
+      ids = self._draw()
+      if ids is not None:
+        return ids, _value_of(ids)
     raise ValueError(f"listops: no tree with {self.min_length} < length < "
                      f"{self.max_length} in {_MAX_ATTEMPTS_PER_EXAMPLE} "
                      f"attempts (max_depth={self.max_depth}, "
                      f"max_args={self.max_args})")
 
-  def _check_prefix(self) -> None:
-    self.prefix_checked = True
-    if self.split is not None and example_split(self.ids) != self.split:
-      raise _Reject
+  def _wrong_split(self, ids: List[int]) -> bool:
+    return self.split is not None and example_split(ids) != self.split
 
-  def _node(self, depth: int) -> int:
-    """Appends one random subtree's ids; returns its value."""
-    if len(self.ids) >= self.max_length - 1:
-      raise _Reject
-    if len(self.ids) >= SPLIT_PREFIX and not self.prefix_checked:
-      self._check_prefix()
-    rand = self.rand
-    r = rand.random() if depth < self.max_depth else 1.0
-    if r > VALUE_P:
-      value = int(rand.random() * 10)
-      self.ids.append(_DIGIT_IDS[value])
-      return value
-    num_args = 2 + int(rand.random() * (self.max_args - 1))  # randint(2, a)
-    op = int(rand.random() * len(OPERATORS))
-    self.ids.append(_OP_IDS[op])
-    args = [self._node(depth + 1) for _ in range(num_args)]
-    self.ids.append(_END_ID)
-    return apply_operator(OPERATORS[op], args)
+  def _draw(self) -> Optional[List[int]]:
+    """One tree's token ids, or None once it is certain to be rejected."""
+    rand = self.rand.random
+    limit, max_depth, spread = (self.max_length - 1, self.max_depth,
+                                self.max_args - 1)
+    num_ops = len(OPERATORS)
+    ids: List[int] = []
+    append = ids.append
+    open_args: List[int] = []   # arguments still to draw, per open operator
+    checked, depth = False, 1   # depth = len(open_args) + 1
+    while True:                 # enter a node at ``depth``
+      if len(ids) >= limit:
+        return None
+      if not checked and len(ids) >= SPLIT_PREFIX:
+        if self._wrong_split(ids):
+          return None
+        checked = True
+      if depth < max_depth and rand() <= VALUE_P:
+        num_args = 2 + int(rand() * spread)        # randint(2, max_args)
+        append(_OP_IDS[int(rand() * num_ops)])
+        open_args.append(num_args)
+        depth += 1
+        continue
+      append(_DIGIT_IDS[int(rand() * 10)])
+      while depth > 1:          # close every operator this value completes
+        open_args[-1] -= 1
+        if open_args[-1]:
+          break
+        open_args.pop()
+        append(_END_ID)
+        depth -= 1
+      else:
+        break
+    if not self.min_length < len(ids) < self.max_length:
+      return None
+    if not checked and self._wrong_split(ids):
+      return None
+    return ids
 
 
 def generate_expression(rand: random.Random, max_depth: int, max_args: int,
