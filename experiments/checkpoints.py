@@ -153,8 +153,11 @@ def restore_latest(workdir: str, target: Any):
     manager.close()
 
 
-# Orbax's coroutine that reads one array index of a checkpoint.
+# Orbax's coroutine that reads one array index of a checkpoint, and the
+# warning Python gives when such a read, never started, is garbage-collected
+# (a regular expression for ``warnings`` filters; tests/conftest.py uses it).
 _ORBAX_READ = "_read_array_index_and_device_put"
+ABANDONED_READ_WARNING = f"coroutine '{_ORBAX_READ}' was never awaited"
 
 
 def _is_abandoned_read(unraisable) -> bool:
@@ -181,9 +184,8 @@ def _quiet_abandoned_reads() -> None:
   unraisable exception still reaches the previous ``sys.unraisablehook``.
   """
   # A read never started only warns when it is garbage-collected.
-  warnings.filterwarnings(
-      "ignore", message=f"coroutine '{_ORBAX_READ}' was never awaited",
-      category=RuntimeWarning)
+  warnings.filterwarnings("ignore", message=ABANDONED_READ_WARNING,
+                          category=RuntimeWarning)
   previous = sys.unraisablehook
   if getattr(previous, "_attn_quiet", False):
     return

@@ -58,6 +58,7 @@ def pytest_configure(config):
   # test happens to be running when they are garbage-collected would get
   # this warning. It is the same abandoned read whose "Event loop is closed"
   # errors experiments.checkpoints already drops.
+  from experiments import checkpoints  # pylint: disable=g-import-not-at-top
   config.addinivalue_line(
-      "filterwarnings", "ignore:coroutine '_read_array_index_and_device_put' "
-      "was never awaited:RuntimeWarning")
+      "filterwarnings",
+      f"ignore:{checkpoints.ABANDONED_READ_WARNING}:RuntimeWarning")
