@@ -26,6 +26,7 @@ from typing import Dict, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -98,6 +99,7 @@ FLAGS = flags.FLAGS
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines, as main
   config = ml_collections.ConfigDict(FLAGS.config.to_dict())
   result = measure(config, FLAGS.steps, FLAGS.repeats)
   print(f"{config.task.name}: bare step {result['bare_ms']:.2f} ms, in the "
