@@ -404,24 +404,36 @@ def test_sigint_stops_at_a_step_boundary_and_resumes_bit_identically(
 
 def test_sigterm_to_main_saves_prints_one_line_and_exits_143(straight,
                                                              tmp_path):
-  """A real SIGTERM to ``python -m experiments.main``; meanwhile a second
-  process on the same workdir is refused by the lock."""
+  """A real SIGTERM to ``experiments.main`` while it trains; meanwhile a
+  second ``python -m experiments.main`` on the same workdir is refused by
+  the lock.
+
+  The first process runs ``experiments.main`` as ``__main__`` with its
+  train batches from step 3 on held until the test has sent the signal
+  (:data:`_GATED_MAIN`), so the signal always lands mid-training however
+  fast the machine: ungated, a fast machine finished all 8 steps before the
+  second process had even started.
+  """
   workdir = str(tmp_path / "run")
+  gate = str(tmp_path / "gate")
   flags = [f"--config={os.path.join(REPO, 'configs', 'copy.py')}",
            f"--workdir={workdir}", *_flags_for(config())]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  run = lambda: subprocess.Popen(  # noqa: E731
-      [sys.executable, "-m", "experiments.main", *flags], cwd=REPO, env=env,
+  run = lambda *command: subprocess.Popen(  # noqa: E731
+      [sys.executable, *command, *flags], cwd=REPO, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  child = run()
+  child = run("-c", _GATED_MAIN, gate)
   try:
     deadline = time.time() + 600
     while not os.path.exists(provenance.config_path(workdir)):
       assert child.poll() is None and time.time() < deadline
       time.sleep(0.05)
-    second = run()
+    second = run("-m", "experiments.main")
     _, err2 = second.communicate(timeout=600)
+    assert child.poll() is None  # still training: held at step 3
     child.send_signal(signal.SIGTERM)
+    with open(gate, "w", encoding="utf-8"):
+      pass
     _, err = child.communicate(timeout=600)
   finally:
     child.kill()
@@ -438,6 +450,24 @@ def test_sigterm_to_main_saves_prints_one_line_and_exits_143(straight,
               if "tmp" in os.path.basename(p)]
   train.train_and_evaluate(config(), workdir)
   assert_same_run(workdir, straight[0], config())
+
+
+# ``python -c _GATED_MAIN <gate file> <flags of experiments.main>``: the
+# command-line entry point itself, with the copy task's train batches from
+# step 3 on waiting until the gate file exists.
+_GATED_MAIN = """
+import os, runpy, sys, time
+from experiments.data import algorithmic
+gate = sys.argv.pop(1)
+original = algorithmic.Copy.batch
+def batch(self, split, step, batch_size):
+  while split == "train" and step >= 3 and not os.path.exists(gate):
+    time.sleep(0.02)
+  return original(self, split, step, batch_size)
+algorithmic.Copy.batch = batch
+sys.argv[0] = "experiments.main"
+runpy.run_module("experiments.main", run_name="__main__", alter_sys=True)
+"""
 
 
 def _flags_for(cfg):
