@@ -40,6 +40,10 @@ def _ring(q, k, v, bias=None, mask=None, return_residual=False, **kw):
 
 
 KERNELS = {"chunked": _chunked, "ring": _ring}
+# Jitted once per module: the forward and its VJP each compile to one
+# program, shared by every bias value of the tests below (eagerly, each of
+# the kernels' operations would compile on its own).
+JITTED = {name: jax.jit(fn) for name, fn in KERNELS.items()}
 
 
 def _jax_nn(q, k, v, bias=None, mask=None, **kw):
@@ -63,8 +67,10 @@ def test_return_residual_matches_jax_nn(name):
   q, k, v, bias, g = _inputs()
   mask = jax.random.bernoulli(jax.random.PRNGKey(7), 0.8, (B, 1, T, S))
   g_lse = jax.random.normal(jax.random.PRNGKey(8), (B, T, N))
-  fn = functools.partial(KERNELS[name], is_causal=True, return_residual=True)
-  ref = functools.partial(_jax_nn, is_causal=True, return_residual=True)
+  fn = jax.jit(functools.partial(KERNELS[name], is_causal=True,
+                                 return_residual=True))
+  ref = jax.jit(functools.partial(_jax_nn, is_causal=True,
+                                  return_residual=True))
   (out, lse), vjp = jax.vjp(fn, q, k, v, bias, mask)
   (ref_out, ref_lse), ref_vjp = jax.vjp(ref, q, k, v, bias, mask)
   assert lse.shape == (B, T, N) and lse.dtype == jnp.float32
@@ -116,13 +122,13 @@ def test_soft_cap_forward_and_gradients_match_float64(name):
                                  soft_cap=cap)
     return np.sum(out * w)
 
-  out = kernel(q, k, v, bias)
+  out = jax.jit(kernel)(q, k, v, bias)
   _close(out, reference_attention(*np_args[:3], bias=np_args[3], mask=causal,
                                   soft_cap=cap)[0], 2e-5)
-  assert not np.allclose(out, kernel(q, k, v, bias, logits_soft_cap=None),
-                         atol=1e-2)
-  grads = jax.grad(lambda *a: jnp.sum(kernel(*a) * g), argnums=(0, 1, 2, 3))(
-      q, k, v, bias)
+  uncapped = jax.jit(functools.partial(kernel, logits_soft_cap=None))
+  assert not np.allclose(out, uncapped(q, k, v, bias), atol=1e-2)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(kernel(*a) * g),
+                           argnums=(0, 1, 2, 3)))(q, k, v, bias)
   rng = np.random.default_rng(0)
   for i, grad in enumerate(grads):
     u = rng.normal(size=np_args[i].shape)
@@ -193,9 +199,8 @@ def test_a_row_of_huge_negative_bias_matches_jax_nn(name, big):
   """
   q, k, v, bias, g = _inputs(2)
   bias = bias.at[:, :, 3, :].set(-big).at[0, :, 5, :].set(-big)
-  fn = lambda *a: KERNELS[name](*a)  # noqa: E731
-  out, vjp = jax.vjp(fn, q, k, v, bias)
-  ref_out, ref_vjp = jax.vjp(_jax_nn, q, k, v, bias)
+  out, vjp = jax.vjp(JITTED[name], q, k, v, bias)
+  ref_out, ref_vjp = jax.vjp(jax.jit(_jax_nn), q, k, v, bias)
   _close(out, ref_out, 2e-5)
   grads, ref_grads = vjp(g), ref_vjp(g)
   _close(grads[0], ref_grads[0], 2e-5)
@@ -210,8 +215,7 @@ def test_a_row_of_minus_inf_bias_is_a_fully_masked_row(name):
   q, k, v, bias, g = _inputs(3)
   bias = bias.at[:, :, 4, :].set(-jnp.inf)
   row_live = jnp.ones((T,)).at[4].set(0.0)[None, :, None, None]
-  fn = lambda *a: KERNELS[name](*a)  # noqa: E731
-  out, vjp = jax.vjp(fn, q, k, v, bias)
+  out, vjp = jax.vjp(JITTED[name], q, k, v, bias)
   grads = vjp(g)
   assert np.all(np.asarray(out[:, 4]) == 0)
   for grad in grads:

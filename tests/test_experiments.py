@@ -1,5 +1,6 @@
-"""End-to-end tests of train_and_evaluate: smoke per config, resume, NaN,
-bad configs, corrupt checkpoints, determinism."""
+"""End-to-end tests of train_and_evaluate: smoke per config, NaN, bad
+configs, corrupt checkpoints, determinism (kills and resumes:
+tests/test_run_integrity.py)."""
 
 import gc
 import glob
@@ -103,46 +104,6 @@ def test_smoke_every_config(name, smoke_run):
     pngs = glob.glob(os.path.join(tmp_path, "figures", "*.png"))
     assert os.path.join(tmp_path, "figures", "training_curves.png") in pngs
     assert len(pngs) >= 2
-
-
-def _final_params(workdir, config):
-  task = config_validation.make_task(config)
-  from experiments import problems  # pylint: disable=g-import-not-at-top
-  problem = problems.make_problem(config, task)
-  # Shapes only: restoring needs the structure, not initialised numbers.
-  target = jax.eval_shape(lambda: train.init_state(
-      config, problem.init(jax.random.key(0), task.batch("train", 0, 2))))
-  step, state = checkpoints.restore_latest(workdir, target)
-  return step, state["params"]
-
-
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, monkeypatch):
-  config = tiny("reverse", num_train_steps=8, checkpoint_every_steps=2,
-                eval_every_steps=4, **{"figures.enabled": False,
-                                       "model.dropout_rate": 0.1})
-  straight = str(tmp_path / "straight")
-  train.train_and_evaluate(config, straight)
-
-  resumed = str(tmp_path / "resumed")
-  original = tasks_lib.algorithmic.Reverse.batch
-
-  def dying_batch(self, split, step, batch_size):
-    if split == "train" and step == 5:
-      raise KeyboardInterrupt("simulated kill at step 5")
-    return original(self, split, step, batch_size)
-
-  monkeypatch.setattr(tasks_lib.algorithmic.Reverse, "batch", dying_batch)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, resumed)
-  monkeypatch.setattr(tasks_lib.algorithmic.Reverse, "batch", original)
-  train.train_and_evaluate(config, resumed)
-
-  step_a, params_a = _final_params(straight, config)
-  step_b, params_b = _final_params(resumed, config)
-  assert step_a == step_b == 8
-  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
-  drop = lambda rs: [{k: v for k, v in r.items()} for r in rs]
-  assert drop(read_jsonl(straight)) == drop(read_jsonl(resumed))
 
 
 def test_same_config_same_metrics(tmp_path):

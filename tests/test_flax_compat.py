@@ -63,6 +63,21 @@ def _masks(x):
               nn.make_attention_mask(jnp.ones((B, T)), key_valid))}
 
 
+def _jit_apply(module):
+  """``module.apply`` under ``jax.jit``: one program per call (applied
+  eagerly, every operation of the kernel compiles on its own)."""
+  return jax.jit(module.apply,
+                 static_argnames=("deterministic", "sow_weights", "mutable"))
+
+
+def _nnx_call(module, x, **kwargs):
+  """``module(x, **kwargs)`` under ``nnx.jit`` (``deterministic`` and
+  ``sow_weights`` static)."""
+  static = {k: kwargs.pop(k) for k in ("deterministic", "sow_weights")
+            if k in kwargs}
+  return nnx.jit(lambda m, x, kw: m(x, **kw, **static))(module, x, kwargs)
+
+
 def _refuses(name, fn, what):
   """Runs ``fn``; a kernel without support must raise ValueError(what)."""
   if name in FULL_SUPPORT:
@@ -88,34 +103,33 @@ def test_linen_multi_head_attention(name):
   params = flax_default.init(jax.random.PRNGKey(0), x)
   for label, mask in _masks(x).items():
     np.testing.assert_allclose(
-        ours.apply(params, x, mask=mask),
-        flax_default.apply(params, x, mask=mask), rtol=1e-5, atol=1e-5,
-        err_msg=label)
+        _jit_apply(ours)(params, x, mask=mask),
+        _jit_apply(flax_default)(params, x, mask=mask), rtol=1e-5,
+        atol=1e-5, err_msg=label)
 
   # Dropout: deterministic -> no dropout; otherwise Flax's exact keep-mask.
   ours, flax_default = (module(attn.get_attention(name), 0.3),
                         module(nn.dot_product_attention, 0.3))
   mask = _masks(x)["padding+causal"]
+  kept = _jit_apply(ours)(params, x, mask=mask, deterministic=True)
   np.testing.assert_allclose(
-      ours.apply(params, x, mask=mask, deterministic=True),
-      flax_default.apply(params, x, mask=mask, deterministic=True),
+      kept, _jit_apply(flax_default)(params, x, mask=mask,
+                                     deterministic=True),
       rtol=1e-5, atol=1e-5)
   rngs = {"dropout": jax.random.PRNGKey(7)}
-  want = flax_default.apply(params, x, mask=mask, deterministic=False,
-                            rngs=rngs)
-  got = _refuses(name, lambda: ours.apply(params, x, mask=mask,
-                                          deterministic=False, rngs=rngs),
-                 "dropout")
+  want = _jit_apply(flax_default)(params, x, mask=mask, deterministic=False,
+                                  rngs=rngs)
+  got = _refuses(name, lambda: _jit_apply(ours)(
+      params, x, mask=mask, deterministic=False, rngs=rngs), "dropout")
   if got is not None:
     if name != "chunked":   # chunked draws its keep-mask per block, by design
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert np.abs(np.asarray(got - ours.apply(
-        params, x, mask=mask, deterministic=True))).max() > 1e-3
+    assert np.abs(np.asarray(got - kept)).max() > 1e-3
 
   # sow_weights: the weights land where Flax's default puts them.
   def sown(m):
-    _, state = m.apply(params, x, mask=mask, sow_weights=True,
-                       deterministic=True, mutable=["intermediates"])
+    _, state = _jit_apply(m)(params, x, mask=mask, sow_weights=True,
+                             deterministic=True, mutable=("intermediates",))
     return state.get("intermediates", {}).get("attention_weights")
 
   want = sown(flax_default)
@@ -140,15 +154,16 @@ def test_nnx_multi_head_attention(name):
   flax_default = module(nnx.dot_product_attention, 0.3)
   for label, mask in _masks(x).items():
     np.testing.assert_allclose(
-        ours(x, mask=mask, deterministic=True),
-        flax_default(x, mask=mask, deterministic=True), rtol=1e-5,
-        atol=1e-5, err_msg=label)
+        _nnx_call(ours, x, mask=mask, deterministic=True),
+        _nnx_call(flax_default, x, mask=mask, deterministic=True),
+        rtol=1e-5, atol=1e-5, err_msg=label)
 
   mask = _masks(x)["padding+causal"]
-  want = flax_default(x, mask=mask, deterministic=False,
-                      rngs=nnx.Rngs(dropout=3))
-  got = _refuses(name, lambda: ours(x, mask=mask, deterministic=False,
-                                    rngs=nnx.Rngs(dropout=3)), "dropout")
+  want = _nnx_call(flax_default, x, mask=mask, deterministic=False,
+                   rngs=nnx.Rngs(dropout=3))
+  got = _refuses(name, lambda: _nnx_call(
+      ours, x, mask=mask, deterministic=False, rngs=nnx.Rngs(dropout=3)),
+                 "dropout")
   if got is not None and name != "chunked":  # chunked: per-block keep-mask
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -5,6 +5,8 @@ tests/multidevice_helpers.py); the blockwise math, padding and error paths
 are also checked in-process on a one-device mesh.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,9 +83,11 @@ def test_blockwise_forward_matches_numpy(batch, t, s, kv_heads, causal,
                                                       kv_heads, H)
   q_len = rng.integers(0, t + 1, size=batch).astype(np.int32)
   kv_len = rng.integers(0, s + 1, size=batch).astype(np.int32)
-  out = ring_attention(q, k, v, mesh=_one_device_mesh(), is_causal=causal,
-                       query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
-                       block_q=block_q, block_k=block_k)
+  # Jitted: one program per example (eagerly, one per operation).
+  out = jax.jit(functools.partial(
+      ring_attention, mesh=_one_device_mesh(), is_causal=causal,
+      block_q=block_q, block_k=block_k))(
+          q, k, v, query_seq_lengths=q_len, key_value_seq_lengths=kv_len)
   ref = helpers.numpy_attention(q, k, v, mask=helpers.numpy_mask(
       batch, N, t, s, is_causal=causal, q_lengths=q_len, kv_lengths=kv_len))
   assert out.shape == (batch, t, N, H) and out.dtype == jnp.float32

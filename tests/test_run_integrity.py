@@ -50,8 +50,9 @@ def config(**overrides):
   return tiny("copy", **{**TINY, **overrides})
 
 
-class SimulatedKill(Exception):
-  """Raised at the instant a test kills the run."""
+class SimulatedKill(KeyboardInterrupt):
+  """Raised at the instant a test kills the run: a ``BaseException``, as
+  a Ctrl-C is, so no ``except Exception`` on the way can swallow it."""
 
 
 def final_state(workdir, cfg):
@@ -384,6 +385,9 @@ def test_sigint_stops_at_a_step_boundary_and_resumes_bit_identically(
   workdir = str(tmp_path / "run")
   cfg = config()
   original = metrics_io.Progress.update
+  # Whatever the process had before (SIG_IGN when pytest was started in the
+  # background by a non-interactive shell) is what the run must put back.
+  before = signal.getsignal(signal.SIGINT)
 
   def update(progress, step, loss):
     original(progress, step, loss)
@@ -397,7 +401,7 @@ def test_sigint_stops_at_a_step_boundary_and_resumes_bit_identically(
   assert (e.value.step, e.value.exit_code) == (3, 130)
   assert "SIGINT at step 3" in str(e.value)
   assert sorted(os.listdir(checkpoints.latest_dir(workdir))) == ["2", "3"]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is before
   train.train_and_evaluate(cfg, workdir)
   assert_same_run(workdir, straight[0], cfg)
 
