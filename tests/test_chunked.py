@@ -283,6 +283,56 @@ def _attention_fns(impl, **kw):
   return fwd, fwd_bwd
 
 
+def _scan_lengths(jaxpr) -> list:
+  """Lengths of every ``scan`` (``lax.map`` over query blocks, the
+  backward's loop over key blocks) in a jaxpr and the jaxprs inside it."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      found.append(eqn.params["length"])
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if isinstance(inner, jax.extend.core.Jaxpr):
+        found += _scan_lengths(inner)
+  return found
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_default_blocks_plain_call_and_differentiated_call_agree(masked):
+  """Default blocks, no causal structure: a call that is not differentiated
+  runs query blocks of up to DEFAULT_FORWARD_ONLY_BLOCK_Q rows (T=1100 ->
+  2 blocks of 552), a differentiated one blocks of DEFAULT_BLOCK_Q (5 of
+  224): both outputs are the float64 reference's, gradients are xla's.
+  Bias, mask, key lengths, GQA and padded T and S (the padded keys masked
+  by the kernel alone when unmasked) all cross the two layouts."""
+  T, S = 1100, 700
+  q, k, v = _qkv(B=1, T=T, S=S, N=2, K=1, H=8, Dv=8)
+  bias = _normal(3, (1, 2, T, S))
+  rng = np.random.default_rng(1)
+  kw = dict(mask=jnp.asarray(rng.random((1, 1, T, S)) < 0.8),
+            key_value_seq_lengths=jnp.array([650], jnp.int32)) if masked else {}
+  cotangent = _normal(4, (1, T, 2, 8))
+
+  def f(q, k, v, bias):
+    return dot_product_attention(q, k, v, bias, implementation="chunked",
+                                 **kw)
+
+  # [query blocks, key blocks (2 of 352)] of the forward that runs.
+  assert _scan_lengths(jax.make_jaxpr(f)(q, k, v, bias).jaxpr) == [2, 2]
+  trained = jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[0])(q, k, v, bias)
+  assert _scan_lengths(trained.jaxpr) == [5, 2]
+  plain = jax.jit(f)(q, k, v, bias)
+  out, grads = jax.jit(lambda *a: (lambda o, pull: (o, pull(cotangent)))(
+      *jax.vjp(f, *a)))(q, k, v, bias)
+  _, ref_grads = out_and_grads("xla", q, k, v, bias, cotangent, **kw)
+  want = reference(q, k, v, bias, **kw)
+  assert_close(plain, want, 2e-5)
+  assert_close(out, want, 2e-5)
+  for g, r in zip(grads, ref_grads):
+    assert g.shape == r.shape
+    assert_close(g, r, 5e-5)
+
+
 def test_temp_memory_grows_linearly():
   """Doubling T doubles (not quadruples) XLA's temp memory; xla quadruples."""
   fwd, fwd_bwd = _attention_fns("chunked", block_q=128, block_k=256,

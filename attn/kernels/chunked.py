@@ -50,6 +50,14 @@ Array = jax.Array
 # head_dim 64, T = 4096); see the README section on chunked attention.
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
+# A call that is not differentiated and has no causal/window structure or
+# dropout runs its forward with query blocks of up to this size: larger
+# blocks give XLA:CPU larger matmuls (measured 19-22% faster forward at
+# T = 4096-16384 on a 2-core AVX-512/AMX CPU, fp32 and bf16), while the
+# backward is fastest with the default blocks, and causal attention wastes
+# more pairs on its diagonal with larger ones. The README's chunked section
+# has the numbers.
+DEFAULT_FORWARD_ONLY_BLOCK_Q = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,25 +375,8 @@ def _forward(cfg: _Config, q, k, v, bias, masks, rng):
   return jax.lax.map(lambda x: one_q_block(*x), (jnp.arange(nq), q))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked_attention(cfg, q, k, v, bias, masks, rng):
-  """``(out[nq, B·K, G·bq, Dv], lse[nq, B·K, G·bq])``; layout above.
-
-  ``lse`` has no gradient (as in ``jax.nn``): its cotangent is ignored.
-  """
-  out, m, log_l = _forward(cfg, q, k, v, bias, masks, rng)
-  return out, online_softmax.logsumexp(m, log_l)
-
-
-def _blocked_attention_fwd(cfg, q, k, v, bias, masks, rng):
-  out, m, log_l = _forward(cfg, q, k, v, bias, masks, rng)
-  return ((out, online_softmax.logsumexp(m, log_l)),
-          (q, k, v, bias, masks, rng, out, m, log_l))
-
-
-def _blocked_attention_bwd(cfg, residuals, cotangents):
-  q, k, v, bias, masks, rng, out, m, log_l = residuals
-  do, _ = cotangents                   # lse is stop-gradient, as in jax.nn
+def _backward(cfg, q, k, v, bias, masks, rng, out, m, log_l, do):
+  """Blocked ``(dq, dk, dv, dbias)``, float32; layout as :func:`_forward`."""
   nq, nk = q.shape[0], k.shape[0]
   B, K, G = cfg.heads
   bq, bk = cfg.block_q, cfg.block_k
@@ -425,12 +416,85 @@ def _blocked_attention_bwd(cfg, residuals, cotangents):
   init = (jnp.zeros(q.shape, jnp.float32),
           None if bias is None else jnp.zeros(bias.shape, jnp.float32))
   (dq, dbias), (dk, dv) = jax.lax.scan(one_k_block, init, jnp.arange(nk))
+  return dq, dk, dv, dbias
+
+
+def _blocked(cfg: _Config, query, key, value, bias, masks):
+  """The inputs in ``cfg``'s blocked, padded layout (see :func:`_forward`).
+
+  ``query[B, T, N, H]`` (scaled), ``key[B, S, K, H]``, ``value[B, S, K,
+  Dv]``, ``bias``/``mask`` canonical ``[B|1, N|1, T|1, S|1]`` or None;
+  ``masks = (mask, q_len, kv_len, q_seg, kv_seg)``.
+  """
+  B, T, N, _ = query.shape
+  S, K = key.shape[1], key.shape[2]
+  G = N // K
+  nq, nk = -(-T // cfg.block_q), -(-S // cfg.block_k)
+  Tp, Sp = cfg.block_q * nq, cfg.block_k * nk
+  mask, q_len, kv_len, q_seg, kv_seg = masks
+
+  def pad_segments(x, length):
+    return None if x is None else jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
+
+  return (_q_blocks(query, cfg.block_q, nq, K),
+          _kv_blocks(key, cfg.block_k, nk), _kv_blocks(value, cfg.block_k, nk),
+          _broadcast_5d(bias, K, G, Tp, Sp, 0),
+          (_broadcast_5d(mask, K, G, Tp, Sp, False), q_len, kv_len,
+           pad_segments(q_seg, Tp), pad_segments(kv_seg, Sp)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attention(cfgs, T, blocked, forward_only, rng):
+  """``(out, lse)`` in ``trained``'s blocked layout: exact attention.
+
+  ``cfgs = (forward_only, trained)`` configs; ``blocked = (q, k, v, bias,
+  masks)`` in ``trained``'s layout (:func:`_blocked`), ``forward_only =
+  (q, bias, masks)`` in the other's (None when the configs are the same;
+  key blocks always are). The primal (a call that is not differentiated)
+  runs with ``forward_only``'s blocks and re-blocks its result (one copy of
+  ``out``); a differentiated call runs forward and backward with
+  ``trained``'s, and XLA drops the unused layout. ``lse`` has no gradient
+  (as in ``jax.nn``): its cotangent is ignored.
+  """
+  fast, trained = cfgs
+  q, k, v, bias, masks = blocked
+  if forward_only is None:
+    return _with_lse(*_forward(trained, q, k, v, bias, masks, rng))
+  q_fast, bias, masks = forward_only
+  out, lse = _with_lse(*_forward(fast, q_fast, k, v, bias, masks, rng))
+  B, K, G = fast.heads
+  nq = q.shape[0]
+
+  def reblock(x):
+    x = _from_q_blocks(x, B, K, G, T)
+    return _q_blocks(x, trained.block_q, nq, K)
+
+  return reblock(out), reblock(lse[..., None])[..., 0]
+
+
+def _with_lse(out, m, log_l):
+  return out, online_softmax.logsumexp(m, log_l)
+
+
+def _attention_fwd(cfgs, T, blocked, forward_only, rng):
+  out, m, log_l = _forward(cfgs[1], *blocked, rng)
+  return _with_lse(out, m, log_l), (blocked, rng, out, m, log_l)
+
+
+def _attention_bwd(cfgs, T, residuals, cotangents):
+  blocked, rng, out, m, log_l = residuals
+  q, k, v, bias, masks = blocked
+  do, _ = cotangents                   # lse is stop-gradient, as in jax.nn
+  dq, dk, dv, dbias = _backward(cfgs[1], q, k, v, bias, masks, rng, out, m,
+                                log_l, do)
   no_grad = jax.tree.map(lambda _: None, masks)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          None if bias is None else dbias.astype(bias.dtype), no_grad, None)
+  alternative = None if cfgs[0] == cfgs[1] else (None, None, no_grad)
+  return ((dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+           None if bias is None else dbias.astype(bias.dtype), no_grad),
+          alternative, None)
 
 
-_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -488,7 +552,11 @@ def chunked_attention(inputs: AttentionInputs, *,
       float32).
     block_q / block_k: largest query / key block (defaults
       ``DEFAULT_BLOCK_Q`` / ``DEFAULT_BLOCK_K``); blocks are balanced so the
-      padding is under one block.
+      padding is under one block. With the default ``block_q``, a call that
+      is not differentiated, has no causal or window structure and no
+      dropout uses query blocks of up to ``DEFAULT_FORWARD_ONLY_BLOCK_Q``
+      (same result up to float rounding; a differentiated call's forward
+      and backward use ``DEFAULT_BLOCK_Q``).
     dropout_rate / dropout_rng / broadcast_dropout: dropout on the
       attention weights inside the kernel (FlashAttention-2 style): each
       score block's keep-mask is drawn from the key and the block indices
@@ -513,39 +581,44 @@ def chunked_attention(inputs: AttentionInputs, *,
   canonical.check_dropout(dropout_rate, dropout_rng)
   B, T, S, N, K, H, Dv = inputs.shape
   G = N // K
-  bq, nq = block_size(T, block_q, DEFAULT_BLOCK_Q, "block_q")
+  bq, _ = block_size(T, block_q, DEFAULT_BLOCK_Q, "block_q")
   bk, nk = block_size(S, block_k, DEFAULT_BLOCK_K, "block_k")
   if S == 0:                            # no keys: every row is fully masked
     out = jnp.zeros((B, T, N, Dv), inputs.query.dtype)
     return (out, jnp.full((B, T, N), -jnp.inf)) if return_residual else out
-  Tp, Sp = bq * nq, bk * nk
   # Scale q once (as Flax does) instead of every score block; a traced scale
   # stays differentiable because this happens outside the custom VJP.
   query = (inputs.query.astype(jnp.float32)
            * jnp.asarray(inputs.scale, jnp.float32)).astype(inputs.query.dtype)
   left, right = reach(inputs.is_causal, inputs.window)
-  cfg = _Config(heads=(B, K, G), left=left, right=right,
-                is_causal=inputs.is_causal, window=inputs.window,
-                block_q=bq, block_k=bk, num_keys=S if Sp > S else None,
-                soft_cap=_soft_cap(getattr(inputs, "logits_soft_cap", None)),
-                precision=getattr(inputs, "precision", None),
-                dropout_rate=float(dropout_rate),
-                broadcast_dropout=bool(broadcast_dropout))
+  trained = _Config(heads=(B, K, G), left=left, right=right,
+                    is_causal=inputs.is_causal, window=inputs.window,
+                    block_q=bq, block_k=bk,
+                    num_keys=S if bk * nk > S else None,
+                    soft_cap=_soft_cap(getattr(inputs, "logits_soft_cap",
+                                               None)),
+                    precision=getattr(inputs, "precision", None),
+                    dropout_rate=float(dropout_rate),
+                    broadcast_dropout=bool(broadcast_dropout))
+  forward_only = trained
+  if (block_q is None and dropout_rate == 0 and left is None
+      and right is None):
+    forward_only = dataclasses.replace(trained, block_q=block_size(
+        T, None, DEFAULT_FORWARD_ONLY_BLOCK_Q, "block_q")[0])
   kv_len = inputs.kv_lengths
-  if kv_len is not None and Sp > S:
+  if kv_len is not None:
     kv_len = jnp.minimum(kv_len, S)
-
-  def pad_segments(x, length):
-    return None if x is None else jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
-
-  masks = (_broadcast_5d(inputs.mask, K, G, Tp, Sp, False), inputs.q_lengths,
-           kv_len, pad_segments(inputs.q_segment_ids, Tp),
-           pad_segments(inputs.kv_segment_ids, Sp))
-  out, lse = _blocked_attention(
-      cfg, _q_blocks(query, bq, nq, K), _kv_blocks(inputs.key, bk, nk),
-      _kv_blocks(inputs.value, bk, nk),
-      _broadcast_5d(inputs.bias, K, G, Tp, Sp, 0), masks,
-      dropout_rng if dropout_rate > 0 else None)
+  masks = (inputs.mask, inputs.q_lengths, kv_len, inputs.q_segment_ids,
+           inputs.kv_segment_ids)
+  blocked = _blocked(trained, query, inputs.key, inputs.value, inputs.bias,
+                     masks)
+  alternative = None
+  if forward_only != trained:
+    q, _, _, bias, alt_masks = _blocked(forward_only, query, inputs.key,
+                                        inputs.value, inputs.bias, masks)
+    alternative = (q, bias, alt_masks)
+  out, lse = _attention((forward_only, trained), T, blocked, alternative,
+                        dropout_rng if dropout_rate > 0 else None)
   out = _from_q_blocks(out, B, K, G, T)
   if not return_residual:
     return out
