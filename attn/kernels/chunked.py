@@ -52,7 +52,7 @@ DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 512
 # A call that is not differentiated and has no causal/window structure or
 # dropout runs its forward with query blocks of up to this size: larger
-# blocks give XLA:CPU larger matmuls (measured 19-22% faster forward at
+# blocks give XLA:CPU larger matmuls (measured 15-22% faster forward at
 # T = 4096-16384 on a 2-core AVX-512/AMX CPU, fp32 and bf16), while the
 # backward is fastest with the default blocks, and causal attention wastes
 # more pairs on its diagonal with larger ones. The README's chunked section
