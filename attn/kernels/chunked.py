@@ -15,6 +15,11 @@ weights happens inside the kernel, each block's keep-mask drawn from the
 key and the block indices (:func:`block_keep`), so the backward sees the
 forward's mask; ``logits_soft_cap`` and ``precision`` reach every block.
 
+A call that is not differentiated (no causal or window structure, no
+dropout, default ``block_q``) runs its forward with taller query blocks
+(``DEFAULT_FORWARD_ONLY_BLOCK_Q``): the custom VJP's primal has its own
+layout, while its forward and backward rules share the training blocks.
+
 Key blocks that causal or local-window structure masks entirely are never
 visited: the inner loop bounds depend on the query block index (and the
 backward's on the key block index), so causal attention costs about half the
