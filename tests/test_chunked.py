@@ -321,9 +321,10 @@ def test_default_blocks_plain_call_and_differentiated_call_agree(masked):
   assert _scan_lengths(jax.make_jaxpr(f)(q, k, v, bias).jaxpr) == [2, 2]
   trained = jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[0])(q, k, v, bias)
   assert _scan_lengths(trained.jaxpr) == [5, 2]
-  plain = jax.jit(f)(q, k, v, bias)
-  out, grads = jax.jit(lambda *a: (lambda o, pull: (o, pull(cotangent)))(
-      *jax.vjp(f, *a)))(q, k, v, bias)
+  defaults = dict(block_q=None, block_k=None)
+  plain = chunked_fwd(q, k, v, bias, **defaults, **kw)
+  out, grads = out_and_grads("chunked", q, k, v, bias, cotangent, **defaults,
+                             **kw)
   _, ref_grads = out_and_grads("xla", q, k, v, bias, cotangent, **kw)
   want = reference(q, k, v, bias, **kw)
   assert_close(plain, want, 2e-5)

@@ -424,25 +424,24 @@ def _backward(cfg, q, k, v, bias, masks, rng, out, m, log_l, do):
   return dq, dk, dv, dbias
 
 
-def _blocked(cfg: _Config, query, key, value, bias, masks):
-  """The inputs in ``cfg``'s blocked, padded layout (see :func:`_forward`).
+def _query_side(cfg: _Config, query, bias, masks, num_keys: int):
+  """``(q, bias, masks)`` in ``cfg``'s blocked, padded layout.
 
-  ``query[B, T, N, H]`` (scaled), ``key[B, S, K, H]``, ``value[B, S, K,
-  Dv]``, ``bias``/``mask`` canonical ``[B|1, N|1, T|1, S|1]`` or None;
-  ``masks = (mask, q_len, kv_len, q_seg, kv_seg)``.
+  ``query[B, T, N, H]`` (scaled), ``bias``/``mask`` canonical ``[B|1,
+  N|1, T|1, S|1]`` or None, ``masks = (mask, q_len, kv_len, q_seg,
+  kv_seg)``; ``num_keys = S``. Everything that depends on the query blocks.
   """
   B, T, N, _ = query.shape
-  S, K = key.shape[1], key.shape[2]
-  G = N // K
-  nq, nk = -(-T // cfg.block_q), -(-S // cfg.block_k)
-  Tp, Sp = cfg.block_q * nq, cfg.block_k * nk
+  K, G = cfg.heads[1], cfg.heads[2]
+  nq = -(-T // cfg.block_q)
+  Tp = cfg.block_q * nq
+  Sp = cfg.block_k * -(-num_keys // cfg.block_k)
   mask, q_len, kv_len, q_seg, kv_seg = masks
 
   def pad_segments(x, length):
     return None if x is None else jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
 
   return (_q_blocks(query, cfg.block_q, nq, K),
-          _kv_blocks(key, cfg.block_k, nk), _kv_blocks(value, cfg.block_k, nk),
           _broadcast_5d(bias, K, G, Tp, Sp, 0),
           (_broadcast_5d(mask, K, G, Tp, Sp, False), q_len, kv_len,
            pad_segments(q_seg, Tp), pad_segments(kv_seg, Sp)))
@@ -453,9 +452,9 @@ def _attention(cfgs, T, blocked, forward_only, rng):
   """``(out, lse)`` in ``trained``'s blocked layout: exact attention.
 
   ``cfgs = (forward_only, trained)`` configs; ``blocked = (q, k, v, bias,
-  masks)`` in ``trained``'s layout (:func:`_blocked`), ``forward_only =
-  (q, bias, masks)`` in the other's (None when the configs are the same;
-  key blocks always are). The primal (a call that is not differentiated)
+  masks)`` in ``trained``'s layout (:func:`_query_side`,
+  :func:`_kv_blocks`), ``forward_only = (q, bias, masks)`` in the other's
+  (None when the configs are the same; key blocks always are). The primal (a call that is not differentiated)
   runs with ``forward_only``'s blocks and re-blocks its result (one copy of
   ``out``); a differentiated call runs forward and backward with
   ``trained``'s, and XLA drops the unused layout. ``lse`` has no gradient
@@ -611,17 +610,16 @@ def chunked_attention(inputs: AttentionInputs, *,
     forward_only = dataclasses.replace(trained, block_q=block_size(
         T, None, DEFAULT_FORWARD_ONLY_BLOCK_Q, "block_q")[0])
   kv_len = inputs.kv_lengths
-  if kv_len is not None:
+  if kv_len is not None and bk * nk > S:
     kv_len = jnp.minimum(kv_len, S)
   masks = (inputs.mask, inputs.q_lengths, kv_len, inputs.q_segment_ids,
            inputs.kv_segment_ids)
-  blocked = _blocked(trained, query, inputs.key, inputs.value, inputs.bias,
-                     masks)
+  q, bias, masks_5d = _query_side(trained, query, inputs.bias, masks, S)
+  blocked = (q, _kv_blocks(inputs.key, bk, nk), _kv_blocks(inputs.value, bk, nk),
+             bias, masks_5d)
   alternative = None
   if forward_only != trained:
-    q, _, _, bias, alt_masks = _blocked(forward_only, query, inputs.key,
-                                        inputs.value, inputs.bias, masks)
-    alternative = (q, bias, alt_masks)
+    alternative = _query_side(forward_only, query, inputs.bias, masks, S)
   out, lse = _attention((forward_only, trained), T, blocked, alternative,
                         dropout_rng if dropout_rate > 0 else None)
   out = _from_q_blocks(out, B, K, G, T)
