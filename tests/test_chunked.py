@@ -175,10 +175,18 @@ def test_causal_cross_attention_more_queries_than_keys():
   assert_close(out, reference(q, k, v, is_causal=True), 2e-5)
 
 
+# CPU flags under which half-precision blocks run natively / in float32.
+CPU_FLAGS = {"native": frozenset({"avx2", "avx512_bf16", "amx_fp16"}),
+             "float32": frozenset({"avx2", "fma"})}
+
+
+@pytest.mark.parametrize("blocks", sorted(CPU_FLAGS))
 @pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 3e-2),
                                        (jnp.float16, 4e-3)])
-def test_low_precision(dtype, tol):
-  """bf16/fp16 in, same dtype out; matches float64 and xla; finite grads."""
+def test_low_precision(dtype, tol, blocks, monkeypatch):
+  """bf16/fp16 in, same dtype out; matches float64 and xla; finite grads;
+  with the score blocks in the input dtype and in float32."""
+  monkeypatch.setattr(chunked, "_cpu_flags", lambda: CPU_FLAGS[blocks])
   q, k, v = _qkv(T=40, S=40, dtype=dtype)
   bias, kw = _case("causal+bias+mask", T=40, S=40)
   bias = bias.astype(dtype)
@@ -191,6 +199,67 @@ def test_low_precision(dtype, tol):
   for g, r in zip(grads, ref_grads):
     assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g)))
     assert_close(g, r, 4 * tol)
+
+
+def _dot_dtypes(jaxpr):
+  """Operand dtypes of every dot_general in a jaxpr, nested ones included."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.update(str(x.aval.dtype) for x in eqn.invars)
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      found |= _dot_dtypes(sub)
+  return found
+
+
+@pytest.mark.parametrize("flags,dtype,platform,want", [
+    ({"avx2", "fma"}, "bfloat16", "cpu", "float32"),
+    ({"avx2", "fma"}, "float16", "cpu", "float32"),
+    ({"avx2", "fma"}, "float32", "cpu", "float32"),
+    ({"avx2", "fma"}, "float64", "cpu", "float64"),
+    ({"avx512f", "avx512_bf16"}, "bfloat16", "cpu", "bfloat16"),
+    ({"avx512f", "avx512_bf16"}, "float16", "cpu", "float32"),
+    ({"amx_bf16", "amx_fp16"}, "float16", "cpu", "float16"),
+    ({"fp", "asimd", "bf16"}, "bfloat16", "cpu", "bfloat16"),
+    (None, "bfloat16", "cpu", "bfloat16"),
+    ({"avx2"}, "bfloat16", "gpu", "bfloat16"),
+    ({"avx2"}, "float16", "tpu", "float16"),
+])
+def test_block_dtype_follows_the_cpu_flags(flags, dtype, platform, want,
+                                           monkeypatch):
+  """Half-precision blocks run in float32 only on a CPU that lists no
+  native bf16/fp16 matrix instructions; every dot of the kernel then takes
+  float32 operands, while the output and gradients keep the input dtype."""
+  monkeypatch.setattr(chunked, "_cpu_flags",
+                      lambda: None if flags is None else frozenset(flags))
+  assert chunked.block_dtype(jnp.dtype(dtype), platform) == jnp.dtype(want)
+  if platform != "cpu" or dtype == "float64":
+    return
+  q, k, v = _qkv(T=20, S=20, dtype=dtype)
+
+  def f(q, k, v):
+    return dot_product_attention(q, k, v, implementation="chunked", **BLOCKS)
+
+  out, vjp = jax.vjp(f, q, k, v)
+  assert out.dtype == q.dtype
+  assert all(g.dtype == q.dtype for g in vjp(out))
+  assert _dot_dtypes(jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[1](out))(
+      q, k, v).jaxpr) == {want}
+
+
+def test_cpu_flags_reads_this_machine():
+  """``_cpu_flags`` parses /proc/cpuinfo where it exists (None elsewhere)."""
+  flags = chunked._cpu_flags.__wrapped__()
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    assert flags is None
+    return
+  line = next((l for l in text.splitlines()
+               if l.split(":")[0].strip() in ("flags", "Features")), None)
+  assert flags == (None if line is None else frozenset(
+      line.split(":", 1)[1].split()))
 
 
 def test_large_logits_stay_finite():
