@@ -608,3 +608,19 @@ def test_long_windows_get_a_longer_builtin_text():
     text.TextLM(path=__file__, paragraphs=700)
   with pytest.raises(ValueError, match="paragraphs=0"):
     text.TextLM(paragraphs=0)
+
+
+@pytest.mark.parametrize("flags,want", [
+    (frozenset({"avx2", "fma"}), jnp.float32),
+    (frozenset({"avx512f", "avx512_bf16"}), jnp.bfloat16),
+])
+def test_roofline_matmul_runs_in_the_kernels_block_dtype(flags, want,
+                                                         monkeypatch):
+  """A bf16 cell's square matmul is float32 on a CPU without bf16
+  instructions (XLA's bf16 matmul there is float32 work plus conversions)
+  and bf16 where the CPU has them; float32 cells are float32 either way."""
+  monkeypatch.setattr(measure.chunked, "_cpu_flags", lambda: flags)
+  for dtype, expected in ((jnp.bfloat16, want), (jnp.float32, jnp.float32)):
+    roofline = measure.make_roofline(64, dtype)
+    assert [a.dtype for a in roofline.args] == [jnp.dtype(expected)] * 2
+    assert roofline.flops == 2.0 * 64 ** 3

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attn.kernels import chunked
 from experiments.bench.variants import Variant
 
 MODES = ("fwd", "fwd_bwd")
@@ -249,7 +250,14 @@ class Roofline:
 
 
 def make_roofline(n: int, dtype) -> Roofline:
-  """Compiles the square matmul in ``dtype`` (float32 accumulation)."""
+  """Compiles the square matmul for inputs of ``dtype`` (float32 accumulation).
+
+  The matmul runs in :func:`attn.kernels.chunked.block_dtype` of ``dtype``:
+  on a CPU without bf16/fp16 instructions a half-precision matmul is
+  float32 work plus conversions, so the machine's rate for such inputs is
+  its float32 rate (the kernel's blocks run in float32 there too).
+  """
+  dtype = chunked.block_dtype(dtype)
   a = jax.random.normal(jax.random.key(1), (n, n), dtype)
   b = jax.random.normal(jax.random.key(2), (n, n), dtype)
   matmul = jax.jit(functools.partial(jnp.matmul,
