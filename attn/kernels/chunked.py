@@ -20,6 +20,11 @@ dropout, default ``block_q``) runs its forward with taller query blocks
 (``DEFAULT_FORWARD_ONLY_BLOCK_Q``): the custom VJP's primal has its own
 layout, while its forward and backward rules share the training blocks.
 
+On a CPU without bfloat16/float16 matrix instructions (no ``avx512_bf16`` /
+``amx_bf16`` etc. in ``/proc/cpuinfo``), half-precision inputs are converted
+to float32 once per call and the blocks run in float32 (:func:`block_dtype`):
+XLA:CPU would otherwise convert every block around every dot.
+
 Key blocks that causal or local-window structure masks entirely are never
 visited: the inner loop bounds depend on the query block index (and the
 backward's on the key block index), so causal attention costs about half the
@@ -598,7 +603,8 @@ def chunked_attention(inputs: AttentionInputs, *,
       window, segment ids, ``logits_soft_cap`` and ``precision`` (when the
       record has them). Any ``T``/``S`` (padded internally), ``N`` a
       multiple of ``K``, any float dtype (softmax and accumulation in
-      float32).
+      float32; bfloat16/float16 blocks run in float32 on a CPU without
+      instructions for them, see :func:`block_dtype`).
     block_q / block_k: largest query / key block (defaults
       ``DEFAULT_BLOCK_Q`` / ``DEFAULT_BLOCK_K``); blocks are balanced so the
       padding is under one block. With the default ``block_q``, a call that
