@@ -624,3 +624,25 @@ def test_roofline_matmul_runs_in_the_kernels_block_dtype(flags, want,
     roofline = measure.make_roofline(64, dtype)
     assert [a.dtype for a in roofline.args] == [jnp.dtype(expected)] * 2
     assert roofline.flops == 2.0 * 64 ** 3
+
+
+@pytest.mark.parametrize("settings_count,panel_rows", [(1, 1), (4, 1),
+                                                      (8, 2), (9, 3)])
+def test_plots_wrap_settings_into_rows_of_four_panels(settings_count,
+                                                      panel_rows, tmp_path):
+  """One panel per setting, at most four a row (the peers preset's 8
+  settings side by side were 3735 x 360 pixels, too narrow to read)."""
+  import matplotlib.image
+  rows = []
+  for s in range(settings_count):
+    for t in (1024, 4096):
+      rows.append(dict(variant="softmax", seq_len=t, dtype="fp32",
+                       mode="fwd", causal=bool(s % 2), batch=1 + s, heads=8,
+                       kv_heads=8, head_dim=64, median_ms=float(t) / 100))
+  path = str(tmp_path / "time.png")
+  report.plot_vs_t(rows, path, value="median_ms", ylabel="ms")
+  height, width = matplotlib.image.imread(path).shape[:2]
+  cols = min(report.PLOT_COLUMNS, settings_count)
+  # Each panel is about 4.6 x 3.6 inches at 90 dpi, plus the legend.
+  assert abs(height / 90 - 3.6 * panel_rows) < 0.5, (height, width)
+  assert abs(width / 90 - (4.6 * cols + 1.5)) < 1.0, (height, width)

@@ -252,6 +252,9 @@ def line_colors(n: int) -> List[Tuple[float, ...]]:
       hsv(i / (n - len(base))) for i in range(n - len(base))]
 
 
+PLOT_COLUMNS = 4
+
+
 def plot_vs_t(rows: List[Dict[str, Any]], path: str, *, value: str,
               ylabel: str, scale: float = 1.0, logy: bool = True) -> None:
   """One subplot per setting, one line per variant, ``value`` against T
@@ -263,13 +266,20 @@ def plot_vs_t(rows: List[Dict[str, Any]], path: str, *, value: str,
   groups: Dict[Tuple, List[Dict[str, Any]]] = {}
   for r in rows:
     groups.setdefault(setting_key(r), []).append(r)
-  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups) + 1.5, 4),
+  # At most PLOT_COLUMNS panels a row: the peers preset has 8 settings, and
+  # 8 panels side by side are too narrow to read.
+  cols = max(1, min(PLOT_COLUMNS, len(groups)))
+  rows_of_panels = max(1, -(-len(groups) // cols))
+  fig, axes = plt.subplots(rows_of_panels, cols,
+                           figsize=(4.6 * cols + 1.5, 3.6 * rows_of_panels),
                            squeeze=False, layout="constrained")
+  for ax in axes.flat[len(groups):]:
+    ax.set_visible(False)
   names = list(dict.fromkeys(r["variant"] for r in rows))
   colors = line_colors(len(names))
   styles = ("-", "--", ":", "-.")
   handles = {}
-  for ax, (key, group) in zip(axes[0], groups.items()):
+  for ax, (key, group) in zip(axes.flat, groups.items()):
     drawn = 0
     for i, name in enumerate(names):
       pts = sorted((r["seq_len"], r[value] * scale) for r in group
