@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 import attn
 from attn.kernels import chunked
 from attn.kernels.exact import dot_product_attention
+from tests.jaxprs import equations
 from tests.reference import reference_mask, reference_output
 
 BLOCKS = dict(block_q=8, block_k=16)
@@ -203,13 +204,8 @@ def test_low_precision(dtype, tol, blocks, monkeypatch):
 
 def _dot_dtypes(jaxpr):
   """Operand dtypes of every dot_general in a jaxpr, nested ones included."""
-  found = set()
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      found.update(str(x.aval.dtype) for x in eqn.invars)
-    for sub in jax.core.jaxprs_in_params(eqn.params):
-      found |= _dot_dtypes(sub)
-  return found
+  return {str(x.aval.dtype) for eqn in equations(jaxpr)
+          if eqn.primitive.name == "dot_general" for x in eqn.invars}
 
 
 @pytest.mark.parametrize("flags,dtype,platform,want", [
@@ -357,15 +353,8 @@ def _attention_fns(impl, **kw):
 def _scan_lengths(jaxpr) -> list:
   """Lengths of every ``scan`` (``lax.map`` over query blocks, the
   backward's loop over key blocks) in a jaxpr and the jaxprs inside it."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "scan":
-      found.append(eqn.params["length"])
-    for param in eqn.params.values():
-      inner = getattr(param, "jaxpr", param)
-      if isinstance(inner, jax.extend.core.Jaxpr):
-        found += _scan_lengths(inner)
-  return found
+  return [eqn.params["length"] for eqn in equations(jaxpr)
+          if eqn.primitive.name == "scan"]
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -16,6 +16,7 @@ import pytest
 from attn.kernels import canonical, chunked
 from attn.kernels.ring import ring_attention
 from attn.parallel import make_mesh
+from tests.jaxprs import equations
 from tests.reference import random_gqa_inputs, reference_attention
 
 B, T, S, N, K, H = 2, 19, 23, 4, 2, 8
@@ -155,17 +156,9 @@ def test_soft_cap_is_validated():
 
 def _dot_precisions(fn, *args):
   """The precision config of every dot_general in ``fn``'s jaxpr."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        found.append(eqn.params["precision"])
-      for sub in jax.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  return [eqn.params["precision"]
+          for eqn in equations(jax.make_jaxpr(fn)(*args).jaxpr)
+          if eqn.primitive.name == "dot_general"]
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
