@@ -664,7 +664,7 @@ def chunked_attention(inputs: AttentionInputs, *,
     forward_only = dataclasses.replace(trained, block_q=block_size(
         T, None, DEFAULT_FORWARD_ONLY_BLOCK_Q, "block_q")[0])
   kv_len = inputs.kv_lengths
-  if kv_len is not None and bk * nk > S:
+  if kv_len is not None and trained.num_keys is not None:   # keys padded
     kv_len = jnp.minimum(kv_len, S)
   masks = (inputs.mask, inputs.q_lengths, kv_len, inputs.q_segment_ids,
            inputs.kv_segment_ids)
