@@ -32,10 +32,12 @@ QUICK = {
 # T x causal x fwd/fwd_bwd x fp32/bf16. The GQA and H=128 cells are the
 # same preset with --config.num_kv_heads=2 or --config.head_dims='(128,)'
 # and --config.seq_lens='(4096,)' (README, "attn against PyTorch and
-# tokamax").
+# tokamax"). block_matmuls (the kernel's matmuls alone) gives the floor
+# columns.
 PEERS = {
     "variants": "softmax",
-    "baselines": "jax_nn,torch_sdpa,tokamax,tokamax_xla_chunked",
+    "baselines": ("jax_nn,torch_sdpa,tokamax,tokamax_xla_chunked,"
+                  "block_matmuls"),
     "seq_lens": (1024, 4096, 16384),
     "dtypes": ("fp32", "bf16"),
     "causal": (False, True),
@@ -74,8 +76,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   c.training.overrides = ""
   # Comma-separated spec strings ("softmax,performer(num_features=128)"),
   # baseline names (jax_nn, jax_nn_cudnn, flax_linen, torch_sdpa, tokamax,
-  # tokamax_xla_chunked) or "all" (every registered variant plus the
-  # baselines).
+  # tokamax_xla_chunked, block_matmuls: the chunked kernel's matmuls alone,
+  # a timing floor) or "all" (every registered variant plus the baselines).
   c.variants = "all"
   # Always run, first, in every cell group; ratios are against jax_nn.
   # torch_sdpa and tokamax* are optional (pip install -e '.[bench]'); when

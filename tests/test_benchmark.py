@@ -15,14 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import attn
+from attn.kernels import chunked
 from configs import benchmark as benchmark_config
 from experiments import benchmark
 from experiments import config_validation
+from experiments.bench import floor
 from experiments.bench import measure
 from experiments.bench import report
 from experiments.bench import sweep
 from experiments.bench import variants
 from tests.reference import reference_attention as np_reference_attention
+from tests.jaxprs import equations
 from tests.reference import reference_mask
 
 CONFIG_PATH = os.path.abspath(benchmark_config.__file__)
@@ -207,6 +211,9 @@ def test_quick_mode_writes_parseable_outputs(tmp_path):
     if c["status"] != "ok":
       continue
     assert c["time_min_s"] <= c["time_median_s"] <= c["time_max_s"]
+    if c["variant"] == "block_matmuls":     # a timing floor, not attention
+      assert c["max_abs_err"] is None and c["flops_source"] == "analytic"
+      continue
     assert c["max_abs_err"] is not None and np.isfinite(c["max_abs_err"])
     if c["exact"]:
       assert c["max_abs_err"] < 1e-4, c
@@ -646,3 +653,124 @@ def test_plots_wrap_settings_into_rows_of_four_panels(settings_count,
   # Each panel is about 4.6 x 3.6 inches at 90 dpi, plus the legend.
   assert abs(height / 90 - 3.6 * panel_rows) < 0.5, (height, width)
   assert abs(width / 90 - (4.6 * cols + 1.5)) < 1.0, (height, width)
+
+
+# --------------------------------------------------------------------------
+# block_matmuls: the chunked kernel's matmuls alone (experiments/bench/floor)
+
+
+def _visited_pairs(T, S, causal):
+  """Float64 ``[T, S]``: 1 where the chunked kernel's default causal blocks
+  (DEFAULT_BLOCK_Q x DEFAULT_BLOCK_K) visit the pair (the whole diagonal
+  block, unmasked), everywhere without causal."""
+  if not causal:
+    return np.ones((T, S))
+  bq, _ = chunked.block_size(T, None, chunked.DEFAULT_BLOCK_Q, "q")
+  bk, _ = chunked.block_size(S, None, chunked.DEFAULT_BLOCK_K, "k")
+  t, s = np.arange(T)[:, None], np.arange(S)[None, :]
+  return (s // bk <= ((t // bq + 1) * bq - 1) // bk).astype(np.float64)
+
+
+def _matmuls_reference(q, k, v, causal):
+  """Float64 ``Σ_s [(t, s) visited] (q_t · k_s) v_s`` per head (GQA by
+  repeating key/value heads)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  G = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, G, axis=2), np.repeat(v, G, axis=2)
+  s = np.einsum("btnh,bsnh->bnts", q, k)
+  s = s * _visited_pairs(q.shape[1], k.shape[1], causal)
+  return np.einsum("bnts,bsnd->btnd", s, v)
+
+
+def _floor_inputs(T, S):
+  ks = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(ks[0], (2, T, 4, 16))
+  k = jax.random.normal(ks[1], (2, S, 2, 16))
+  v = jax.random.normal(ks[2], (2, S, 2, 8))
+  return q, k, v, jax.random.normal(ks[3], (2, T, 4, 8))
+
+
+@pytest.mark.parametrize("T,S,causal", [(1100, 700, False),
+                                        (1100, 1100, True)])
+def test_block_matmuls_computes_the_visited_blocks_matmuls(T, S, causal):
+  """Output and gradients equal a float64 brute force over the pairs the
+  kernel's blocks visit (T=1100 and S=700 pad their last blocks; GQA)."""
+  q, k, v, do = _floor_inputs(T, S)
+  out = floor.block_matmuls(q, k, v, is_causal=causal)
+  want = _matmuls_reference(q, k, v, causal)
+  np.testing.assert_allclose(out, want, atol=1e-5 * np.abs(want).max())
+  grads = jax.grad(lambda q, k, v: jnp.sum(
+      floor.block_matmuls(q, k, v, is_causal=causal) * do),
+                   argnums=(0, 1, 2))(q, k, v)
+  q64, k64, v64, do64 = (np.asarray(x, np.float64) for x in (q, k, v, do))
+  G = q.shape[2] // k.shape[2]
+  ke, ve = np.repeat(k64, G, axis=2), np.repeat(v64, G, axis=2)
+  dp = np.einsum("btnd,bsnd->bnts", do64, ve) * _visited_pairs(T, S, causal)
+  s = np.einsum("btnh,bsnh->bnts", q64, ke) * _visited_pairs(T, S, causal)
+  fold = lambda x: x.reshape(x.shape[:2] + (k.shape[2], G, -1)).sum(3)  # noqa: E731
+  want_grads = (np.einsum("bnts,bsnh->btnh", dp, ke),
+                fold(np.einsum("bnts,btnh->bsnh", dp, q64)),
+                fold(np.einsum("bnts,btnd->bsnd", s, do64)))
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+def _dots_and_scans(fn, args):
+  traced = jax.make_jaxpr(fn)(*args)
+  dots = {tuple(tuple(x.aval.shape) for x in eqn.invars)
+          for eqn in equations(traced.jaxpr)
+          if eqn.primitive.name == "dot_general"}
+  scans = sorted(eqn.params["length"] for eqn in equations(traced.jaxpr)
+                 if eqn.primitive.name == "scan")
+  return dots, scans
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+def test_block_matmuls_runs_the_kernels_matmuls(mode, causal):
+  """From the jaxprs: block_matmuls's dots have the operand shapes of the
+  chunked kernel's dots and its loops the kernel's trip counts, forward
+  (query blocks of 552 rows at T=1100, or 256 when causal) and backward."""
+  q, k, v, do = _floor_inputs(1100, 1100 if causal else 700)
+  kernel = lambda q, k, v: attn.dot_product_attention(  # noqa: E731
+      q, k, v, is_causal=causal, implementation="chunked")
+  matmuls = lambda q, k, v: floor.block_matmuls(  # noqa: E731
+      q, k, v, is_causal=causal)
+  if mode == "fwd_bwd":
+    grad = lambda f: jax.grad(  # noqa: E731
+        lambda q, k, v: jnp.sum(f(q, k, v) * do), argnums=(0, 1, 2))
+    kernel, matmuls = grad(kernel), grad(matmuls)
+  want = _dots_and_scans(kernel, (q, k, v))
+  got = _dots_and_scans(matmuls, (q, k, v))
+  assert got == want
+  assert len(want[0]) == (2 if mode == "fwd" else 7)   # 2 + 5 matmuls
+
+
+def test_block_matmuls_cells_skip_the_error_check_and_count_exact_flops():
+  """A block_matmuls cell runs, has no error (its output is not attention)
+  and its FLOP/s uses exact attention's analytic count."""
+  config = _config(variants="softmax", baselines="jax_nn,block_matmuls",
+                   seq_lens=(64,), repeats=1, warmup=1)
+  rows = {r["variant"]: r for r in sweep.run_benchmark(config)}
+  floor_row, exact = rows["block_matmuls"], rows["softmax"]
+  assert floor_row["status"] == "ok" and floor_row["max_abs_err"] is None
+  assert exact["max_abs_err"] is not None
+  assert floor_row["flops_source"] == "analytic"
+  assert floor_row["flops"] == exact["flops"]
+
+
+def test_peer_table_gains_the_matmul_floor_columns():
+  def cell(variant, seconds):
+    return dict(_row(variant, 4096, seconds, 1), matmul_n=4096,
+                roofline_frac=None)
+  rows = [cell("softmax", 4e-3), cell("torch_sdpa", 3e-3),
+          cell("block_matmuls", 2.5e-3)]
+  (ratios,) = report.peer_ratios(rows)
+  assert ratios["vs_block_matmuls"] == pytest.approx(2.5 / 4)
+  assert ratios["torch_vs_block_matmuls"] == pytest.approx(3 / 2.5)
+  lines = report.peer_summary([ratios])
+  assert lines[-5].endswith("÷ matmuls alone | torch ÷ matmuls alone |")
+  assert lines[-2] == ("| geometric mean | | — | 0.75 | — | | | 0.62 | "
+                       "1.20 |")
+  without = report.peer_summary(report.peer_ratios(rows[:2]))
+  assert "matmuls alone" not in "".join(without)

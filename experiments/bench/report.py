@@ -67,6 +67,7 @@ def slopes(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 ATTN_VARIANT = "softmax"      # attn's automatic choice of exact kernel
 TORCH_VARIANT = "torch_sdpa"
 TOKAMAX_VARIANTS = ("tokamax", "tokamax_xla_chunked")
+FLOOR_VARIANT = "block_matmuls"  # the kernel's matmuls alone (bench.floor)
 
 
 def _geomean(xs: Sequence[float]) -> Optional[float]:
@@ -79,8 +80,12 @@ def peer_ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
   attn's automatic kernel is than ``jax_nn``, PyTorch's SDPA and the faster
   of the two tokamax cells (> 1: attn is faster; ``None`` where the peer
   did not run or either cell is too short to time,
-  :func:`~experiments.bench.sweep.meaningful`), and attn's and PyTorch's
-  share of the matmul FLOP/s."""
+  :func:`~experiments.bench.sweep.meaningful`), attn's and PyTorch's
+  share of the matmul FLOP/s, and, where ``block_matmuls`` ran, its time
+  over attn's (``vs_block_matmuls``: the part of attn's time its matmuls
+  alone need) and PyTorch's time over its (``torch_vs_block_matmuls``: the
+  most any kernel built from these block matmuls could be ahead of
+  PyTorch)."""
   cells: Dict[Tuple, Dict[str, Dict[str, Any]]] = {}
   for r in rows:
     if r["status"] == "ok":
@@ -97,38 +102,61 @@ def peer_ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         return None
       return min(times) / ours["time_median_s"]
     torch_row = by_name.get(TORCH_VARIANT) or {}
+    floor_row = by_name.get(FLOOR_VARIANT)
+    torch_vs_floor = None
+    if (floor_row and torch_row and meaningful(floor_row)
+        and meaningful(torch_row)):
+      torch_vs_floor = (torch_row["time_median_s"]
+                        / floor_row["time_median_s"])
     out.append(dict(
         zip(SETTING_KEYS + ("seq_len",), key),
         vs_jax_nn=times_faster(["jax_nn"]),
         vs_torch_sdpa=times_faster([TORCH_VARIANT]),
         vs_tokamax=times_faster(TOKAMAX_VARIANTS),
         attn_matmul_share=ours.get("roofline_frac"),
-        torch_matmul_share=torch_row.get("roofline_frac")))
+        torch_matmul_share=torch_row.get("roofline_frac"),
+        vs_block_matmuls=times_faster([FLOOR_VARIANT]),
+        torch_vs_block_matmuls=torch_vs_floor))
   return out
 
 
 def peer_summary(peer_rows: List[Dict[str, Any]]) -> List[str]:
   """Markdown lines: the :func:`peer_ratios` table and its geometric means
-  (empty when ``softmax`` was not benchmarked)."""
+  (empty when ``softmax`` was not benchmarked); two more columns when
+  ``block_matmuls`` ran."""
   if not peer_rows:
     return []
+  ratio_keys = ["vs_jax_nn", "vs_torch_sdpa", "vs_tokamax"]
+  share_keys = ["attn_matmul_share", "torch_matmul_share"]
+  heads = ["× jax.nn", "÷ torch SDPA", "÷ tokamax", "attn share",
+           "torch share"]
+  floor = any(r.get("vs_block_matmuls") for r in peer_rows)
+  if floor:
+    ratio_keys += ["vs_block_matmuls", "torch_vs_block_matmuls"]
+    heads += ["÷ matmuls alone", "torch ÷ matmuls alone"]
   lines = ["## attn against what users would pick instead", "",
            f"`{ATTN_VARIANT}` (attn's automatic exact kernel) against "
            "jax.nn, PyTorch's SDPA and the faster of tokamax's default and "
            "`xla_chunked`: each peer's median time over attn's (> 1 = attn "
            "is faster); share = FLOP/s over the same-run square matmul; "
            f"`—`: a cell under {MIN_CELL_SECONDS * 1e3:g} ms (or the peer "
-           "did not run).", "",
-           "| cell | T | × jax.nn | ÷ torch SDPA | ÷ tokamax | attn share | "
-           "torch share |", "|---|---|---|---|---|---|---|"]
-  ratio_keys = ("vs_jax_nn", "vs_torch_sdpa", "vs_tokamax")
-  share_keys = ("attn_matmul_share", "torch_matmul_share")
-  cell = lambda x: "—" if x is None else f"{x:.2f}"
+           "did not run)."]
+  if floor:
+    lines[-1] += (f" `{FLOOR_VARIANT}` is the kernel's block matmuls alone "
+                  "(no softmax): `÷ matmuls alone` is their time over "
+                  "attn's, `torch ÷ matmuls alone` PyTorch's time over "
+                  "theirs, the most a kernel made of these matmuls could "
+                  "be ahead of PyTorch.")
+  lines += ["", "| cell | T | " + " | ".join(heads) + " |",
+            "|---|---|" + "---|" * len(heads)]
+  cell = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
+  order = ratio_keys[:3] + share_keys + ratio_keys[3:]
   for r in peer_rows:
     lines.append(f"| {_setting_title(r)} | {r['seq_len']} | " + " | ".join(
-        cell(r[k]) for k in ratio_keys + share_keys) + " |")
-  means = [cell(_geomean([r[k] for r in peer_rows])) for k in ratio_keys]
-  lines += ["| geometric mean | | " + " | ".join(means) + " | | |", ""]
+        cell(r.get(k)) for k in order) + " |")
+  means = [cell(_geomean([r.get(k) for r in peer_rows])) for k in ratio_keys]
+  lines += ["| geometric mean | | " + " | ".join(means[:3]) + " | | |"
+            + "".join(f" {m} |" for m in means[3:]), ""]
   return lines
 
 

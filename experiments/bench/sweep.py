@@ -143,7 +143,7 @@ def run_benchmark(config: ml_collections.ConfigDict,
           warmup=config.warmup, repeats=config.repeats,
           max_memory_bytes=config.max_memory_gib * _GIB,
           reference=reference, seed=config.seed, roofline=roofline))
-      add_throughput(row, flops)
+      add_throughput(row, flops, analytic=variant.exact or variant.floor)
       log = (logging.warning if row["status"].startswith(("oom", "error"))
              else logging.debug)
       log("%s T=%d %s: %s", variant.name, seq_len,
@@ -156,9 +156,11 @@ def run_benchmark(config: ml_collections.ConfigDict,
   return rows
 
 
-def add_throughput(row: Dict[str, Any], analytic_flops: float) -> None:
-  """FLOPs (analytic for exact variants, XLA's otherwise) and FLOP/s."""
-  if row["exact"]:
+def add_throughput(row: Dict[str, Any], analytic_flops: float,
+                   analytic: Optional[bool] = None) -> None:
+  """FLOPs (``analytic_flops`` for exact variants and the matmul floor,
+  XLA's otherwise; ``analytic`` defaults to ``row["exact"]``) and FLOP/s."""
+  if row["exact"] if analytic is None else analytic:
     row["flops"], row["flops_source"] = analytic_flops, "analytic"
   else:
     row["flops"], row["flops_source"] = row.get("xla_flops"), "xla"

@@ -5,8 +5,10 @@ makes, ``fn(q[B,T,N,H], k[B,S,K,H], v[B,S,K,Dv], *, is_causal, rng, params)
 -> [B, T, N, Dv]``. The baselines are ``jax_nn``
 (``jax.nn.dot_product_attention``, its default XLA path), ``jax_nn_cudnn``
 (its cuDNN path, GPU only), ``flax_linen``
-(``flax.linen.dot_product_attention``) and the kernels users would pick
-instead (:mod:`experiments.bench.peers`: PyTorch's SDPA, tokamax); every
+(``flax.linen.dot_product_attention``), the kernels users would pick
+instead (:mod:`experiments.bench.peers`: PyTorch's SDPA, tokamax) and
+``block_matmuls``, the chunked kernel's matmuls alone
+(:mod:`experiments.bench.floor`, a timing floor, not attention); every
 registry spec string
 (``performer(num_features=128)``) is a variant too.
 """
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from attn import registry
-from experiments.bench import peers
+from experiments.bench import floor, peers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Variant:
       runs one step to completion (the timed call; ``fn`` is unused) and
       ``to_numpy(result)`` gives the output, or ``(dq, dk, dv)``, in our
       ``[B, T, N, H]`` layout for the error check.
+    floor: a timing floor, not attention (``block_matmuls``): FLOP/s uses
+      exact attention's analytic count and the cell has no error check.
   """
   name: str
   fn: Optional[Callable[..., Any]]
@@ -56,6 +60,7 @@ class Variant:
   param_shapes: Optional[Callable[..., Dict[str, Any]]] = None
   missing: Optional[Callable[[], Optional[str]]] = None
   host: Optional[Callable[..., Any]] = None
+  floor: bool = False
 
 
 def _on_gpu() -> bool:
@@ -88,6 +93,11 @@ def _flax_linen(q, k, v, *, is_causal, rng, params):
   return nn.dot_product_attention(q, k, v, mask=mask, deterministic=True)
 
 
+def _block_matmuls(q, k, v, *, is_causal, rng, params):
+  del rng, params
+  return floor.block_matmuls(q, k, v, is_causal=is_causal)
+
+
 BASELINES = {
     "jax_nn": Variant("jax_nn", _jax_nn, exact=True),
     "jax_nn_cudnn": Variant("jax_nn_cudnn", _jax_nn_cudnn, exact=True),
@@ -99,6 +109,8 @@ BASELINES = {
     "tokamax_xla_chunked": Variant(
         "tokamax_xla_chunked", peers.tokamax_attention("xla_chunked"),
         exact=True, missing=peers.tokamax_missing),
+    "block_matmuls": Variant("block_matmuls", _block_matmuls, exact=False,
+                             floor=True),
 }
 
 
