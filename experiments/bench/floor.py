@@ -38,22 +38,14 @@ def _blocks(T: int, S: int, causal: bool, forward_only: bool):
   return bq, nq, bk, nk, chunked.reach(causal, None)[1]
 
 
-def _q_blocks(x, size: int, count: int, K: int):
-  """``[B, T, N, D]`` -> zero-padded ``[nq, B·K, G·bq, D]``."""
-  x = jnp.pad(x, ((0, 0), (0, size * count - x.shape[1]), (0, 0), (0, 0)))
-  return einops.rearrange(x, "b (n r) (k g) d -> n (b k) (g r) d", n=count,
-                          k=K)
-
-
-def _kv_blocks(x, size: int, count: int):
-  """``[B, S, K, D]`` -> zero-padded ``[nk, B·K, bk, D]``."""
-  x = jnp.pad(x, ((0, 0), (0, size * count - x.shape[1]), (0, 0), (0, 0)))
-  return einops.rearrange(x, "b (n c) k d -> n (b k) c d", n=count)
+# The kernel's own layout: [nq, B·K, G·bq, D] query blocks, [nk, B·K, bk, D]
+# key/value blocks, zero-padded.
+_q_blocks = chunked._q_blocks
+_kv_blocks = chunked._kv_blocks
 
 
 def _from_q_blocks(x, B: int, G: int, T: int):
-  x = einops.rearrange(x, "n (b k) (g r) d -> b (n r) (k g) d", b=B, g=G)
-  return x[:, :T]
+  return chunked._from_q_blocks(x, B, x.shape[1] // B, G, T)
 
 
 def _from_kv_blocks(x, B: int, S: int):
