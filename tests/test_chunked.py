@@ -245,6 +245,32 @@ def test_block_dtype_follows_the_cpu_flags(flags, dtype, platform, want,
   assert _dot_dtypes(traced.jaxpr) == {want}
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_every_block_matmul_contracts_the_left_operands_last_axis(causal,
+                                                                  with_bias):
+  """Forward and backward, every dot of the kernel contracts its left
+  operand over the last axis: XLA:CPU runs a dot contracting the left
+  operand's leading axis about 1.7x slower, so dq is computed transposed,
+  dqᵀ = kᵀ · dsᵀ, from key blocks stored transposed
+  (online_softmax.backward_step's ``k_HC``). 2 forward + 5 backward
+  matmuls per block (two branches of the masking cond when causal)."""
+  q, k, v = _qkv(T=1100, S=1100 if causal else 700, N=4, K=2)
+  bias = (None if not with_bias else
+          jnp.ones((2, 4, q.shape[1], k.shape[1]), jnp.float32))
+
+  def loss(q, k, v):
+    return dot_product_attention(q, k, v, bias=bias, is_causal=causal,
+                                 implementation="chunked").sum()
+
+  traced = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  dots = [(eqn.params["dimension_numbers"][0][0], eqn.invars[0].aval.ndim)
+          for eqn in equations(traced.jaxpr)
+          if eqn.primitive.name == "dot_general"]
+  assert len(dots) >= 7
+  assert all(contract == (ndim - 1,) for contract, ndim in dots), dots
+
+
 def test_cpu_flags_reads_this_machine():
   """``_cpu_flags`` parses /proc/cpuinfo where it exists (None elsewhere)."""
   flags = chunked._cpu_flags.__wrapped__()

@@ -436,9 +436,13 @@ def _backward(cfg, q, k, v, bias, masks, rng, out, m, log_l, do):
   B, K, G = cfg.heads
   bq, bk = cfg.block_q, cfg.block_k
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  # Key blocks also stored transposed, [nk, B·K, H, bk], and dq accumulated
+  # transposed, [nq, B·K, H, G·bq]: dqᵀ = kᵀ · dsᵀ is a plain matmul for
+  # XLA:CPU, dq = dsᵀ · k is not (see online_softmax.backward_step).
+  k_t = jnp.swapaxes(k, -1, -2)
 
   def one_k_block(carry, j):
-    k_j, v_j = k[j], v[j]
+    k_j, v_j, k_t_j = k[j], v[j], k_t[j]
     lo, hi = q_block_range(j, block_q=bq, block_k=bk, num_q_blocks=nq,
                            left=cfg.left, right=cfg.right)
 
@@ -453,7 +457,7 @@ def _backward(cfg, q, k, v, bias, masks, rng, out, m, log_l, do):
         return jax.vmap(functools.partial(
             online_softmax.backward_step, **cfg.step_options))(
                 q[i], k_j, v_j, bias_ij, _as_rows(mask_ij, B, K, G, bq),
-                do[i], m[i], log_l[i], delta[i], keep_ij)
+                do[i], m[i], log_l[i], delta[i], keep_ij, k_t_j)
 
       dq_i, dk_ij, dv_ij, ds = _masked_or_not(cfg, i, j, masks, step)
       dq = dq.at[i].add(dq_i)
@@ -468,10 +472,10 @@ def _backward(cfg, q, k, v, bias, masks, rng, out, m, log_l, do):
                                               (dq, dbias, dk_j, dv_j))
     return (dq, dbias), (dk_j, dv_j)
 
-  init = (jnp.zeros(q.shape, jnp.float32),
+  init = (jnp.zeros(q.shape[:2] + q.shape[:1:-1], jnp.float32),
           None if bias is None else jnp.zeros(bias.shape, jnp.float32))
-  (dq, dbias), (dk, dv) = jax.lax.scan(one_k_block, init, jnp.arange(nk))
-  return dq, dk, dv, dbias
+  (dq_t, dbias), (dk, dv) = jax.lax.scan(one_k_block, init, jnp.arange(nk))
+  return jnp.swapaxes(dq_t, -1, -2), dk, dv, dbias
 
 
 def _query_side(cfg: _Config, query, bias, masks, num_keys: int):

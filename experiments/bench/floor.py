@@ -10,7 +10,8 @@ softmax (no max, exp, sum, rescale, masking or normalisation):
   not differentiated and not causal, else ``DEFAULT_BLOCK_Q``);
 * backward (custom VJP, key blocks outer as in the kernel): ``s`` is
   recomputed and the four gradient matmuls run, ``dv_j += sᵀ do_i``,
-  ``dp = v_j do_iᵀ``, ``dk_j += dp q_i``, ``dq_i += dpᵀ k_j``.
+  ``dp = v_j do_iᵀ``, ``dk_j += dp q_i``, ``dq_iᵀ += k_jᵀ dp`` (``kᵀ`` stored
+  once per call, ``dq`` accumulated transposed, as the kernel does).
 
 Its output is not attention. Its time is how fast any kernel built from
 XLA's dots at these blocks could be on the machine, whatever it did
@@ -78,28 +79,29 @@ def _backward(q, k, v, do, bq, bk, right):
   """``(dq, dk, dv)`` of :func:`_forward`, key blocks outer, float32."""
   nq, nk = q.shape[0], k.shape[0]
   do = do.astype(q.dtype)
+  k_t = jnp.swapaxes(k, -1, -2)        # as the kernel: dqᵀ = kᵀ · dpᵀ
 
-  def one_k_block(dq, j):
-    k_j, v_j = k[j], v[j]
+  def one_k_block(dq_t, j):
+    k_j, v_j, k_t_j = k[j], v[j], k_t[j]
     lo, hi = chunked.q_block_range(j, block_q=bq, block_k=bk,
                                    num_q_blocks=nq, left=None, right=right)
 
     def body(i, state):
-      dq, dk_j, dv_j = state
+      dq_t, dk_j, dv_j = state
       s = _dot("xch,xrh->xcr", k_j, q[i]).astype(q.dtype)
       dv_j = dv_j + _dot("xcr,xrd->xcd", s, do[i])
       dp = _dot("xcd,xrd->xcr", v_j, do[i]).astype(q.dtype)
       dk_j = dk_j + _dot("xcr,xrh->xch", dp, q[i])
-      return dq.at[i].add(_dot("xcr,xch->xrh", dp, k_j)), dk_j, dv_j
+      return dq_t.at[i].add(_dot("xhc,xcr->xhr", k_t_j, dp)), dk_j, dv_j
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
-    dq, dk_j, dv_j = jax.lax.fori_loop(lo, hi, body,
-                                       (dq, zeros(k_j), zeros(v_j)))
-    return dq, (dk_j, dv_j)
+    dq_t, dk_j, dv_j = jax.lax.fori_loop(lo, hi, body,
+                                         (dq_t, zeros(k_j), zeros(v_j)))
+    return dq_t, (dk_j, dv_j)
 
-  dq, (dk, dv) = jax.lax.scan(one_k_block, jnp.zeros(q.shape, jnp.float32),
-                              jnp.arange(nk))
-  return dq, dk, dv
+  dq_t = jnp.zeros(q.shape[:2] + q.shape[:1:-1], jnp.float32)
+  dq_t, (dk, dv) = jax.lax.scan(one_k_block, dq_t, jnp.arange(nk))
+  return jnp.swapaxes(dq_t, -1, -2), dk, dv
 
 
 def _run(q, k, v, causal: bool, forward_only: bool):
