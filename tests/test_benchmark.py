@@ -774,3 +774,21 @@ def test_peer_table_gains_the_matmul_floor_columns():
                        "1.20 |")
   without = report.peer_summary(report.peer_ratios(rows[:2]))
   assert "matmuls alone" not in "".join(without)
+
+
+def test_block_matmuls_gradient_step_keeps_its_forward():
+  """Compiled, a block_matmuls gradient step keeps its forward loops (XLA
+  drops a forward whose output only feeds the discarded loss unless the
+  backward uses it, as the kernel's does): as many while loops as the
+  kernel's gradient step."""
+  q, k, v, do = _floor_inputs(1100, 700)
+
+  def loops(f):
+    step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * do),
+                            argnums=(0, 1, 2)))
+    return step.lower(q, k, v).compile().as_text().count(" while(")
+
+  kernel = loops(lambda q, k, v: attn.dot_product_attention(
+      q, k, v, implementation="chunked"))
+  assert kernel == 4        # forward: query blocks, key blocks; backward too
+  assert loops(floor.block_matmuls) == kernel
