@@ -436,13 +436,15 @@ def _backward(cfg, q, k, v, bias, masks, rng, out, m, log_l, do):
   B, K, G = cfg.heads
   bq, bk = cfg.block_q, cfg.block_k
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  # Key blocks also stored transposed, [nk, B·K, H, bk], and dq accumulated
-  # transposed, [nq, B·K, H, G·bq]: dqᵀ = kᵀ · dsᵀ is a plain matmul for
-  # XLA:CPU, dq = dsᵀ · k is not (see online_softmax.backward_step).
-  k_t = jnp.swapaxes(k, -1, -2)
+  # Each key block is also stored transposed, [B·K, H, bk], outside the
+  # loop over query blocks (a transpose inside it would be folded into the
+  # dot), and dq accumulated transposed, [nq, B·K, H, G·bq]: dqᵀ = kᵀ · dsᵀ
+  # is a plain matmul for XLA:CPU, dq = dsᵀ · k is not (see
+  # online_softmax.backward_step).
 
   def one_k_block(carry, j):
-    k_j, v_j, k_t_j = k[j], v[j], k_t[j]
+    k_j, v_j = k[j], v[j]
+    k_t_j = jnp.swapaxes(k_j, -1, -2)
     lo, hi = q_block_range(j, block_q=bq, block_k=bk, num_q_blocks=nq,
                            left=cfg.left, right=cfg.right)
 

@@ -10,8 +10,8 @@ softmax (no max, exp, sum, rescale, masking or normalisation):
   not differentiated and not causal, else ``DEFAULT_BLOCK_Q``);
 * backward (custom VJP, key blocks outer as in the kernel): ``s`` is
   recomputed and the four gradient matmuls run, ``dv_j += sᵀ do_i``,
-  ``dp = v_j do_iᵀ``, ``dk_j += dp q_i``, ``dq_iᵀ += k_jᵀ dp`` (``kᵀ`` stored
-  once per call, ``dq`` accumulated transposed, as the kernel does).
+  ``dp = v_j do_iᵀ``, ``dk_j += dp q_i``, ``dq_iᵀ += k_jᵀ dp`` (``k_jᵀ`` stored
+  once per key block, ``dq`` accumulated transposed, as the kernel does).
 
 Its output is not attention. Its time is how fast any kernel built from
 XLA's dots at these blocks could be on the machine, whatever it did
@@ -79,10 +79,10 @@ def _backward(q, k, v, do, bq, bk, right):
   """``(dq, dk, dv)`` of :func:`_forward`, key blocks outer, float32."""
   nq, nk = q.shape[0], k.shape[0]
   do = do.astype(q.dtype)
-  k_t = jnp.swapaxes(k, -1, -2)        # as the kernel: dqᵀ = kᵀ · dpᵀ
 
   def one_k_block(dq_t, j):
-    k_j, v_j, k_t_j = k[j], v[j], k_t[j]
+    k_j, v_j = k[j], v[j]
+    k_t_j = jnp.swapaxes(k_j, -1, -2)  # as the kernel: dqᵀ = kᵀ · dpᵀ
     lo, hi = chunked.q_block_range(j, block_q=bq, block_k=bk,
                                    num_q_blocks=nq, left=None, right=right)
 
