@@ -25,8 +25,8 @@ from experiments.bench import measure
 from experiments.bench import report
 from experiments.bench import sweep
 from experiments.bench import variants
-from tests.reference import reference_attention as np_reference_attention
 from tests.jaxprs import equations
+from tests.reference import reference_attention as np_reference_attention
 from tests.reference import reference_mask
 
 CONFIG_PATH = os.path.abspath(benchmark_config.__file__)

@@ -474,10 +474,17 @@ def _backward(cfg, q, k, v, bias, masks, rng, out, m, log_l, do):
                                               (dq, dbias, dk_j, dv_j))
     return (dq, dbias), (dk_j, dv_j)
 
-  init = (jnp.zeros(q.shape[:2] + q.shape[:1:-1], jnp.float32),
+  init = (jnp.zeros(_transposed_rows(q.shape), jnp.float32),
           None if bias is None else jnp.zeros(bias.shape, jnp.float32))
   (dq_t, dbias), (dk, dv) = jax.lax.scan(one_k_block, init, jnp.arange(nk))
   return jnp.swapaxes(dq_t, -1, -2), dk, dv, dbias
+
+
+def _transposed_rows(shape):
+  """``[nq, B·K, R, H]`` -> ``(nq, B·K, H, R)``: the layout dq accumulates
+  in (see :func:`_backward`)."""
+  nq, BK, R, H = shape
+  return nq, BK, H, R
 
 
 def _query_side(cfg: _Config, query, bias, masks, num_keys: int):

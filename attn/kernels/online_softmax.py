@@ -158,9 +158,9 @@ def backward_step(q_RH: Array, k_CH: Array, v_CD: Array,
   runs a dot whose left operand is contracted over its *leading* axis about
   2x slower, and only ``dq`` needs one here. ``k_HC`` (the same key block
   stored transposed, ``[H, C]``, made outside the loop over query blocks)
-  avoids that one too: ``dq`` is then computed and returned transposed, ``dqᵀ[H, R] =
-  k_HC · dx_CR`` (1.7x faster at ``[8, 512, 256]`` blocks on a 2-core
-  AVX2 CPU).
+  avoids that one too: ``dq`` is then computed and returned transposed,
+  ``dqᵀ[H, R] = k_HC · dx_CR`` (1.7x faster at ``[8, 512, 256]`` blocks on
+  a 2-core AVX2 CPU).
 
   Returns ``(dq[R, H], dk[C, H], dv[C, D], ds[R, C])`` in float32 (``dq``
   as ``[H, R]`` when ``k_HC`` is given); ``dq`` and ``dk`` are with

@@ -99,7 +99,7 @@ def _backward(q, k, v, do, bq, bk, right):
                                          (dq_t, zeros(k_j), zeros(v_j)))
     return dq_t, (dk_j, dv_j)
 
-  dq_t = jnp.zeros(q.shape[:2] + q.shape[:1:-1], jnp.float32)
+  dq_t = jnp.zeros(chunked._transposed_rows(q.shape), jnp.float32)
   dq_t, (dk, dv) = jax.lax.scan(one_k_block, dq_t, jnp.arange(nk))
   return jnp.swapaxes(dq_t, -1, -2), dk, dv
 
