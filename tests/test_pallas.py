@@ -67,6 +67,86 @@ def test_tpu_gqa_segment_pair_causal_lengths():
   assert np.all(np.asarray(out)[0, :6] == 0)   # rows with no key -> zeros
 
 
+def test_tpu_splash_window_soft_cap_scale_gqa():
+  # Splash attention: causal + window as its block-sparse mask, native GQA,
+  # logits_soft_cap, a non-default scale; T, S padded to 128.
+  kw = {"is_causal": True, "local_window_size": (3, 5),
+        "logits_soft_cap": 2.0, "scale": 0.7}
+  _check_against_xla("tpu", (2, 20, 24, 4, 2, 8), kw)
+
+
+def test_tpu_splash_window_leaves_query_blocks_without_keys():
+  # T=300 > S + left: rows t > 115 see no key; the third query block (rows
+  # 256..383 after padding) has no key block at all, which splash skips.
+  # Zeros, finite gradients.
+  out = _check_against_xla("tpu", (1, 300, 100, 2, 1, 8),
+                           {"local_window_size": (16, 16)})
+  assert np.all(np.asarray(out)[0, 116:] == 0)
+  assert np.all(np.asarray(out)[0, 115] != 0)
+
+
+def test_tpu_splash_bf16_as_close_to_float64_as_xla():
+  q, k, v = _inputs(2, 24, 24, 4, 2, 8)
+  kw = {"is_causal": True, "local_window_size": 4}
+  exact64 = np.asarray(
+      attn.dot_product_attention(*(np.asarray(x, np.float64) for x in (q, k, v)),
+                                 implementation="xla", **kw))
+  bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  ref = attn.dot_product_attention(*bf, implementation="xla", **kw)
+  with pallas_kernels.interpret("tpu"):
+    out = jax.jit(lambda *a: attn.dot_product_attention(
+        *a, implementation="pallas", **kw))(*bf)
+  assert out.dtype == jnp.bfloat16
+  err = lambda x: np.max(np.abs(np.asarray(x, np.float64) - exact64))
+  assert err(out) <= 2 * err(ref) + 1e-3, (err(out), err(ref))
+
+
+def test_tpu_flash_bias_and_mask_forward_and_gradients():
+  # A bias or dense mask goes to flash_attention's additive `ab` (the kernel
+  # adds it before its sm_scale, so the scale is folded into q). Row 3 of
+  # example 0 is fully masked -> zeros and zero bias gradient.
+  q, k, v = _inputs(2, 20, 24, 4, 2, 8)
+  r = np.random.default_rng(1)
+  bias = jnp.asarray(r.normal(size=(2, 4, 20, 24)), jnp.float32)
+  mask = jnp.asarray(r.random((2, 1, 20, 24)) > 0.3).at[0, 0, 3].set(False)
+  kw = {"mask": mask, "is_causal": True, "scale": 0.3,
+        "key_value_seq_lengths": jnp.asarray([20, 13])}
+
+  def fwd_grad(impl):
+    def loss(q, k, v, bias):
+      out = attn.dot_product_attention(q, k, v, bias=bias,
+                                       implementation=impl, **kw)
+      return jnp.sum(out * jnp.cos(out)), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3),
+                                      has_aux=True),
+                   compiler_options=_FAST_COMPILE)
+
+  (_, ref), ref_g = fwd_grad("xla")(q, k, v, bias)
+  with pallas_kernels.interpret("tpu"):
+    (_, out), g = fwd_grad("pallas")(q, k, v, bias)
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  for a, b in zip(g, ref_g):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
+  assert np.all(np.asarray(out)[0, 3] == 0)
+  assert np.all(np.asarray(g[3])[0, :, 3] == 0)
+  assert np.any(np.asarray(g[3]) != 0)
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"local_window_size": 2, "bias": jnp.zeros((8, 8))},
+     "local_window_size together with a bias"),
+    ({"logits_soft_cap": 2.0, "mask": jnp.ones((8, 8), bool)},
+     "logits_soft_cap together with a bias"),
+    ({"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "dropout"),
+])
+def test_tpu_unsupported_raise_value_error(kw, words):
+  q, k, v = _inputs(1, 8, 8, 2, 2, 4)
+  with pallas_kernels.interpret("tpu"), pytest.raises(ValueError,
+                                                      match=words) as e:
+    attn.dot_product_attention(q, k, v, implementation="pallas", **kw)
+  assert "'xla'" in str(e.value)
+
+
 @pytest.mark.parametrize("kw, words", [
     ({"local_window_size": 2}, "local_window_size"),
     ({"bias": jnp.zeros((8, 8))}, "bias"),
@@ -103,7 +183,9 @@ def test_pallas_off_accelerator_says_so():
      ["pallas", "xla"]),
     ("gpu", jnp.bfloat16, {"local_window_size": 2}, ["cudnn", "xla"]),
     ("tpu", jnp.float32, {}, ["pallas", "xla"]),
-    ("tpu", jnp.float32, {"local_window_size": 2}, ["xla"]),
+    ("tpu", jnp.float32, {"local_window_size": 2}, ["pallas", "xla"]),
+    ("tpu", jnp.float32, {"local_window_size": 2, "bias": jnp.zeros((8, 8))},
+     ["xla"]),
     ("cpu", jnp.float32, {}, ["xla"]),
 ])
 def test_implementation_order(monkeypatch, platform, dtype, kw, tried):

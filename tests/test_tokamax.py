@@ -30,13 +30,22 @@ def test_bad_input_is_our_value_error(monkeypatch):
                                implementation="tokamax")
 
 
-def test_matches_xla_forward_and_gradients_with_empty_row():
+_SEG = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]] * 2)
+
+
+@pytest.mark.parametrize("kw", [
+    {"segment_ids": _SEG, "is_causal": True,
+     "mask": jnp.ones((2, 1, 8, 8), bool).at[0, 0, 2].set(False),
+     "key_value_seq_lengths": jnp.asarray([6, 8])},
+    {"local_window_size": (1, 2), "logits_soft_cap": 1.5, "scale": 0.8,
+     "query_seq_lengths": jnp.asarray([8, 5])},
+    {"bias": jnp.linspace(-1, 1, 64).reshape(8, 8), "is_causal": True,
+     "query_seq_lengths": jnp.asarray([8, 5])},
+], ids=["segments-mask-causal-lengths", "window-softcap-scale-qlengths",
+        "bias-causal-qlengths"])
+def test_matches_xla_forward_and_gradients(kw):
   pytest.importorskip("tokamax")   # optional extra; CI installs '.[test]'
   q, k, v = _inputs()
-  seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]] * 2)
-  mask = jnp.ones((2, 1, 8, 8), bool).at[0, 0, 2].set(False)
-  kw = {"segment_ids": seg, "mask": mask, "is_causal": True,
-            "key_value_seq_lengths": jnp.asarray([6, 8])}
 
   def f(impl):
     def loss(q, k, v):
@@ -47,7 +56,21 @@ def test_matches_xla_forward_and_gradients_with_empty_row():
   (_, out), g = f("tokamax")
   (_, ref), ref_g = f("xla")
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
-  assert np.all(np.asarray(out)[0, 2] == 0)
+  if "mask" in kw:
+    assert np.all(np.asarray(out)[0, 2] == 0)   # the fully masked row
+  else:
+    assert np.all(np.asarray(out)[1, 5:] == 0)  # past the query length
   for a, b in zip(g, ref_g):
     assert np.all(np.isfinite(a))
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_soft_cap_with_bias_refused(monkeypatch):
+  # tokamax caps scale·q·k + bias; attn's contract caps before the bias, so
+  # delegating would give other numbers. Refused before tokamax is imported.
+  monkeypatch.setattr(tokamax_adapter, "available", lambda: True)
+  with pytest.raises(ValueError, match="logits_soft_cap together with a bias"
+                     ) as e:
+    attn.dot_product_attention(*_inputs(), implementation="tokamax",
+                               logits_soft_cap=2.0, bias=jnp.ones((8, 8)))
+  assert "'xla'" in str(e.value)

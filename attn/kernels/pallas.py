@@ -1,6 +1,6 @@
 """``implementation="pallas"``: jax's own Pallas attention kernels.
 
-Two kernels shipped inside jax are wrapped with our contract (layout
+The attention kernels shipped inside jax, wrapped with our contract (layout
 ``[B, T, N, H]``, GQA, causal, segment ids, lengths, the fully-masked-row
 rule: a query row with no key to attend to returns zeros and zero gradients):
 
@@ -10,15 +10,23 @@ rule: a query row with no key to attend to returns zeros and zero gradients):
   and keys. We repeat key/value heads for GQA, pad lengths to a block multiple
   and express padding and ``key_value_seq_lengths`` as segment ids. It has no
   bias, mask, window, ``Dv != H`` or separate query/key segment ids.
-* TPU: ``jax.experimental.pallas.ops.tpu.flash_attention.flash_attention``.
-  Layout ``[B, N, T, H]`` (we transpose); separate query/key segment ids
-  (so lengths and padding become segment ids). Bias and dense masks are
-  refused: folding them into the kernel's additive ``ab[B, N, T, S]`` did
-  not match xla in interpret mode (the folding code is kept, unreachable,
-  for whoever investigates on a TPU). No window, no ``Dv != H``.
+* TPU: splash attention (``jax.experimental.pallas.ops.tpu.
+  splash_attention.make_splash_mha``), layout ``[B, N, T, H]`` per example
+  (we transpose and vmap over the batch). GQA natively; causal and
+  ``local_window_size`` become its static block-sparse mask (blocks with
+  nothing to attend are skipped); separate query/key segment ids, so lengths
+  and the padding to a multiple of 128 become segment ids;
+  ``logits_soft_cap`` is its ``attn_logits_soft_cap``. It takes no bias and
+  no traced mask: with a ``bias`` or dense ``mask`` we call
+  ``jax.experimental.pallas.ops.tpu.flash_attention.flash_attention``
+  instead, whose additive ``ab[B, N, T, S]`` carries both (it adds ``ab``
+  before multiplying by its ``sm_scale``, so we fold the scale into q), with
+  key/value heads repeated; it has no window and no soft cap. Neither takes
+  ``Dv != H``.
 
 The kernels give a fully-masked row the mean of the values (finite mask
-value); we zero such rows afterwards with :func:`valid_rows`, so their
+value), or, where splash skips every key block of a row, whatever its empty
+sum gives; we zero such rows afterwards with :func:`valid_rows`, so their
 gradients are zero too.
 
 Interpret mode: ``with attn.kernels.pallas.interpret("gpu"):`` (or ``"tpu"``)
@@ -229,70 +237,147 @@ def gpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
 
 
 # ----------------------------------------------------------------------------
-# TPU: flash_attention.
+# TPU: splash attention, or flash_attention for an additive bias / dense mask.
+
+def _tpu_uses_flash(inputs: AttentionInputs) -> bool:
+  """Only flash_attention takes a traced ``[B, N, T, S]`` bias (its ``ab``);
+  splash attention serves everything else."""
+  return inputs.bias is not None or inputs.mask is not None
+
 
 def tpu_unsupported(inputs: AttentionInputs) -> list[str]:
-  """What the Pallas TPU kernel cannot express for these inputs."""
+  """What the Pallas TPU kernels cannot express for these inputs."""
   _B, _T, _S, _N, _K, H, Dv = inputs.shape
   out = []
   if Dv != H:
     out.append(f"value head_dim {Dv} != query head_dim {H}")
-  if inputs.window is not None:
-    out.append("local_window_size")
-  if inputs.bias is not None or inputs.mask is not None:
-    # Folding them into the kernel's `ab` did not match xla in interpret
-    # mode; refused until that is understood.
-    out.append("bias / dense mask")
-  if H > 128 and H % 128:
-    out.append(f"head_dim {H} (> 128 must be a multiple of 128)")
+  if _tpu_uses_flash(inputs):
+    # flash_attention: the only one taking a bias / dense mask.
+    if inputs.window is not None:
+      out.append("local_window_size together with a bias or dense mask")
+    if inputs.logits_soft_cap is not None:
+      out.append("logits_soft_cap together with a bias or dense mask")
+    if H > 128 and H % 128:
+      out.append(f"head_dim {H} with a bias or dense mask (> 128 must be a "
+                 "multiple of 128)")
   return out
 
 
-def tpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
-  """Runs the TPU flash kernel; inputs already checked by tpu_unsupported."""
+def _tpu_segment_ids(inputs: AttentionInputs, Tp: int, Sp: int):
+  """``(q [B, Tp], kv [B, Sp])`` int32 segment ids expressing the user's
+  segment ids, key lengths and the padding to ``Tp, Sp`` (``None`` when none
+  of them is needed). Padding and keys past their length get ``SENTINEL``,
+  which no query of the user's carries."""
+  B, T, S, *_ = inputs.shape
+  if (Tp == T and Sp == S and inputs.q_segment_ids is None
+      and inputs.kv_lengths is None):
+    return None
+  qs = (jnp.zeros((B, T), jnp.int32) if inputs.q_segment_ids is None
+        else inputs.q_segment_ids.astype(jnp.int32))
+  ks = (jnp.zeros((B, S), jnp.int32) if inputs.kv_segment_ids is None
+        else inputs.kv_segment_ids.astype(jnp.int32))
+  if inputs.kv_lengths is not None:
+    ks = jnp.where(jnp.arange(S)[None] < inputs.kv_lengths[:, None], ks,
+                   SENTINEL)
+  qs = jnp.pad(qs, ((0, 0), (0, Tp - T)), constant_values=SENTINEL)
+  ks = jnp.pad(ks, ((0, 0), (0, Sp - S)), constant_values=SENTINEL)
+  return qs, ks
+
+
+def _pad_rows(x_BTNH: Array, P: int) -> Array:
+  return jnp.pad(x_BTNH, ((0, 0), (0, P - x_BTNH.shape[1]), (0, 0), (0, 0)))
+
+
+def _splash_block(n: int) -> int:
+  """The largest of 512, 256, 128 dividing ``n`` (a multiple of 128)."""
+  return next(b for b in (512, 256, 128) if n % b == 0)
+
+
+def _splash_mask(inputs: AttentionInputs, Tp: int, Sp: int):
+  """The static (block-sparse) part of the mask: causal and the window."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  if inputs.window is not None:
+    left, right = inputs.window
+    return splash.LocalMask((Tp, Sp), (left, 0 if inputs.is_causal else right),
+                            offset=0)
+  if inputs.is_causal:
+    return splash.CausalMask((Tp, Sp))
+  return splash.FullMask((Tp, Sp))
+
+
+def splash_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
+  """jax's splash attention (``make_splash_mha``): GQA natively, causal and
+  the window as its block-sparse mask, segment ids, lengths and padding as
+  segment ids, ``logits_soft_cap`` as its ``attn_logits_soft_cap``."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  _B, T, S, N, _K, _H, _Dv = inputs.shape
+  Tp, Sp = _round_up(T, 128), _round_up(S, 128)
+  # Splash has no scale: the scores are (scale·q)·k, soft-capped, masked.
+  q = (inputs.query * inputs.scale).astype(inputs.query.dtype)
+  q, k, v = (einops.rearrange(x, "b t n h -> b n t h") for x in (
+      _pad_rows(q, Tp), _pad_rows(inputs.key, Sp), _pad_rows(inputs.value, Sp)))
+  bq, bkv = _splash_block(Tp), _splash_block(Sp)
+  blocks = splash.BlockSizes(
+      block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+      block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+      block_kv_dq=bkv)
+  kernel = splash.make_splash_mha(
+      splash.MultiHeadMask([_splash_mask(inputs, Tp, Sp)] * N),
+      block_sizes=blocks, head_shards=1, q_seq_shards=1,
+      attn_logits_soft_cap=inputs.logits_soft_cap, interpret=interpret)
+  segs = _tpu_segment_ids(inputs, Tp, Sp)
+
+  def one(args):
+    q, k, v, *seg = args
+    return kernel(q, k, v, segment_ids=splash.SegmentIds(*seg) if seg else None)
+
+  args = (q, k, v) + (() if segs is None else segs)
+  # Mosaic lowers a vmapped kernel (a batch grid axis); Pallas' TPU
+  # interpreter does not, so interpreted runs map over the batch instead.
+  out = jax.lax.map(one, args) if interpret else jax.vmap(one)(args)
+  out = einops.rearrange(out, "b n t h -> b t n h")
+  return out[:, :T].astype(inputs.value.dtype)
+
+
+def flash_attention_call(inputs: AttentionInputs) -> Array:
+  """jax's TPU ``flash_attention`` with the bias and dense mask as its
+  additive ``ab[B, N, T, S]``; key/value heads repeated for GQA."""
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
   B, T, S, N, K, _H, _Dv = inputs.shape
-  q, scale = _static_scale(inputs, inputs.query)
+  # The kernel scales after adding `ab`: ((q k^T) + ab) * sm_scale. With the
+  # scale folded into q, `ab` is added unscaled, as our bias is.
+  q = (inputs.query * inputs.scale).astype(inputs.query.dtype)
   k = _repeat_kv(inputs.key, N // K)
   v = _repeat_kv(inputs.value, N // K)
   Tp, Sp = _round_up(T, 128), _round_up(S, 128)
-  q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
-  k = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
-  v = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
-  q, k, v = (einops.rearrange(x, "b t n h -> b n t h") for x in (q, k, v))
-  segment_ids = None
-  if (Tp != T or Sp != S or inputs.q_segment_ids is not None
-      or inputs.kv_lengths is not None):
-    qs = (jnp.zeros((B, T), jnp.int32) if inputs.q_segment_ids is None
-          else inputs.q_segment_ids.astype(jnp.int32))
-    ks = (jnp.zeros((B, S), jnp.int32) if inputs.kv_segment_ids is None
-          else inputs.kv_segment_ids.astype(jnp.int32))
-    if inputs.kv_lengths is not None:
-      ks = jnp.where(jnp.arange(S)[None] < inputs.kv_lengths[:, None], ks,
-                     SENTINEL)
-    qs = jnp.pad(qs, ((0, 0), (0, Tp - T)), constant_values=SENTINEL)
-    ks = jnp.pad(ks, ((0, 0), (0, Sp - S)), constant_values=SENTINEL)
-    segment_ids = tpu_flash.SegmentIds(q=qs, kv=ks)
-  ab = None
-  if inputs.bias is not None or inputs.mask is not None:
-    ab = jnp.zeros((1, 1, 1, 1), jnp.float32)
-    if inputs.bias is not None:
-      ab = ab + inputs.bias.astype(jnp.float32)
-    if inputs.mask is not None:
-      ab = jnp.where(inputs.mask, ab, _MASK_VALUE)
-    ab = jnp.broadcast_to(ab, (B, N, T, S))
-    ab = jnp.pad(ab, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
+  q, k, v = (einops.rearrange(x, "b t n h -> b n t h") for x in (
+      _pad_rows(q, Tp), _pad_rows(k, Sp), _pad_rows(v, Sp)))
+  segs = _tpu_segment_ids(inputs, Tp, Sp)
+  segment_ids = None if segs is None else tpu_flash.SegmentIds(*segs)
+  ab = jnp.zeros((1, 1, 1, 1), jnp.float32)
+  if inputs.bias is not None:
+    ab = ab + inputs.bias.astype(jnp.float32)
+  if inputs.mask is not None:
+    ab = jnp.where(inputs.mask, ab, _MASK_VALUE)
+  ab = jnp.broadcast_to(ab, (B, N, T, S))
+  ab = jnp.pad(ab, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
   bt, bs = min(Tp, 128), min(Sp, 128)
   blocks = tpu_flash.BlockSizes(
       block_q=bt, block_k_major=bs, block_k=bs, block_b=1,
       block_q_major_dkv=bt, block_k_major_dkv=bs, block_k_dkv=bs,
       block_q_dkv=bt, block_k_major_dq=bs, block_k_dq=bs, block_q_dq=bt)
-  del interpret  # interpret() sets jax's TPU interpret mode for the call
   out = tpu_flash.flash_attention(q, k, v, ab=ab, segment_ids=segment_ids,
-                                  causal=inputs.is_causal, sm_scale=scale,
+                                  causal=inputs.is_causal, sm_scale=1.0,
                                   block_sizes=blocks)
   out = einops.rearrange(out, "b n t h -> b t n h")
   return out[:, :T].astype(inputs.value.dtype)
+
+
+def tpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
+  """Runs a TPU kernel; inputs already checked by tpu_unsupported."""
+  if _tpu_uses_flash(inputs):
+    return flash_attention_call(inputs)  # interpret() sets jax's TPU mode
+  return splash_attention_call(inputs, interpret)
 
 
 # ----------------------------------------------------------------------------
@@ -310,7 +395,7 @@ def unsupported(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
             "interpreted)")
   what = gpu_unsupported(inputs) if platform == "gpu" else tpu_unsupported(
       inputs)
-  if getattr(inputs, "logits_soft_cap", None) is not None:
+  if platform == "gpu" and inputs.logits_soft_cap is not None:
     what.append("logits_soft_cap")
   what += canonical.library_features_missing(
       dropout_rate=dropout_rate, return_weights=return_weights)

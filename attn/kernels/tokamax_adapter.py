@@ -46,6 +46,10 @@ def unsupported(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
     return f"tokamax is not installed; {INSTALL_HINT}"
   what = canonical.library_features_missing(
       dropout_rate=dropout_rate, return_weights=return_weights)
+  if inputs.logits_soft_cap is not None and inputs.bias is not None:
+    # tokamax caps scale·q·k + bias; attn caps scale·q·k, then adds the bias.
+    what.append("logits_soft_cap together with a bias (tokamax caps the "
+                "biased scores, attn caps the scores before the bias)")
   if not what:
     return None
   return ("tokamax does not support: " + ", ".join(what)
@@ -67,7 +71,6 @@ def tokamax_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
     seg = (inputs.q_segment_ids[:, None, :, None]
            == inputs.kv_segment_ids[:, None, None, :])
     mask = seg if mask is None else mask & seg
-  soft_cap = getattr(inputs, "logits_soft_cap", None)
   scale = inputs.scale
   query = inputs.query
   if not isinstance(scale, (int, float)):
@@ -78,7 +81,8 @@ def tokamax_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
         scale=float(scale), is_causal=inputs.is_causal,
         query_seq_lengths=inputs.q_lengths,
         key_value_seq_lengths=inputs.kv_lengths,
-        local_window_size=inputs.window, logits_soft_cap=soft_cap)
+        local_window_size=inputs.window,
+        logits_soft_cap=inputs.logits_soft_cap)
   except (NotImplementedError, TypeError) as e:
     raise ValueError(f"implementation='tokamax' could not run: {e}") from e
   return zero_invalid_rows(out.astype(inputs.value.dtype), inputs)
