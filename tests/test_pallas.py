@@ -55,8 +55,33 @@ def test_gpu_gqa_causal_segments_lengths_padding():
   assert np.all(np.asarray(out)[0, 12:] == 0)
 
 
-def test_gpu_cross_attention_t_ne_s():
-  _check_against_xla("gpu", (1, 16, 32, 2, 1, 8), {})
+@pytest.mark.parametrize("shape, causal", [
+    ((1, 16, 32, 2, 1, 8), False), ((1, 16, 32, 2, 1, 8), True),
+    ((1, 32, 16, 2, 2, 8), False)])
+def test_gpu_cross_attention_t_ne_s(shape, causal):
+  _check_against_xla("gpu", shape, {"is_causal": causal})
+
+
+def test_gpu_causal_more_queries_than_keys_refused():
+  # The kernel's causal loop would read past the last key (NaNs when
+  # interpreted), so T > S with is_causal is refused.
+  q, k, v = _inputs(1, 32, 16, 2, 2, 8)
+  with pallas_kernels.interpret("gpu"), pytest.raises(
+      ValueError, match=r"is_causal with more queries than keys \(T=32 > "
+      r"S=16\).*'chunked' or 'xla'"):
+    attn.dot_product_attention(q, k, v, implementation="pallas",
+                               is_causal=True)
+
+
+def test_gpu_mqa_scale_query_lengths_segments_not_causal():
+  # MQA (K=1), a non-default scale (the kernel's sm_scale), segment ids
+  # without causal, query lengths alone (rows past them -> zeros), T=40
+  # padded to a block multiple.
+  seg = jnp.asarray([[3] * 25 + [7] * 15])
+  kw = {"segment_ids": seg, "scale": 0.3,
+        "query_seq_lengths": jnp.asarray([33])}
+  out = _check_against_xla("gpu", (1, 40, 40, 4, 1, 8), kw)
+  assert np.all(np.asarray(out)[0, 33:] == 0)
 
 
 def test_tpu_gqa_segment_pair_causal_lengths():
@@ -83,6 +108,13 @@ def test_tpu_splash_window_leaves_query_blocks_without_keys():
                            {"local_window_size": (16, 16)})
   assert np.all(np.asarray(out)[0, 116:] == 0)
   assert np.all(np.asarray(out)[0, 115] != 0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": jnp.full((200, 130), 0.5)}],
+                         ids=["splash", "flash"])
+def test_tpu_causal_more_queries_than_keys(kw):
+  # T=200 > S=130, both padded to multiples of 128 (256 and 256).
+  _check_against_xla("tpu", (1, 200, 130, 2, 2, 8), {"is_causal": True, **kw})
 
 
 def test_tpu_splash_bf16_as_close_to_float64_as_xla():

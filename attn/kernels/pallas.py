@@ -177,6 +177,10 @@ def gpu_unsupported(inputs: AttentionInputs) -> list[str]:
   if T != S and (inputs.q_segment_ids is not None
                  or inputs.kv_lengths is not None):
     out.append(f"segment_ids or key lengths with T={T} != S={S}")
+  if inputs.is_causal and T > S:
+    # Its causal loop runs to key block ceil((i + 1) * block_q / block_k)
+    # for query block i, unclipped: past the last key when T > S.
+    out.append(f"is_causal with more queries than keys (T={T} > S={S})")
   return out
 
 
