@@ -170,9 +170,14 @@ def test_tpu_flash_bias_and_mask_forward_and_gradients():
     ({"logits_soft_cap": 2.0, "mask": jnp.ones((8, 8), bool)},
      "logits_soft_cap together with a bias"),
     ({"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "dropout"),
+    ({"value_dim": 6}, "value head_dim 6 != query head_dim 4"),
+    ({"head_dim": 192, "bias": jnp.zeros((8, 8))}, "head_dim 192 with a bias"),
 ])
 def test_tpu_unsupported_raise_value_error(kw, words):
-  q, k, v = _inputs(1, 8, 8, 2, 2, 4)
+  kw = dict(kw)
+  q, k, v = _inputs(1, 8, 8, 2, 2, kw.pop("head_dim", 4))
+  if "value_dim" in kw:
+    v = jnp.ones(v.shape[:-1] + (kw.pop("value_dim"),))
   with pallas_kernels.interpret("tpu"), pytest.raises(ValueError,
                                                       match=words) as e:
     attn.dot_product_attention(q, k, v, implementation="pallas", **kw)
@@ -184,9 +189,18 @@ def test_tpu_unsupported_raise_value_error(kw, words):
     ({"bias": jnp.zeros((8, 8))}, "bias"),
     ({"key_value_seq_lengths": jnp.asarray([3])}, "query_seq_lengths"),
     ({"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "dropout"),
+    ({"mask": jnp.ones((8, 8), bool)}, "a dense mask"),
+    ({"logits_soft_cap": 3.0}, "logits_soft_cap"),
+    ({"segment_ids": (jnp.zeros((1, 8), jnp.int32),
+                      jnp.ones((1, 8), jnp.int32))}, "separate query/key"),
+    ({"return_weights": True}, "return_weights"),
+    ({"value_dim": 6}, "value head_dim 6 != query head_dim 4"),
 ])
 def test_gpu_unsupported_raise_value_error(kw, words):
+  kw = dict(kw)
   q, k, v = _inputs(1, 8, 8, 2, 2, 4)
+  if "value_dim" in kw:
+    v = jnp.ones(v.shape[:-1] + (kw.pop("value_dim"),))
   with pallas_kernels.interpret("gpu"), pytest.raises(ValueError, match=words) as e:
     attn.dot_product_attention(q, k, v, implementation="pallas", **kw)
   assert "'xla'" in str(e.value)   # names who can
