@@ -206,6 +206,30 @@ def test_gpu_unsupported_raise_value_error(kw, words):
   assert "'xla'" in str(e.value)   # names who can
 
 
+def test_gpu_traced_lengths_query_longer_than_keys_run_chunked():
+  # Under jit the lengths are traced: an example with query length > key
+  # length cannot be one segment array, so that call takes the chunked
+  # kernel (a lax.cond at run time); the other branch is the Pallas kernel.
+  q, k, v = _inputs(2, 24, 24, 4, 2, 8)
+
+  def loss(impl, q, k, v, q_len, kv_len):
+    out = attn.dot_product_attention(
+        q, k, v, implementation=impl, is_causal=True,
+        query_seq_lengths=q_len, key_value_seq_lengths=kv_len)
+    return jnp.sum(out * jnp.cos(out)), out
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True),
+                 static_argnums=0, compiler_options=_FAST_COMPILE)
+  for q_len, kv_len in (([20, 24], [12, 24]), ([12, 24], [20, 24])):
+    lens = jnp.asarray(q_len), jnp.asarray(kv_len)
+    (_, ref), ref_g = step("xla", q, k, v, *lens)
+    with pallas_kernels.interpret("gpu"):
+      (_, out), g = step("pallas", q, k, v, *lens)
+    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+    for a, b in zip(g, ref_g):
+      np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
+
+
 def test_gpu_lengths_query_longer_than_keys_refused():
   q, k, v = _inputs(1, 8, 8, 2, 2, 4)
   with pallas_kernels.interpret("gpu"), pytest.raises(ValueError,

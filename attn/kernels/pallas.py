@@ -139,18 +139,22 @@ def _static_scale(inputs: AttentionInputs, query: Array):
   return (query * inputs.scale).astype(query.dtype), 1.0
 
 
-def _check_lengths_concrete(inputs: AttentionInputs):
+def _lengths_fit_one_segment_array(inputs: AttentionInputs) -> bool:
+  """``True`` when ``query_seq_lengths <= key_value_seq_lengths`` is known
+  (the GPU kernel's one segment array can then express both); ``False`` when
+  the lengths are traced. Raises ``ValueError`` when concretely violated."""
   try:
     q = np.asarray(inputs.q_lengths)
     kv = np.asarray(inputs.kv_lengths)
   except (jax.errors.TracerArrayConversionError,
           jax.errors.ConcretizationTypeError):
-    return
+    return False
   if np.any(q > kv):
     raise ValueError(
         "implementation='pallas' on GPU needs query_seq_lengths <= "
         f"key_value_seq_lengths (got {q.tolist()} and {kv.tolist()}); use "
         "implementation='chunked' or 'xla'")
+  return True
 
 
 # ----------------------------------------------------------------------------
@@ -201,12 +205,27 @@ def _gpu_blocks(T: int, S: int, floor: int):
 
 
 def gpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
-  """Runs the Triton kernel; inputs already checked by gpu_unsupported."""
+  """Runs the Triton kernel; inputs already checked by gpu_unsupported.
+
+  Traced lengths with ``query_seq_lengths > key_value_seq_lengths`` in some
+  example cannot be expressed (one segment array serves queries and keys:
+  a query past its key length would be given the padding's segment); such
+  a call runs the chunked kernel instead, chosen at run time by a
+  ``lax.cond`` on the lengths."""
+  if (inputs.kv_lengths is not None
+      and not _lengths_fit_one_segment_array(inputs)):
+    from attn.kernels import chunked
+    return jax.lax.cond(
+        jnp.any(inputs.q_lengths > inputs.kv_lengths),
+        lambda: chunked.chunked_attention(inputs).astype(inputs.value.dtype),
+        lambda: _gpu_kernel(inputs, interpret))
+  return _gpu_kernel(inputs, interpret)
+
+
+def _gpu_kernel(inputs: AttentionInputs, interpret: bool) -> Array:
   from jax.experimental.pallas.ops.gpu import attention as gpu_attention
   B, T, S, N, K, _H, _Dv = inputs.shape
   floor = 2 if interpret else 16
-  if inputs.kv_lengths is not None:
-    _check_lengths_concrete(inputs)
   q, scale = _static_scale(inputs, inputs.query)
   k = _repeat_kv(inputs.key, N // K)
   v = _repeat_kv(inputs.value, N // K)
