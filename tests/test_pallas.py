@@ -100,6 +100,29 @@ def test_tpu_splash_window_soft_cap_scale_gqa():
   _check_against_xla("tpu", (2, 20, 24, 4, 2, 8), kw)
 
 
+def test_tpu_splash_value_head_dim_differs():
+  # Splash takes Dv != H (its head_dim_v); GQA, causal, key lengths.
+  q, k, _ = _inputs(2, 20, 20, 4, 2, 8)
+  v = jnp.asarray(np.random.default_rng(3).normal(size=(2, 20, 2, 12)),
+                  jnp.float32)
+  kw = {"is_causal": True, "key_value_seq_lengths": jnp.asarray([20, 9])}
+
+  def fwd_grad(impl):
+    def loss(q, k, v):
+      out = attn.dot_product_attention(q, k, v, implementation=impl, **kw)
+      return jnp.sum(out * jnp.cos(out)), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+                   compiler_options=_FAST_COMPILE)
+
+  (_, ref), ref_g = fwd_grad("xla")(q, k, v)
+  with pallas_kernels.interpret("tpu"):
+    (_, out), g = fwd_grad("pallas")(q, k, v)
+  assert out.shape == (2, 20, 4, 12)
+  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
+  for a, b in zip(g, ref_g):
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
+
+
 def test_tpu_splash_window_leaves_query_blocks_without_keys():
   # T=300 > S + left: rows t > 115 see no key; the third query block (rows
   # 256..383 after padding) has no key block at all, which splash skips.
@@ -170,7 +193,8 @@ def test_tpu_flash_bias_and_mask_forward_and_gradients():
     ({"logits_soft_cap": 2.0, "mask": jnp.ones((8, 8), bool)},
      "logits_soft_cap together with a bias"),
     ({"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "dropout"),
-    ({"value_dim": 6}, "value head_dim 6 != query head_dim 4"),
+    ({"value_dim": 6, "mask": jnp.ones((8, 8), bool)},
+     "value head_dim 6 != query head_dim 4 together with a bias"),
     ({"head_dim": 192, "bias": jnp.zeros((8, 8))}, "head_dim 192 with a bias"),
 ])
 def test_tpu_unsupported_raise_value_error(kw, words):

@@ -38,14 +38,18 @@ _SEG = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]] * 2)
      "mask": jnp.ones((2, 1, 8, 8), bool).at[0, 0, 2].set(False),
      "key_value_seq_lengths": jnp.asarray([6, 8])},
     {"local_window_size": (1, 2), "logits_soft_cap": 1.5, "scale": 0.8,
-     "query_seq_lengths": jnp.asarray([8, 5])},
+     "query_seq_lengths": jnp.asarray([8, 5]), "value_dim": 6},
     {"bias": jnp.linspace(-1, 1, 64).reshape(8, 8), "is_causal": True,
      "query_seq_lengths": jnp.asarray([8, 5])},
-], ids=["segments-mask-causal-lengths", "window-softcap-scale-qlengths",
+], ids=["segments-mask-causal-lengths", "window-softcap-scale-qlengths-dv",
         "bias-causal-qlengths"])
 def test_matches_xla_forward_and_gradients(kw):
   pytest.importorskip("tokamax")   # optional extra; CI installs '.[test]'
   q, k, v = _inputs()
+  kw = dict(kw)
+  if "value_dim" in kw:   # Dv != H
+    v = jnp.cos(jnp.arange(2 * 8 * kw.pop("value_dim"), dtype=jnp.float32)
+                ).reshape(2, 8, 1, -1)
 
   def f(impl):
     def loss(q, k, v):

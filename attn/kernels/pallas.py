@@ -21,8 +21,8 @@ rule: a query row with no key to attend to returns zeros and zero gradients):
   ``jax.experimental.pallas.ops.tpu.flash_attention.flash_attention``
   instead, whose additive ``ab[B, N, T, S]`` carries both (it adds ``ab``
   before multiplying by its ``sm_scale``, so we fold the scale into q), with
-  key/value heads repeated; it has no window and no soft cap. Neither takes
-  ``Dv != H``.
+  key/value heads repeated; it has no window, no soft cap and no
+  ``Dv != H`` (splash has all three).
 
 The kernels give a fully-masked row the mean of the values (finite mask
 value), or, where splash skips every key block of a row, whatever its empty
@@ -272,10 +272,11 @@ def tpu_unsupported(inputs: AttentionInputs) -> list[str]:
   """What the Pallas TPU kernels cannot express for these inputs."""
   _B, _T, _S, _N, _K, H, Dv = inputs.shape
   out = []
-  if Dv != H:
-    out.append(f"value head_dim {Dv} != query head_dim {H}")
   if _tpu_uses_flash(inputs):
     # flash_attention: the only one taking a bias / dense mask.
+    if Dv != H:
+      out.append(f"value head_dim {Dv} != query head_dim {H} together with "
+                 "a bias or dense mask")
     if inputs.window is not None:
       out.append("local_window_size together with a bias or dense mask")
     if inputs.logits_soft_cap is not None:
