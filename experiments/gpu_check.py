@@ -10,7 +10,8 @@ over causal / segment ids / lengths / GQA, and writes ``correctness.csv``
 benchmark table (jax.nn cuDNN, attn auto, chunked, pallas, tokamax; T = 2048,
 8192, 32768; H = 128; bf16; causal and not; fwd and fwd+bwd) through
 :mod:`experiments.bench`, written to ``<output_dir>/bench/``. Sized for
-< 8 minutes on one H100/H200. ``--dry_run`` uses tiny shapes and, off an
+< 8 minutes on one H100/H200; ``--budget_s`` (default 420 s from the start)
+guards that: part 2 runs the shortest T first and starts no cell after it. ``--dry_run`` uses tiny shapes and, off an
 accelerator, runs the Pallas GPU kernel interpreted.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", "runs/gpu_check", "where results go")
 flags.DEFINE_bool("dry_run", False, "tiny shapes, a few seconds on CPU")
 flags.DEFINE_bool("plots", True, "also draw the benchmark's PNG plots")
+flags.DEFINE_float("budget_s", 420.0, "seconds from the start after which "
+                   "part 2 starts no more cells (they are recorded as "
+                   "'skipped: time budget'); 0 = no limit")
+flags.register_validator("budget_s", lambda s: s >= 0,
+                         message="--budget_s must be >= 0 (0 = no limit)")
 flags.DEFINE_list("impls", None, "implementations part 1 checks against xla "
                   "(default: all; with --dry_run: xla,pallas; 'auto' = None)")
 
@@ -122,7 +129,7 @@ def _variant(name, impl):
   return Variant(name=name, fn=fn, exact=True)
 
 
-def bench(dry: bool, out_dir: str):
+def bench(dry: bool, out_dir: str, budget_s: float = 0.0):
   c = benchmark_config.get_config("quick" if dry else "")
   c.variants = ""
   c.baselines = ""
@@ -135,6 +142,7 @@ def bench(dry: bool, out_dir: str):
   c.repeats = 1 if dry else 5
   c.check_error = False           # part 1 checks accuracy
   c.max_memory_gib = 40.0
+  c.time_budget_s = budget_s      # shortest T first; the rest is skipped
   c.progress = False
   c.output_dir = os.path.join(out_dir, "bench")
   variants = [BASELINES["jax_nn_cudnn"], _variant("attn_auto", None),
@@ -154,18 +162,27 @@ def bench(dry: bool, out_dir: str):
   return {"csv": path}
 
 
+def _part2_budget(start: float) -> float:
+  """Seconds left of ``--budget_s`` for part 2 (0 = no limit; once spent,
+  a tiny positive budget, so that every cell is skipped)."""
+  if not FLAGS.budget_s:
+    return 0.0
+  return max(1e-9, FLAGS.budget_s - (time.monotonic() - start))
+
+
 def main(argv):
   del argv
+  start = time.monotonic()
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   platform = jax.devices()[0].platform
   print(f"device: {jax.devices()[0].device_kind} ({platform})", flush=True)
   if FLAGS.dry_run and platform not in ("gpu", "tpu"):
     with pallas_kernels.interpret("gpu"):
       correctness(True, FLAGS.output_dir)
-      paths = bench(True, FLAGS.output_dir)
+      paths = bench(True, FLAGS.output_dir, _part2_budget(start))
   else:
     correctness(FLAGS.dry_run, FLAGS.output_dir)
-    paths = bench(FLAGS.dry_run, FLAGS.output_dir)
+    paths = bench(FLAGS.dry_run, FLAGS.output_dir, _part2_budget(start))
   print("wrote", os.path.join(FLAGS.output_dir, "correctness.csv"), paths)
 
 

@@ -374,6 +374,34 @@ def test_bad_config_values_raise_naming_the_field():
     sweep.run_benchmark(_config(dtypes=("fp8",)))
   with pytest.raises(ValueError, match="num_kv_heads"):
     sweep.run_benchmark(_config(num_heads=4, num_kv_heads=3))
+  with pytest.raises(ValueError, match="time_budget_s must be >= 0"):
+    sweep.run_benchmark(_config(time_budget_s=-1.0))
+
+
+def test_time_budget_runs_shortest_first_and_skips_what_is_left(
+    monkeypatch, tmp_path):
+  # A clock that advances 1 s per reading: the start, then the check
+  # before the T=32 group (1 s) and before each of its cells (2 s, 3 s).
+  clock = iter(range(100))
+  monkeypatch.setattr(sweep, "_clock", lambda: next(clock))
+  config = _config(variants="", baselines="jax_nn,flax_linen",
+                   seq_lens=(48, 32), time_budget_s=2.5,
+                   output_dir=str(tmp_path))
+  rows = sweep.run_benchmark(config)
+  assert [(r["seq_len"], r["variant"], r["status"]) for r in rows] == [
+      (32, "jax_nn", "ok"),
+      (32, "flax_linen", "skipped: time budget of 2.5 s spent"),
+      (48, "jax_nn", "skipped: time budget of 2.5 s spent"),
+      (48, "flax_linen", "skipped: time budget of 2.5 s spent")]
+  assert rows[0]["time_median_s"] > 0 and rows[1]["time_median_s"] is None
+  paths = report.write_outputs(rows, config)   # skipped cells are reported
+  with open(paths["markdown"]) as f:
+    assert "time budget" in f.read()
+  # Without a budget the order is the config's and nothing is skipped.
+  rows = sweep.run_benchmark(_config(variants="", baselines="jax_nn",
+                                     seq_lens=(48, 32)))
+  assert [(r["seq_len"], r["status"]) for r in rows] == [(48, "ok"),
+                                                          (32, "ok")]
 
 
 # ---------------------------------------------------------------- summaries

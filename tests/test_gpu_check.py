@@ -27,3 +27,20 @@ def test_dry_run_writes_correctness_and_bench(tmp_path):
   assert {r["variant"] for r in bench} == {"attn_auto", "chunked"}
   assert all(r["status"] == "ok" and float(r["time_median_s"]) > 0
              for r in bench)
+
+
+def test_spent_budget_skips_the_benchmark_cells(tmp_path):
+  # --budget_s=1e-9 is spent before part 2 begins: every cell is recorded
+  # as skipped (and part 1 still runs in full).
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.gpu_check", "--dry_run",
+       "--impls=xla", "--noplots", "--budget_s=1e-9",
+       f"--output_dir={tmp_path}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "correctness.csv") as f:
+    assert [r["status"] for r in csv.DictReader(f)] == ["ok"]
+  with open(tmp_path / "bench" / "results.csv") as f:
+    bench = list(csv.DictReader(f))
+  assert bench and all(r["status"].startswith("skipped: time budget")
+                       for r in bench)

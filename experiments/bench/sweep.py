@@ -4,12 +4,15 @@
 ``configs/benchmark.py`` config through :func:`measure.measure_cell` and
 returns one dict per cell with the keys :data:`COLUMNS`. Cells that are
 unsupported, run out of memory, would exceed ``max_memory_gib`` or fail are
-recorded with their status and the sweep continues. Speed and temporary
+recorded with their status and the sweep continues; with ``time_budget_s``
+set, the sweep runs the shortest T first and records the cells it reaches
+after the budget as ``skipped: time budget ...``. Speed and temporary
 memory are set against ``jax_nn`` measured in the same run.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -26,6 +29,7 @@ from experiments.bench.variants import Variant, resolve_variants
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 RATIO_BASELINE = "jax_nn"
 _GIB = 2 ** 30
+_clock = time.monotonic   # the time budget's clock (tests replace it)
 
 COLUMNS = (
     "variant", "exact", "dtype", "mode", "causal", "batch", "heads",
@@ -54,6 +58,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.warmup < 1 or config.repeats < 1:
     raise ValueError("warmup and repeats must be >= 1, got "
                      f"{config.warmup} and {config.repeats}")
+  if config.time_budget_s < 0:
+    raise ValueError(f"time_budget_s must be >= 0 (0 = no budget), got "
+                     f"{config.time_budget_s}")
   kv = config.num_kv_heads or config.num_heads
   if config.num_heads % kv:
     raise ValueError(f"num_heads ({config.num_heads}) must be a multiple of "
@@ -113,10 +120,27 @@ def run_benchmark(config: ml_collections.ConfigDict,
     variants = resolve_variants(config.variants, config.baselines)
   device = jax.devices()[0].device_kind
   groups = [(s, int(t)) for s in settings(config) for t in config.seq_lens]
+  budget = float(config.time_budget_s)
+  if budget:
+    # Shortest sequences first, so a spent budget costs the longest cells.
+    groups.sort(key=lambda group: group[1])
+  start = _clock()
+  spent = lambda: budget and _clock() - start > budget  # noqa: E731
   rows = []
   bar = tqdm.tqdm(total=len(groups) * len(variants), unit="cell",
                   disable=not config.progress, desc="benchmark")
+
+  def skip(setting, seq_len, variant):
+    rows.append({c: None for c in COLUMNS} | dict(
+        setting, variant=variant.name, exact=variant.exact, seq_len=seq_len,
+        device=device, status=f"skipped: time budget of {budget:g} s spent"))
+    bar.update()
+
   for setting, seq_len in groups:
+    if spent():
+      for variant in variants:
+        skip(setting, seq_len, variant)
+      continue
     flops = attention_flops(
         batch=setting["batch"], heads=setting["heads"], q_len=seq_len,
         kv_len=seq_len, head_dim=setting["head_dim"],
@@ -138,6 +162,9 @@ def run_benchmark(config: ml_collections.ConfigDict,
       bar.set_postfix_str(f"{variant.name} T={seq_len}")
       row = dict(setting, variant=variant.name, exact=variant.exact,
                  seq_len=seq_len, device=device, matmul_n=roofline.n)
+      if spent():
+        skip(setting, seq_len, variant)
+        continue
       row.update(measure_cell(
           variant, inputs, mode=setting["mode"], causal=setting["causal"],
           warmup=config.warmup, repeats=config.repeats,
