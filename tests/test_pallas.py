@@ -264,6 +264,16 @@ def test_gpu_lengths_query_longer_than_keys_refused():
         key_value_seq_lengths=jnp.asarray([4]))
 
 
+@pytest.mark.parametrize("target", ["gpu", "tpu"])
+def test_reserved_segment_id_refused(target):
+  q, k, v = _inputs(1, 8, 8, 2, 2, 4)
+  seg = jnp.asarray([[0] * 4 + [pallas_kernels.SENTINEL] * 4], jnp.int32)
+  with pallas_kernels.interpret(target), pytest.raises(
+      ValueError, match="reserved by implementation='pallas'.*renumber"):
+    attn.dot_product_attention(q, k, v, implementation="pallas",
+                               segment_ids=seg)
+
+
 def test_pallas_off_accelerator_says_so():
   q, k, v = _inputs(1, 8, 8, 2, 2, 4)
   with pytest.raises(ValueError, match="needs an NVIDIA GPU or a TPU"):

@@ -432,6 +432,22 @@ def unsupported(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
           + ", ".join(what) + f"; {rest}")
 
 
+def _check_no_sentinel(inputs: AttentionInputs):
+  """Concrete user segment ids must not use :data:`SENTINEL` (padding's id);
+  traced ones cannot be checked."""
+  for ids in (inputs.q_segment_ids, inputs.kv_segment_ids):
+    try:
+      bad = ids is not None and np.any(np.asarray(ids) == SENTINEL)
+    except (jax.errors.TracerArrayConversionError,
+            jax.errors.ConcretizationTypeError):
+      continue
+    if bad:
+      raise ValueError(
+          f"segment id {SENTINEL} is reserved by implementation='pallas' for "
+          "padding and lengths; renumber the segments (or use "
+          "implementation='chunked' or 'xla')")
+
+
 def pallas_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
                      return_weights: bool = False, return_residual=False,
                      einsums=None, einsum_dot_general=None, **_) -> Array:
@@ -441,6 +457,7 @@ def pallas_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
                             return_weights=return_weights),
       return_residual=return_residual, einsums=einsums,
       einsum_dot_general=einsum_dot_general)
+  _check_no_sentinel(inputs)
   platform = target_platform()
   interp = INTERPRET is not None
   if platform == "gpu":
