@@ -196,6 +196,7 @@ def test_tpu_flash_bias_and_mask_forward_and_gradients():
     ({"value_dim": 6, "mask": jnp.ones((8, 8), bool)},
      "value head_dim 6 != query head_dim 4 together with a bias"),
     ({"head_dim": 192, "bias": jnp.zeros((8, 8))}, "head_dim 192 with a bias"),
+    ({"precision": "highest"}, "precision='highest'"),
 ])
 def test_tpu_unsupported_raise_value_error(kw, words):
   kw = dict(kw)
@@ -219,6 +220,7 @@ def test_tpu_unsupported_raise_value_error(kw, words):
                       jnp.ones((1, 8), jnp.int32))}, "separate query/key"),
     ({"return_weights": True}, "return_weights"),
     ({"value_dim": 6}, "value head_dim 6 != query head_dim 4"),
+    ({"precision": jax.lax.Precision.HIGHEST}, "precision=Precision.HIGHEST"),
 ])
 def test_gpu_unsupported_raise_value_error(kw, words):
   kw = dict(kw)
@@ -286,6 +288,7 @@ def test_pallas_off_accelerator_says_so():
     ("gpu", jnp.bfloat16, {"segment_ids": jnp.zeros((1, 8), jnp.int32)},
      ["pallas", "xla"]),
     ("gpu", jnp.bfloat16, {"local_window_size": 2}, ["cudnn", "xla"]),
+    ("gpu", jnp.bfloat16, {"precision": jax.lax.Precision.HIGHEST}, ["xla"]),
     ("tpu", jnp.float32, {}, ["pallas", "xla"]),
     ("tpu", jnp.float32, {"local_window_size": 2}, ["pallas", "xla"]),
     ("tpu", jnp.float32, {"local_window_size": 2, "bias": jnp.zeros((8, 8))},

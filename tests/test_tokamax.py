@@ -78,3 +78,23 @@ def test_soft_cap_with_bias_refused(monkeypatch):
     attn.dot_product_attention(*_inputs(), implementation="tokamax",
                                logits_soft_cap=2.0, bias=jnp.ones((8, 8)))
   assert "'xla'" in str(e.value)
+
+
+def test_precision_reaches_tokamax(monkeypatch):
+  tokamax = pytest.importorskip("tokamax")
+  seen = []
+  original = tokamax.dot_product_attention
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs.get("precision"))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(tokamax, "dot_product_attention", spy)
+  q, k, v = _inputs()
+  highest = jax.lax.Precision.HIGHEST
+  out = attn.dot_product_attention(q, k, v, implementation="tokamax",
+                                   precision=highest)
+  ref = attn.dot_product_attention(q, k, v, implementation="xla",
+                                   precision=highest)
+  assert seen == [highest]
+  np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)

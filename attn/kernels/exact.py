@@ -372,6 +372,7 @@ def _cudnn_reason(inputs, platform, *, dropout_rate, return_weights):
       ("segment_ids", inputs.q_segment_ids is not None),
       ("dropout", dropout_rate > 0), ("return_weights", return_weights),
       ("logits_soft_cap", getattr(inputs, "logits_soft_cap", None) is not None),
+      ("precision", inputs.precision is not None),
       (f"Dv={Dv} != H={H}", Dv != H),
       (f"dtype {inputs.query.dtype} (needs bf16/fp16)",
        inputs.query.dtype not in (jnp.bfloat16, jnp.float16))) if bad]

@@ -421,6 +421,9 @@ def unsupported(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
       inputs)
   if platform == "gpu" and inputs.logits_soft_cap is not None:
     what.append("logits_soft_cap")
+  if inputs.precision not in (None, jax.lax.Precision.DEFAULT, "default"):
+    what.append(f"precision={inputs.precision!r} (the Pallas kernels pick "
+                "their own matmul precision)")
   what += canonical.library_features_missing(
       dropout_rate=dropout_rate, return_weights=return_weights)
   if not what:

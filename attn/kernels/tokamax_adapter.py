@@ -82,7 +82,9 @@ def tokamax_attention(inputs: AttentionInputs, *, dropout_rate: float = 0.0,
         query_seq_lengths=inputs.q_lengths,
         key_value_seq_lengths=inputs.kv_lengths,
         local_window_size=inputs.window,
-        logits_soft_cap=inputs.logits_soft_cap)
+        logits_soft_cap=inputs.logits_soft_cap,
+        **({} if inputs.precision is None else
+           {"precision": inputs.precision}))
   except (NotImplementedError, TypeError) as e:
     raise ValueError(f"implementation='tokamax' could not run: {e}") from e
   return zero_invalid_rows(out.astype(inputs.value.dtype), inputs)
