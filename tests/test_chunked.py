@@ -202,6 +202,38 @@ def test_low_precision(dtype, tol, blocks, monkeypatch):
     assert_close(g, r, 4 * tol)
 
 
+@pytest.mark.parametrize("T", [64, 256, 700])
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 3e-2),
+                                       (jnp.float16, 4e-3)])
+def test_native_half_blocks_differentiate_at_default_blocks(dtype, tol, T,
+                                                           monkeypatch):
+  """Half-precision blocks (a CPU with bf16/fp16 matrix instructions) at the
+  default block sizes, run, not just traced: one block (T = 64, 256) and
+  several (700). The transposed dq dot once failed here when run, at
+  T <= 256 (XLA:CPU: "Unsupported element type for DotThunk::Execute:
+  BF16 x BF16 = F32"), so half blocks compute dq untransposed."""
+  monkeypatch.setattr(chunked, "_cpu_flags", lambda: CPU_FLAGS["native"])
+  assert not chunked.transposed_dq(dtype) and chunked.transposed_dq(
+      jnp.float32)
+  q, k, v = _qkv(B=1, T=T, S=T, dtype=dtype)
+  cotangent = _normal(9, (1, T, 4, 8), dtype)
+
+  @jax.jit
+  def run(impl, q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(
+        q, k, v, is_causal=True, implementation=impl), q, k, v)
+    return out, vjp(cotangent)
+
+  run = jax.jit(run.__wrapped__, static_argnums=0)
+  out, grads = run("chunked", q, k, v)
+  ref_out, ref_grads = run("xla", q, k, v)
+  assert out.dtype == dtype
+  assert_close(out, ref_out, tol)
+  for g, r in zip(grads, ref_grads):
+    assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g)))
+    assert_close(g, r, 4 * tol)
+
+
 def _dot_dtypes(jaxpr):
   """Operand dtypes of every dot_general in a jaxpr, nested ones included."""
   return {str(x.aval.dtype) for eqn in equations(jaxpr)

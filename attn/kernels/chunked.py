@@ -436,15 +436,17 @@ def _backward(cfg, q, k, v, bias, masks, rng, out, m, log_l, do):
   B, K, G = cfg.heads
   bq, bk = cfg.block_q, cfg.block_k
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  # Each key block is also stored transposed, [B·K, H, bk], outside the
-  # loop over query blocks (a transpose inside it would be folded into the
-  # dot), and dq accumulated transposed, [nq, B·K, H, G·bq]: dqᵀ = kᵀ · dsᵀ
-  # is a plain matmul for XLA:CPU, dq = dsᵀ · k is not (see
-  # online_softmax.backward_step).
+  # With float32 blocks (transposed_dq), each key block is also stored
+  # transposed, [B·K, H, bk], outside the loop over query blocks (a
+  # transpose inside it would be folded into the dot), and dq accumulated
+  # transposed, [nq, B·K, H, G·bq]: dqᵀ = kᵀ · dsᵀ is a plain matmul for
+  # XLA:CPU, dq = dsᵀ · k is not (see online_softmax.backward_step).
+
+  transposed = transposed_dq(k.dtype)
 
   def one_k_block(carry, j):
     k_j, v_j = k[j], v[j]
-    k_t_j = jnp.swapaxes(k_j, -1, -2)
+    k_t_j = jnp.swapaxes(k_j, -1, -2) if transposed else None
     lo, hi = q_block_range(j, block_q=bq, block_k=bk, num_q_blocks=nq,
                            left=cfg.left, right=cfg.right)
 
@@ -474,10 +476,21 @@ def _backward(cfg, q, k, v, bias, masks, rng, out, m, log_l, do):
                                               (dq, dbias, dk_j, dv_j))
     return (dq, dbias), (dk_j, dv_j)
 
-  init = (jnp.zeros(_transposed_rows(q.shape), jnp.float32),
+  init = (jnp.zeros(_transposed_rows(q.shape) if transposed else q.shape,
+                    jnp.float32),
           None if bias is None else jnp.zeros(bias.shape, jnp.float32))
-  (dq_t, dbias), (dk, dv) = jax.lax.scan(one_k_block, init, jnp.arange(nk))
-  return jnp.swapaxes(dq_t, -1, -2), dk, dv, dbias
+  (dq, dbias), (dk, dv) = jax.lax.scan(one_k_block, init, jnp.arange(nk))
+  return (jnp.swapaxes(dq, -1, -2) if transposed else dq), dk, dv, dbias
+
+
+def transposed_dq(dtype) -> bool:
+  """Whether the backward computes ``dq`` transposed (``dqᵀ = kᵀ · dsᵀ``,
+  see :func:`_backward`): for float32 blocks only. With bfloat16 / float16
+  blocks (CPUs with native half-precision instructions, and accelerators)
+  XLA:CPU leaves that dot out of its YNNPACK fusions for short sequences
+  (one block), and its plain dot rejects ``BF16 x BF16 = F32`` when the
+  program runs (``UNIMPLEMENTED``; T <= 256 on an AVX-512/AMX Xeon)."""
+  return jnp.dtype(dtype) == jnp.float32
 
 
 def _transposed_rows(shape):

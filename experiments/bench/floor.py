@@ -11,7 +11,9 @@ softmax (no max, exp, sum, rescale, masking or normalisation):
 * backward (custom VJP, key blocks outer as in the kernel): ``s`` is
   recomputed and the four gradient matmuls run, ``dv_j += sᵀ do_i``,
   ``dp = v_j do_iᵀ``, ``dk_j += dp q_i``, ``dq_iᵀ += k_jᵀ dp`` (``k_jᵀ`` stored
-  once per key block, ``dq`` accumulated transposed, as the kernel does).
+  once per key block, ``dq`` accumulated transposed, as the kernel does for
+  float32 blocks; ``dq_i += dpᵀ k_j`` otherwise, see
+  :func:`attn.kernels.chunked.transposed_dq`).
 
 Its output is not attention. Its time is how fast any kernel built from
 XLA's dots at these blocks could be on the machine, whatever it did
@@ -80,9 +82,11 @@ def _backward(q, k, v, do, bq, bk, right):
   nq, nk = q.shape[0], k.shape[0]
   do = do.astype(q.dtype)
 
+  transposed = chunked.transposed_dq(q.dtype)   # as the kernel
+
   def one_k_block(dq_t, j):
     k_j, v_j = k[j], v[j]
-    k_t_j = jnp.swapaxes(k_j, -1, -2)  # as the kernel: dqᵀ = kᵀ · dpᵀ
+    k_t_j = jnp.swapaxes(k_j, -1, -2)  # dqᵀ = kᵀ · dpᵀ, where transposed
     lo, hi = chunked.q_block_range(j, block_q=bq, block_k=bk,
                                    num_q_blocks=nq, left=None, right=right)
 
@@ -92,16 +96,19 @@ def _backward(q, k, v, do, bq, bk, right):
       dv_j = dv_j + _dot("xcr,xrd->xcd", s, do[i])
       dp = _dot("xcd,xrd->xcr", v_j, do[i]).astype(q.dtype)
       dk_j = dk_j + _dot("xcr,xrh->xch", dp, q[i])
-      return dq_t.at[i].add(_dot("xhc,xcr->xhr", k_t_j, dp)), dk_j, dv_j
+      dq_i = (_dot("xhc,xcr->xhr", k_t_j, dp) if transposed
+              else _dot("xcr,xch->xrh", dp, k_j))
+      return dq_t.at[i].add(dq_i), dk_j, dv_j
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
     dq_t, dk_j, dv_j = jax.lax.fori_loop(lo, hi, body,
                                          (dq_t, zeros(k_j), zeros(v_j)))
     return dq_t, (dk_j, dv_j)
 
-  dq_t = jnp.zeros(chunked._transposed_rows(q.shape), jnp.float32)
+  dq_t = jnp.zeros(chunked._transposed_rows(q.shape) if transposed
+                   else q.shape, jnp.float32)
   dq_t, (dk, dv) = jax.lax.scan(one_k_block, dq_t, jnp.arange(nk))
-  return jnp.swapaxes(dq_t, -1, -2), dk, dv
+  return (jnp.swapaxes(dq_t, -1, -2) if transposed else dq_t), dk, dv
 
 
 def _run(q, k, v, causal: bool, forward_only: bool):
