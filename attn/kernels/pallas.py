@@ -20,7 +20,7 @@ rule: a query row with no key to attend to returns zeros and zero gradients):
   no traced mask: with a ``bias`` or dense ``mask`` we call
   ``jax.experimental.pallas.ops.tpu.flash_attention.flash_attention``
   instead, whose additive ``ab[B, N, T, S]`` carries both (it adds ``ab``
-  before multiplying by its ``sm_scale``, so we fold the scale into q), with
+  before multiplying by its ``sm_scale``, so we pass ``bias / scale``), with
   key/value heads repeated; it has no window, no soft cap and no
   ``Dv != H`` (splash has all three).
 
@@ -368,9 +368,10 @@ def flash_attention_call(inputs: AttentionInputs) -> Array:
   additive ``ab[B, N, T, S]``; key/value heads repeated for GQA."""
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
   B, T, S, N, K, _H, _Dv = inputs.shape
-  # The kernel scales after adding `ab`: ((q k^T) + ab) * sm_scale. With the
-  # scale folded into q, `ab` is added unscaled, as our bias is.
-  q = (inputs.query * inputs.scale).astype(inputs.query.dtype)
+  # The kernel scales after adding `ab`: s = ((q k^T) + ab) * sm_scale, in
+  # float32. With a static scale, ab = bias / scale keeps q unrounded (in
+  # bf16, q * scale would round q itself); a traced scale is folded into q.
+  q, scale = _static_scale(inputs, inputs.query)
   k = _repeat_kv(inputs.key, N // K)
   v = _repeat_kv(inputs.value, N // K)
   Tp, Sp = _round_up(T, 128), _round_up(S, 128)
@@ -380,9 +381,10 @@ def flash_attention_call(inputs: AttentionInputs) -> Array:
   segment_ids = None if segs is None else tpu_flash.SegmentIds(*segs)
   ab = jnp.zeros((1, 1, 1, 1), jnp.float32)
   if inputs.bias is not None:
-    ab = ab + inputs.bias.astype(jnp.float32)
+    ab = ab + inputs.bias.astype(jnp.float32) / scale
   if inputs.mask is not None:
-    ab = jnp.where(inputs.mask, ab, _MASK_VALUE)
+    # Finite after the kernel's * sm_scale, so a fully masked row stays NaN-free.
+    ab = jnp.where(inputs.mask, ab, _MASK_VALUE / max(1.0, scale))
   ab = jnp.broadcast_to(ab, (B, N, T, S))
   ab = jnp.pad(ab, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
   bt, bs = min(Tp, 128), min(Sp, 128)
@@ -391,7 +393,7 @@ def flash_attention_call(inputs: AttentionInputs) -> Array:
       block_q_major_dkv=bt, block_k_major_dkv=bs, block_k_dkv=bs,
       block_q_dkv=bt, block_k_major_dq=bs, block_k_dq=bs, block_q_dq=bt)
   out = tpu_flash.flash_attention(q, k, v, ab=ab, segment_ids=segment_ids,
-                                  causal=inputs.is_causal, sm_scale=1.0,
+                                  causal=inputs.is_causal, sm_scale=scale,
                                   block_sizes=blocks)
   out = einops.rearrange(out, "b n t h -> b t n h")
   return out[:, :T].astype(inputs.value.dtype)
