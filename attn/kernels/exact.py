@@ -270,23 +270,9 @@ def _cudnn(inputs: canonical.AttentionInputs, *, dropout_rate, return_weights,
   if platform != "gpu":
     raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU; the "
                      f"default device here is {platform!r}")
-  B, T, S, N, K, H, Dv = inputs.shape
-  unsupported = []
-  if inputs.q_segment_ids is not None:
-    unsupported.append("segment_ids")
-  if dropout_rate > 0:
-    unsupported.append("dropout")
-  if return_weights:
-    unsupported.append("return_weights")
-  if inputs.logits_soft_cap is not None:
-    unsupported.append("logits_soft_cap")
-  if inputs.precision is not None or einsum_dot_general is not None or einsums:
-    unsupported.append("precision / einsum_dot_general / custom einsums "
-                       "(only implementation='xla' honours them)")
-  if Dv != H:
-    unsupported.append(f"value head_dim {Dv} != query head_dim {H}")
-  if inputs.query.dtype not in (jnp.bfloat16, jnp.float16):
-    unsupported.append(f"dtype {inputs.query.dtype} (cuDNN needs bf16/fp16)")
+  unsupported = _cudnn_missing(
+      inputs, dropout_rate=dropout_rate, return_weights=return_weights,
+      custom_einsums=bool(einsums) or einsum_dot_general is not None)
   if unsupported:
     raise ValueError("implementation='cudnn' does not support: "
                      + ", ".join(unsupported))
@@ -363,19 +349,29 @@ def _platform() -> str:
   return jax.devices()[0].platform
 
 
+def _cudnn_missing(inputs, *, dropout_rate, return_weights,
+                   custom_einsums=False) -> list[str]:
+  """What jax.nn's cuDNN kernel cannot serve of this call (empty: all of
+  it); both :func:`_cudnn` and the automatic order ask this."""
+  H, Dv = inputs.shape[5:]
+  return [name for name, bad in (
+      ("segment_ids", inputs.q_segment_ids is not None),
+      ("dropout", dropout_rate > 0), ("return_weights", return_weights),
+      ("logits_soft_cap", inputs.logits_soft_cap is not None),
+      ("precision / einsum_dot_general / custom einsums (only "
+       "implementation='xla' honours them)",
+       inputs.precision is not None or custom_einsums),
+      (f"value head_dim {Dv} != query head_dim {H}", Dv != H),
+      (f"dtype {inputs.query.dtype} (cuDNN needs bf16/fp16)",
+       inputs.query.dtype not in (jnp.bfloat16, jnp.float16))) if bad]
+
+
 def _cudnn_reason(inputs, platform, *, dropout_rate, return_weights):
   """Why the automatic choice skips cuDNN (None: it is tried)."""
   if platform != "gpu":
     return f"needs an NVIDIA GPU (platform is {platform!r})"
-  B, T, S, N, K, H, Dv = inputs.shape
-  what = [name for name, bad in (
-      ("segment_ids", inputs.q_segment_ids is not None),
-      ("dropout", dropout_rate > 0), ("return_weights", return_weights),
-      ("logits_soft_cap", getattr(inputs, "logits_soft_cap", None) is not None),
-      ("precision", inputs.precision is not None),
-      (f"Dv={Dv} != H={H}", Dv != H),
-      (f"dtype {inputs.query.dtype} (needs bf16/fp16)",
-       inputs.query.dtype not in (jnp.bfloat16, jnp.float16))) if bad]
+  what = _cudnn_missing(inputs, dropout_rate=dropout_rate,
+                        return_weights=return_weights)
   return "cannot serve: " + ", ".join(what) if what else None
 
 
