@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attn import masks
-from attn.kernels import canonical
+from attn.kernels import canonical, chunked
 from attn.kernels.canonical import AttentionInputs
 
 Array = jax.Array
@@ -139,15 +139,21 @@ def _static_scale(inputs: AttentionInputs, query: Array):
   return (query * inputs.scale).astype(query.dtype), 1.0
 
 
+def _concrete(x) -> np.ndarray | None:
+  """``x`` as a NumPy array, or ``None`` when it is traced (under jit)."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return None
+
+
 def _lengths_fit_one_segment_array(inputs: AttentionInputs) -> bool:
   """``True`` when ``query_seq_lengths <= key_value_seq_lengths`` is known
   (the GPU kernel's one segment array can then express both); ``False`` when
   the lengths are traced. Raises ``ValueError`` when concretely violated."""
-  try:
-    q = np.asarray(inputs.q_lengths)
-    kv = np.asarray(inputs.kv_lengths)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
+  q, kv = _concrete(inputs.q_lengths), _concrete(inputs.kv_lengths)
+  if q is None or kv is None:
     return False
   if np.any(q > kv):
     raise ValueError(
@@ -214,7 +220,6 @@ def gpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
   ``lax.cond`` on the lengths."""
   if (inputs.kv_lengths is not None
       and not _lengths_fit_one_segment_array(inputs)):
-    from attn.kernels import chunked
     return jax.lax.cond(
         jnp.any(inputs.q_lengths > inputs.kv_lengths),
         lambda: chunked.chunked_attention(inputs).astype(inputs.value.dtype),
@@ -312,6 +317,20 @@ def _pad_rows(x_BTNH: Array, P: int) -> Array:
   return jnp.pad(x_BTNH, ((0, 0), (0, P - x_BTNH.shape[1]), (0, 0), (0, 0)))
 
 
+def _heads_major(q, k, v, Tp: int, Sp: int):
+  """``q, k, v`` padded to ``Tp`` / ``Sp`` rows, in the TPU kernels' layout
+  ``[B, heads, length, H]``."""
+  return tuple(einops.rearrange(_pad_rows(x, P), "b t n h -> b n t h")
+               for x, P in ((q, Tp), (k, Sp), (v, Sp)))
+
+
+def _from_heads_major(out_BNTD: Array, inputs: AttentionInputs) -> Array:
+  """A TPU kernel's output back to ``[B, T, N, Dv]``, unpadded, in the
+  value dtype."""
+  out = einops.rearrange(out_BNTD, "b n t h -> b t n h")
+  return out[:, :inputs.shape[1]].astype(inputs.value.dtype)
+
+
 def _splash_block(n: int) -> int:
   """The largest of 512, 256, 128 dividing ``n`` (a multiple of 128)."""
   return next(b for b in (512, 256, 128) if n % b == 0)
@@ -338,8 +357,7 @@ def splash_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
   Tp, Sp = _round_up(T, 128), _round_up(S, 128)
   # Splash has no scale: the scores are (scale·q)·k, soft-capped, masked.
   q = (inputs.query * inputs.scale).astype(inputs.query.dtype)
-  q, k, v = (einops.rearrange(x, "b t n h -> b n t h") for x in (
-      _pad_rows(q, Tp), _pad_rows(inputs.key, Sp), _pad_rows(inputs.value, Sp)))
+  q, k, v = _heads_major(q, inputs.key, inputs.value, Tp, Sp)
   bq, bkv = _splash_block(Tp), _splash_block(Sp)
   blocks = splash.BlockSizes(
       block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
@@ -359,8 +377,7 @@ def splash_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
   # Mosaic lowers a vmapped kernel (a batch grid axis); Pallas' TPU
   # interpreter does not, so interpreted runs map over the batch instead.
   out = jax.lax.map(one, args) if interpret else jax.vmap(one)(args)
-  out = einops.rearrange(out, "b n t h -> b t n h")
-  return out[:, :T].astype(inputs.value.dtype)
+  return _from_heads_major(out, inputs)
 
 
 def flash_attention_call(inputs: AttentionInputs) -> Array:
@@ -375,15 +392,14 @@ def flash_attention_call(inputs: AttentionInputs) -> Array:
   k = _repeat_kv(inputs.key, N // K)
   v = _repeat_kv(inputs.value, N // K)
   Tp, Sp = _round_up(T, 128), _round_up(S, 128)
-  q, k, v = (einops.rearrange(x, "b t n h -> b n t h") for x in (
-      _pad_rows(q, Tp), _pad_rows(k, Sp), _pad_rows(v, Sp)))
+  q, k, v = _heads_major(q, k, v, Tp, Sp)
   segs = _tpu_segment_ids(inputs, Tp, Sp)
   segment_ids = None if segs is None else tpu_flash.SegmentIds(*segs)
   ab = jnp.zeros((1, 1, 1, 1), jnp.float32)
   if inputs.bias is not None:
     ab = ab + inputs.bias.astype(jnp.float32) / scale
   if inputs.mask is not None:
-    # Finite after the kernel's * sm_scale, so a fully masked row stays NaN-free.
+    # Finite after the kernel's * sm_scale: a fully masked row stays NaN-free.
     ab = jnp.where(inputs.mask, ab, _MASK_VALUE / max(1.0, scale))
   ab = jnp.broadcast_to(ab, (B, N, T, S))
   ab = jnp.pad(ab, ((0, 0), (0, 0), (0, Tp - T), (0, Sp - S)))
@@ -395,8 +411,7 @@ def flash_attention_call(inputs: AttentionInputs) -> Array:
   out = tpu_flash.flash_attention(q, k, v, ab=ab, segment_ids=segment_ids,
                                   causal=inputs.is_causal, sm_scale=scale,
                                   block_sizes=blocks)
-  out = einops.rearrange(out, "b n t h -> b t n h")
-  return out[:, :T].astype(inputs.value.dtype)
+  return _from_heads_major(out, inputs)
 
 
 def tpu_attention_call(inputs: AttentionInputs, interpret: bool) -> Array:
@@ -441,12 +456,8 @@ def _check_no_sentinel(inputs: AttentionInputs):
   """Concrete user segment ids must not use :data:`SENTINEL` (padding's id);
   traced ones cannot be checked."""
   for ids in (inputs.q_segment_ids, inputs.kv_segment_ids):
-    try:
-      bad = ids is not None and np.any(np.asarray(ids) == SENTINEL)
-    except (jax.errors.TracerArrayConversionError,
-            jax.errors.ConcretizationTypeError):
-      continue
-    if bad:
+    ids = None if ids is None else _concrete(ids)
+    if ids is not None and np.any(ids == SENTINEL):
       raise ValueError(
           f"segment id {SENTINEL} is reserved by implementation='pallas' for "
           "padding and lengths; renumber the segments (or use "
