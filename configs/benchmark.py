@@ -97,8 +97,8 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
   # Cells whose XLA-estimated footprint (temp + arguments + outputs) exceeds
   # this are compiled but not run: recorded as "skipped: too large".
   c.max_memory_gib = 8.0
-  # > 0: the sweep runs the shortest T first, and a (setting, T) group it
-  # reaches after this many seconds is not run: "skipped: time budget".
+  # > 0: the sweep runs the shortest T first, and a cell it reaches after
+  # this many seconds is not run: "skipped: time budget".
   c.time_budget_s = 0.0
   c.check_error = True            # max error vs a float32 exact reference
   c.roofline_max_n = 4096         # largest square matmul for the roofline

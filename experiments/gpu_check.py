@@ -11,8 +11,9 @@ benchmark table (jax.nn cuDNN, attn auto, chunked, pallas, tokamax; T = 2048,
 8192, 32768; H = 128; bf16; causal and not; fwd and fwd+bwd) through
 :mod:`experiments.bench`, written to ``<output_dir>/bench/``. Sized for
 < 8 minutes on one H100/H200; ``--budget_s`` (default 420 s from the start)
-guards that: part 2 runs the shortest T first and starts no cell after it. ``--dry_run`` uses tiny shapes and, off an
-accelerator, runs the Pallas GPU kernel interpreted.
+guards that: part 2 runs the shortest T first and starts no cell after it.
+``--dry_run`` uses tiny shapes and, off an accelerator, runs the Pallas GPU
+kernel interpreted.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def _backward(q, k, v, do, bq, bk, right):
 
   def one_k_block(dq_t, j):
     k_j, v_j = k[j], v[j]
-    k_t_j = jnp.swapaxes(k_j, -1, -2)  # dqᵀ = kᵀ · dpᵀ, where transposed
+    k_t_j = jnp.swapaxes(k_j, -1, -2) if transposed else None  # dqᵀ = kᵀ·dpᵀ
     lo, hi = chunked.q_block_range(j, block_q=bq, block_k=bk,
                                    num_q_blocks=nq, left=None, right=right)
 
