@@ -19,29 +19,35 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0,
                  "xla_llvm_disable_expensive_passes": True}
 
 
-def _inputs(B, T, S, N, K, H, seed=0):
+def _inputs(B, T, S, N, K, H, Dv=None, seed=0):
   r = np.random.default_rng(seed)
   return [jnp.asarray(r.normal(size=s), jnp.float32)
-          for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H))]
+          for s in ((B, T, N, H), (B, S, K, H), (B, S, K, Dv or H))]
 
 
 def _fwd_grad(impl, kw):
-  def loss(q, k, v):
-    out = attn.dot_product_attention(q, k, v, implementation=impl, **kw)
+  """Jitted ``((loss, out), grads)`` with respect to every argument: q, k, v
+  and, when one is passed, the bias."""
+  def loss(q, k, v, *bias):
+    out = attn.dot_product_attention(q, k, v, *bias, implementation=impl,
+                                     **kw)
     return jnp.sum(out * jnp.cos(out)), out
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
+  return jax.jit(lambda *args: jax.value_and_grad(
+      loss, argnums=tuple(range(len(args))), has_aux=True)(*args),
                  compiler_options=_FAST_COMPILE)
 
 
-def _check_against_xla(target, shape, kw):
-  q, k, v = _inputs(*shape)
-  (_, ref), ref_g = _fwd_grad("xla", kw)(q, k, v)
+def _check_against_xla(target, shape, kw, bias=None):
+  """Output and gradients (bias's too, when given) of the interpreted Pallas
+  kernel against implementation="xla"; returns ``(out, grads)``."""
+  args = _inputs(*shape) + ([] if bias is None else [bias])
+  (_, ref), ref_g = _fwd_grad("xla", kw)(*args)
   with pallas_kernels.interpret(target):
-    (_, out), g = _fwd_grad("pallas", kw)(q, k, v)
+    (_, out), g = _fwd_grad("pallas", kw)(*args)
   np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
   for a, b in zip(g, ref_g):
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
-  return out
+  return out, g
 
 
 def test_gpu_gqa_causal_segments_lengths_padding():
@@ -51,7 +57,7 @@ def test_gpu_gqa_causal_segments_lengths_padding():
   lens = jnp.asarray([12, 24])
   kw = {"is_causal": True, "segment_ids": seg, "query_seq_lengths": lens,
             "key_value_seq_lengths": lens}
-  out = _check_against_xla("gpu", (2, 24, 24, 4, 2, 8), kw)
+  out, _ = _check_against_xla("gpu", (2, 24, 24, 4, 2, 8), kw)
   assert np.all(np.asarray(out)[0, 12:] == 0)
 
 
@@ -80,7 +86,7 @@ def test_gpu_mqa_scale_query_lengths_segments_not_causal():
   seg = jnp.asarray([[3] * 25 + [7] * 15])
   kw = {"segment_ids": seg, "scale": 0.3,
         "query_seq_lengths": jnp.asarray([33])}
-  out = _check_against_xla("gpu", (1, 40, 40, 4, 1, 8), kw)
+  out, _ = _check_against_xla("gpu", (1, 40, 40, 4, 1, 8), kw)
   assert np.all(np.asarray(out)[0, 33:] == 0)
 
 
@@ -88,7 +94,7 @@ def test_tpu_gqa_segment_pair_causal_lengths():
   segs = (jnp.asarray([[0] * 8 + [1] * 8]), jnp.asarray([[1] * 6 + [0] * 10]))
   kw = {"segment_ids": segs, "is_causal": True,
             "key_value_seq_lengths": jnp.asarray([12])}
-  out = _check_against_xla("tpu", (1, 16, 16, 2, 1, 8), kw)
+  out, _ = _check_against_xla("tpu", (1, 16, 16, 2, 1, 8), kw)
   assert np.all(np.asarray(out)[0, :6] == 0)   # rows with no key -> zeros
 
 
@@ -102,32 +108,16 @@ def test_tpu_splash_window_soft_cap_scale_gqa():
 
 def test_tpu_splash_value_head_dim_differs():
   # Splash takes Dv != H (its head_dim_v); GQA, causal, key lengths.
-  q, k, _ = _inputs(2, 20, 20, 4, 2, 8)
-  v = jnp.asarray(np.random.default_rng(3).normal(size=(2, 20, 2, 12)),
-                  jnp.float32)
   kw = {"is_causal": True, "key_value_seq_lengths": jnp.asarray([20, 9])}
-
-  def fwd_grad(impl):
-    def loss(q, k, v):
-      out = attn.dot_product_attention(q, k, v, implementation=impl, **kw)
-      return jnp.sum(out * jnp.cos(out)), out
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),
-                   compiler_options=_FAST_COMPILE)
-
-  (_, ref), ref_g = fwd_grad("xla")(q, k, v)
-  with pallas_kernels.interpret("tpu"):
-    (_, out), g = fwd_grad("pallas")(q, k, v)
+  out, _ = _check_against_xla("tpu", (2, 20, 20, 4, 2, 8, 12), kw)
   assert out.shape == (2, 20, 4, 12)
-  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
-  for a, b in zip(g, ref_g):
-    np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
 
 
 def test_tpu_splash_window_leaves_query_blocks_without_keys():
   # T=300 > S + left: rows t > 115 see no key; the third query block (rows
   # 256..383 after padding) has no key block at all, which splash skips.
   # Zeros, finite gradients.
-  out = _check_against_xla("tpu", (1, 300, 100, 2, 1, 8),
+  out, _ = _check_against_xla("tpu", (1, 300, 100, 2, 1, 8),
                            {"local_window_size": (16, 16)})
   assert np.all(np.asarray(out)[0, 116:] == 0)
   assert np.all(np.asarray(out)[0, 115] != 0)
@@ -158,30 +148,14 @@ def test_tpu_splash_bf16_as_close_to_float64_as_xla():
 
 def test_tpu_flash_bias_and_mask_forward_and_gradients():
   # A bias or dense mask goes to flash_attention's additive `ab` (the kernel
-  # adds it before its sm_scale, so the scale is folded into q). Row 3 of
+  # adds it before its sm_scale, so it gets bias / scale). Row 3 of
   # example 0 is fully masked -> zeros and zero bias gradient.
-  q, k, v = _inputs(2, 20, 24, 4, 2, 8)
   r = np.random.default_rng(1)
   bias = jnp.asarray(r.normal(size=(2, 4, 20, 24)), jnp.float32)
   mask = jnp.asarray(r.random((2, 1, 20, 24)) > 0.3).at[0, 0, 3].set(False)
   kw = {"mask": mask, "is_causal": True, "scale": 0.3,
         "key_value_seq_lengths": jnp.asarray([20, 13])}
-
-  def fwd_grad(impl):
-    def loss(q, k, v, bias):
-      out = attn.dot_product_attention(q, k, v, bias=bias,
-                                       implementation=impl, **kw)
-      return jnp.sum(out * jnp.cos(out)), out
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3),
-                                      has_aux=True),
-                   compiler_options=_FAST_COMPILE)
-
-  (_, ref), ref_g = fwd_grad("xla")(q, k, v, bias)
-  with pallas_kernels.interpret("tpu"):
-    (_, out), g = fwd_grad("pallas")(q, k, v, bias)
-  np.testing.assert_allclose(out, ref, atol=2e-5, rtol=2e-5)
-  for a, b in zip(g, ref_g):
-    np.testing.assert_allclose(a, b, atol=5e-5, rtol=5e-5)
+  out, g = _check_against_xla("tpu", (2, 20, 24, 4, 2, 8), kw, bias=bias)
   assert np.all(np.asarray(out)[0, 3] == 0)
   assert np.all(np.asarray(g[3])[0, :, 3] == 0)
   assert np.any(np.asarray(g[3]) != 0)
@@ -200,9 +174,8 @@ def test_tpu_flash_bias_and_mask_forward_and_gradients():
 ])
 def test_tpu_unsupported_raise_value_error(kw, words):
   kw = dict(kw)
-  q, k, v = _inputs(1, 8, 8, 2, 2, kw.pop("head_dim", 4))
-  if "value_dim" in kw:
-    v = jnp.ones(v.shape[:-1] + (kw.pop("value_dim"),))
+  q, k, v = _inputs(1, 8, 8, 2, 2, kw.pop("head_dim", 4),
+                    Dv=kw.pop("value_dim", None))
   with pallas_kernels.interpret("tpu"), pytest.raises(ValueError,
                                                       match=words) as e:
     attn.dot_product_attention(q, k, v, implementation="pallas", **kw)
@@ -224,9 +197,7 @@ def test_tpu_unsupported_raise_value_error(kw, words):
 ])
 def test_gpu_unsupported_raise_value_error(kw, words):
   kw = dict(kw)
-  q, k, v = _inputs(1, 8, 8, 2, 2, 4)
-  if "value_dim" in kw:
-    v = jnp.ones(v.shape[:-1] + (kw.pop("value_dim"),))
+  q, k, v = _inputs(1, 8, 8, 2, 2, 4, Dv=kw.pop("value_dim", None))
   with pallas_kernels.interpret("gpu"), pytest.raises(ValueError, match=words) as e:
     attn.dot_product_attention(q, k, v, implementation="pallas", **kw)
   assert "'xla'" in str(e.value)   # names who can

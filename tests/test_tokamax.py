@@ -9,10 +9,10 @@ import attn
 from attn.kernels import tokamax_adapter
 
 
-def _inputs(B=2, T=8, S=8, N=2, K=1, H=4):
+def _inputs(B=2, T=8, S=8, N=2, K=1, H=4, Dv=None):
   r = np.random.default_rng(0)
   return [jnp.asarray(r.normal(size=s), jnp.float32)
-          for s in ((B, T, N, H), (B, S, K, H), (B, S, K, H))]
+          for s in ((B, T, N, H), (B, S, K, H), (B, S, K, Dv or H))]
 
 
 def test_not_installed_says_pip_install(monkeypatch):
@@ -45,11 +45,8 @@ _SEG = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]] * 2)
         "bias-causal-qlengths"])
 def test_matches_xla_forward_and_gradients(kw):
   pytest.importorskip("tokamax")   # optional extra; CI installs '.[test]'
-  q, k, v = _inputs()
   kw = dict(kw)
-  if "value_dim" in kw:   # Dv != H
-    v = jnp.cos(jnp.arange(2 * 8 * kw.pop("value_dim"), dtype=jnp.float32)
-                ).reshape(2, 8, 1, -1)
+  q, k, v = _inputs(Dv=kw.pop("value_dim", None))   # Dv != H where given
 
   def f(impl):
     def loss(q, k, v):
